@@ -1,0 +1,44 @@
+# rlft: `make demo` runs the built-in tiny pipeline, `make test` runs the tests.
+# Both set everything up on a fresh machine (a venv in .venv, torch CPU build if missing).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rlft-installed
+# CI=true runs everything, slow end-to-end runs included; locally the slow marks are skipped.
+ifeq ($(CI),true)
+PYTEST_MARKS ?=
+else
+PYTEST_MARKS ?= -m "not slow"
+endif
+
+.PHONY: setup demo test test-all lint docs bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is a range in pyproject.toml; install the CPU build first when it is missing,
+	# so pip does not pull a multi-GB CUDA build as a dependency.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/rlft run recipes/tiny-sft.yaml
+
+test: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_MARKS) $(PYTEST_ARGS)
+
+test-all: setup
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check rlft tests benchmarks
+	$(BIN)/pyright rlft
+
+docs: setup
+	$(BIN)/python -m rlft.docgen > docs/recipe-reference.md
+
+clean:
+	rm -rf runs .pytest_cache
