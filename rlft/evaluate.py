@@ -1,0 +1,61 @@
+"""Held-out evaluation shared by the stages: token-mean loss and task accuracy with a verifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlft import data, losses, rollout, tasks
+
+
+def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the batch's loss-mask tokens, and their count.
+
+    Token t is predicted from position t-1, so targets are input_ids[:, 1:] under loss_mask[:, 1:].
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].to(logits.dtype)
+    logp = losses.token_logprobs(logits[:, :-1], targets)  # (N, L-1)
+    return -(logp * mask).sum(), mask.sum()
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, examples: list[Any], micro_batch_size: int, pad_id: int) -> float:
+    """Token-mean cross-entropy of `examples` (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    dev = next(model.parameters()).device
+    for i in range(0, len(examples), micro_batch_size):
+        batch = {k: v.to(dev) for k, v in data.collate(examples[i : i + micro_batch_size], pad_id).items()}
+        loss_sum, n = sft_loss_sum(model, batch)
+        total, count = total + float(loss_sum), count + float(n)
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+def is_correct(row: dict[str, Any], completion: str) -> bool:
+    """The row's task verifier (built-in tasks) on one completion."""
+    return tasks.get_task(row["task"]).check(completion, str(row["answer"]))
+
+
+@torch.no_grad()
+def task_accuracy(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 32
+) -> float | None:
+    """Greedy accuracy on held-out rows that carry a verifiable task; None when none do."""
+    rows = [r for r in rows if "task" in r and "answer" in r]
+    if not rows:
+        return None
+    prompts = data.prompt_examples(rows, tokenizer)
+    sampling = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    correct = 0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        out = rollout.generate(
+            model, tokenizer, [p.prompt_ids for p in chunk], sampling, group_size=1,
+            generator=rollout.seed_generator(0),
+        )
+        correct += sum(is_correct(r, t) for r, t in zip(rows[i : i + batch_size], out.texts, strict=True))
+    return correct / len(rows)

@@ -1,0 +1,135 @@
+"""Metrics sinks (metrics.jsonl, TensorBoard) and rich progress bars.
+
+A resumed stage truncates `metrics.jsonl` back to the checkpoint's step before appending,
+so the file of a resumed run equals the file of an uninterrupted one. NaN/Inf values are
+written as the strings "nan"/"inf" (never as a number) so a skipped step is visible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+class MetricsLog:
+    """Append-only per-step metrics of one stage: `metrics.jsonl` plus TensorBoard events."""
+
+    def __init__(self, stage_dir: Path, resume_step: int = 0, tensorboard: bool = True):
+        self.path = stage_dir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+        if self.path.exists():
+            self.history = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        _rewrite_jsonl(self.path, self.history)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                self._tb = None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        """Record the metrics of optimizer step `step` (1-based)."""
+        row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
+        self.history.append(row)
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line torn by a kill: everything after it is lost work anyway
+    return rows
+
+
+def _rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def progress(items: Iterable[int], total: int, description: str, start: int = 0) -> Iterator[int]:
+    """Iterate `items` behind a rich progress bar with ETA (plain when not a terminal)."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total, completed=start, info="")
+        for item in items:
+            yield item
+            bar.update(task, advance=1)
+
+
+class StepTimer:
+    """Wall time of named phases within a step, for the step-time split metrics."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + now - self._t
+        self._t = now
+
+
+def summary_table(title: str, rows: list[tuple[str, str]]) -> None:
+    """Print a two-column summary table at the end of a stage."""
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,158 @@
+"""Load causal LMs and tokenizers, attach and merge LoRA adapters (peft).
+
+Any model loads through `from_pretrained`, by hub name or local directory; a
+`tiny:<preset>` name is built locally by `rlft.tiny` first and then loaded the same way.
+`trust_remote_code` stays off unless the recipe asks (with a pinned revision). The
+reference policy of a LoRA stage is the same model with its adapter disabled
+(`reference_logits`), so no second copy of the weights is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlft.errors import UserInputError
+from rlft.recipe import LoraSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def device() -> torch.device:
+    """The device training runs on: the first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, dev: torch.device) -> torch.dtype:
+    """`auto` is float32 on CPU (bf16 matmul is far slower there) and bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def prepare_base(spec: ModelSpec, models_dir: Path) -> str:
+    """Where the base model loads from: a tiny:<preset> is built under `models_dir` first."""
+    if not spec.name.startswith("tiny:"):
+        return spec.name
+    from rlft import tiny
+
+    preset = spec.name.removeprefix("tiny:")
+    if preset not in tiny.PRESETS:
+        raise UserInputError(f"model.name: unknown tiny preset {preset!r}; choose from {sorted(tiny.PRESETS)}")
+    overrides = spec.tiny.model_dump(exclude_none=True) if spec.tiny else {}
+    out = models_dir / f"tiny-{preset}-seed{spec.seed}-{_short_hash(overrides)}"
+    return str(tiny.build_tiny_model(out, preset=preset, overrides=overrides, seed=spec.seed))
+
+
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(repr(sorted(obj.items())).encode()).hexdigest()[:8]
+
+
+def _pretrained_kwargs(spec: ModelSpec, source: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    # The revision names a hub commit; a stage's own output directory has none.
+    if spec.revision and source == spec.name:
+        kwargs["revision"] = spec.revision
+    return kwargs
+
+
+def load_tokenizer(source: str, spec: ModelSpec) -> Any:
+    """Tokenizer of `source` with a pad token set (eos when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **_pretrained_kwargs(spec, source))
+    except OSError as err:
+        raise UserInputError(f"model.name: cannot load a tokenizer from {source!r}: {err}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: str, spec: ModelSpec, dev: torch.device) -> Any:
+    """A causal LM from a hub name or local directory, in the recipe's dtype, on `dev`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(spec.dtype, dev), **_pretrained_kwargs(spec, source)
+        )
+    except OSError as err:
+        raise UserInputError(f"model.name: cannot load a model from {source!r}: {err}") from None
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.to(dev)
+
+
+def attach_lora(model: Any, lora: LoraSpec) -> Any:
+    """Wrap `model` with a fresh LoRA adapter; only the adapter (and modules_to_save) train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.targets,
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserInputError(f"lora.targets: {err}") from None
+
+
+def trainable_named_params(model: Any) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer updates, by name (stable across runs)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def is_lora(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference_mode(model: Any) -> Iterator[Any]:
+    """The reference policy: the same model with the LoRA adapter disabled (no second copy)."""
+    if not is_lora(model):
+        raise ValueError("reference_mode needs a LoRA model; full fine-tuning keeps a frozen copy")
+    with model.disable_adapter():
+        yield model
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """Save a standalone model dir (adapter merged in) and, for LoRA, the adapter beside it.
+
+    Writes `<out_dir>/model/` (loads with AutoModelForCausalLM.from_pretrained) and
+    `<out_dir>/adapter/` (loads with peft). The model is merged in place: call this last.
+    """
+    if is_lora(model):
+        model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out_dir / "model")
+
+
+def load_policy(source: str, spec: ModelSpec, lora: LoraSpec | str, seed: int) -> tuple[Any, Any]:
+    """Model + tokenizer from `source` with a fresh LoRA adapter (or fully trainable for `full`).
+
+    The adapter's initialisation draws from torch's RNG, seeded here so a stage's start is
+    reproducible from (recipe seed, stage).
+    """
+    dev = device()
+    tokenizer = load_tokenizer(source, spec)
+    model = load_model(source, spec, dev)
+    torch.manual_seed(seed)
+    if lora == "full":
+        model.requires_grad_(True)
+    else:
+        assert isinstance(lora, LoraSpec)
+        model = attach_lora(model, lora)
+    return model, tokenizer

@@ -1,0 +1,309 @@
+"""Order stages, resolve `from:` to artifacts, skip finished stages, resume the running one.
+
+Run layout (`<output_dir>/<run_name>/`):
+    recipe.yaml            the resolved recipe of the latest invocation
+    models/                tiny base models built locally
+    <stage>/step-N/        committed checkpoints (rlft/checkpoint.py)
+    <stage>/final/         the stage's output: model/ (merged), adapter/, data.jsonl, metrics
+    <stage>/stage.done.json  inputs' and outputs' hashes; written last (RELIABILITY.md item 3)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlft.errors import UserInputError
+from rlft.recipe import LoraOrFull, ModelSpec
+from rlft.recipe_load import LoadedRecipe
+
+log = logging.getLogger(__name__)
+
+STAGE_MODULES = {
+    "sft": "rlft.stages.sft",
+    "grpo": "rlft.stages.grpo",
+    "ppo": "rlft.stages.ppo",
+    "sample": "rlft.stages.sample",
+    "distill": "rlft.stages.distill",
+    "eval": "rlft.stages.eval",
+}
+MODEL_KINDS = {"sft", "grpo", "ppo", "distill"}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a finished stage hands to later ones."""
+
+    stage: str
+    kind: str
+    model: str | None = None  # loadable by from_pretrained: hub name or directory
+    data: str | None = None  # JSONL data set (sample stages)
+    fingerprint: str = ""  # hash of the outputs, pins later stages' inputs
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs from the run: recipe, directories, parents, flags."""
+
+    loaded: LoadedRecipe
+    run_dir: Path
+    stage: str
+    artifacts: dict[str, Artifact]
+    resume: bool = True
+    force: bool = False
+
+    @property
+    def recipe(self) -> Any:
+        return self.loaded.recipe
+
+    @property
+    def spec(self) -> Any:
+        return self.recipe.stages[self.stage]
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.stage
+
+    @property
+    def seed(self) -> int:
+        """The stage's seed: the recipe seed mixed with the stage's position, so stages differ."""
+        return self.recipe.seed * 1000 + list(self.recipe.stages).index(self.stage)
+
+    def parent(self, name: str | None = None) -> Artifact:
+        return self.artifacts[name or self.spec.from_]
+
+    def lora(self) -> LoraOrFull:
+        """The stage's LoRA setting: its own `lora:` when given, else the recipe's."""
+        own = getattr(self.spec, "lora", None)
+        if own is not None:
+            log.info("stage %s overrides lora=%s", self.stage, own if own == "full" else own.model_dump())
+        return own if own is not None else self.recipe.lora
+
+    def model_spec(self) -> ModelSpec:
+        return self.recipe.model
+
+    def data_base_dir(self) -> Path:
+        return self.loaded.base_dir
+
+    def input_meta(self, data_fingerprints: dict[str, str], tokenizer_hash: str = "") -> dict[str, Any]:
+        """What resume pins (RELIABILITY R5): this stage's keys, model, LoRA, seed, parent, data."""
+        inputs = _flatten(
+            {
+                f"stages.{self.stage}": self.loaded.raw["stages"][self.stage],
+                "model": self.loaded.raw["model"],
+                "lora": self.loaded.raw.get("lora"),
+            }
+        )
+        inputs["seed"] = self.recipe.seed
+        inputs["parent"] = self.parent().fingerprint if hasattr(self.spec, "from_") else ""
+        inputs.update({f"data.{k}": v for k, v in data_fingerprints.items()})
+        if tokenizer_hash:
+            inputs["tokenizer"] = tokenizer_hash
+        import torch
+
+        return {"inputs": inputs, "num_threads": torch.get_num_threads(), "stage": self.stage}
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: json.dumps(obj, sort_keys=True) if isinstance(obj, list) else obj}
+
+
+def stage_runner(kind: str) -> Callable[[RunContext], Artifact]:
+    return importlib.import_module(STAGE_MODULES[kind]).run
+
+
+# --------------------------------------------------------------------------- done markers
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file below `root`, by relative path."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(path.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def fingerprint(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
+def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str) -> Artifact:
+    """Hash the stage's final outputs and write `stage.done.json` last, atomically."""
+    outputs = hash_tree(ctx.stage_dir / "final")
+    artifact = Artifact(
+        stage=artifact.stage,
+        kind=artifact.kind,
+        model=artifact.model,
+        data=artifact.data,
+        fingerprint=fingerprint(outputs),
+        metrics=artifact.metrics,
+    )
+    marker = {
+        "stage": ctx.stage,
+        "kind": artifact.kind,
+        "inputs_hash": inputs_hash,
+        "outputs": outputs,
+        "artifact": {"model": artifact.model, "data": artifact.data, "metrics": artifact.metrics},
+    }
+    _atomic_write(ctx.stage_dir / "stage.done.json", json.dumps(marker, indent=1, sort_keys=True))
+    return artifact
+
+
+def read_done(ctx: RunContext, inputs_hash: str) -> Artifact | None:
+    """The stage's artifact when its marker exists, matches the inputs, and its outputs verify."""
+    path = ctx.stage_dir / "stage.done.json"
+    if not path.exists():
+        return None
+    marker = json.loads(path.read_text())
+    if marker.get("inputs_hash") != inputs_hash:
+        log.warning("stage %s: inputs changed since it finished; running it again", ctx.stage)
+        return None
+    outputs = hash_tree(ctx.stage_dir / "final") if (ctx.stage_dir / "final").exists() else {}
+    if outputs != marker["outputs"]:
+        log.warning("stage %s: outputs do not match stage.done.json; running it again", ctx.stage)
+        return None
+    a = marker["artifact"]
+    return Artifact(ctx.stage, marker["kind"], a["model"], a["data"], fingerprint(outputs), a["metrics"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def stage_inputs_hash(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Artifact]) -> str:
+    """Hash of what a stage's result depends on: its spec, the model/LoRA/seed, its parents' outputs."""
+    spec = loaded.recipe.stages[stage]
+    parents = [r for r in _refs(loaded, stage) if r in artifacts]
+    blob = {
+        "stage": loaded.raw["stages"][stage],
+        "model": loaded.raw["model"],
+        "lora": loaded.raw.get("lora"),
+        "seed": loaded.recipe.seed,
+        "index": list(loaded.recipe.stages).index(stage),
+        "parents": {p: artifacts[p].fingerprint for p in sorted(parents)},
+        "kind": spec.kind,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _refs(loaded: LoadedRecipe, stage: str) -> list[str]:
+    from rlft.recipe import stage_refs
+
+    spec = loaded.recipe.stages[stage]
+    names = [name for _, name in stage_refs(stage, spec)]
+    for d in getattr(spec, "data", []) + getattr(spec, "mix", []):
+        if d.source in loaded.recipe.stages:
+            names.append(d.source)
+    if spec.kind == "eval" and not spec.models:
+        names += [s for s in loaded.recipe.stages if s in artifacts_before(loaded, stage)]
+    return names
+
+
+def artifacts_before(loaded: LoadedRecipe, stage: str) -> list[str]:
+    """Model-producing stages written before `stage`."""
+    order = list(loaded.recipe.stages)
+    return [s for s in order[: order.index(stage)] if loaded.recipe.stages[s].kind in MODEL_KINDS]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_dir_of(loaded: LoadedRecipe) -> Path:
+    return Path(loaded.recipe.output_dir) / loaded.recipe.run_name
+
+
+def base_artifact(loaded: LoadedRecipe, run_dir: Path) -> Artifact:
+    from rlft import models
+
+    source = models.prepare_base(loaded.recipe.model, run_dir / "models")
+    ident = source if not Path(source).is_dir() else fingerprint(hash_tree(Path(source)))
+    return Artifact("base", "base", model=source, fingerprint=hashlib.sha256(ident.encode()).hexdigest())
+
+
+def run_pipeline(
+    loaded: LoadedRecipe,
+    only: str | None = None,
+    resume: bool = True,
+    force: bool = False,
+    restart: bool = False,
+) -> dict[str, Artifact]:
+    """Run the recipe's stages in order (or only `only`), skipping those already finished."""
+    from rlft.runlock import RunLock
+
+    run_dir = run_dir_of(loaded)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(loaded.raw, sort_keys=False))
+        artifacts = {"base": base_artifact(loaded, run_dir)}
+        for stage in loaded.recipe.stages:
+            ctx = RunContext(loaded, run_dir, stage, artifacts, resume=resume, force=force)
+            inputs_hash = stage_inputs_hash(loaded, stage, artifacts)
+            if only is not None and stage != only:
+                done = read_done(ctx, inputs_hash)
+                if done is not None:
+                    artifacts[stage] = done
+                if list(loaded.recipe.stages).index(stage) > list(loaded.recipe.stages).index(only):
+                    break
+                continue
+            if restart and ctx.stage_dir.exists():
+                shutil.rmtree(ctx.stage_dir)
+            done = read_done(ctx, inputs_hash)
+            if done is not None:
+                log.info("stage %s already finished; skipping", stage)
+                artifacts[stage] = done
+                continue
+            _check_parents(loaded, stage, artifacts)
+            _check_resumable(ctx, only is not None and not resume)
+            artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)
+            artifacts[stage] = write_done(ctx, artifact, inputs_hash)
+        return artifacts
+
+
+def _check_parents(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Artifact]) -> None:
+    missing = [p for p in _refs(loaded, stage) if p not in artifacts]
+    if missing:
+        raise UserInputError(
+            f"stage {stage} needs {', '.join(missing)} to have finished first; "
+            f"run `rlft run {loaded.path}` or `rlft stage {missing[0]} --recipe {loaded.path}`"
+        )
+
+
+def _check_resumable(ctx: RunContext, explicit_fresh: bool) -> None:
+    """`rlft stage X` without --resume refuses to silently continue (or wipe) earlier work."""
+    has_ckpt = any(ctx.stage_dir.glob("step-*")) if ctx.stage_dir.exists() else False
+    if explicit_fresh and has_ckpt:
+        raise UserInputError(
+            f"{ctx.stage_dir} has checkpoints from an earlier run; pass --resume to continue it "
+            "or --restart to start the stage over"
+        )

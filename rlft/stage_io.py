@@ -1,0 +1,109 @@
+"""What stages share at their edges: turning `data:` entries into examples, and writing the
+stage's final output (`<stage>/final/`) atomically before the pipeline's done marker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlft import data
+from rlft.metrics import fmt, summary_table
+
+
+def resolve_data_specs(ctx: Any, specs: list[Any]) -> list[Any]:
+    """Replace a `source:` naming an earlier stage with that stage's data file."""
+    out = []
+    for spec in specs:
+        if spec.source in ctx.recipe.stages:
+            spec = spec.model_copy(update={"source": ctx.artifacts[spec.source].data, "format": "messages"})
+        out.append(spec)
+    return out
+
+
+def load_data(ctx: Any, specs: list[Any]) -> tuple[list[list[dict]], list[dict], dict[str, str]]:
+    """Rows of every data spec (train per spec, held-out pooled) and their fingerprints."""
+    train, held_out, prints = [], [], {}
+    for spec in resolve_data_specs(ctx, specs):
+        rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.seed)
+        train.append(rows)
+        held_out += eval_rows
+        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir())
+    return train, held_out, prints
+
+
+def prepare_sft_data(ctx: Any, specs: list[Any], tokenizer: Any) -> tuple[list, list, list[dict], dict[str, str]]:
+    """Tokenised train examples (mixed by weight, packed if asked), held-out examples and rows."""
+    specs = resolve_data_specs(ctx, specs)
+    per_spec, held_out, prints = [], [], {}
+    for spec in specs:
+        rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.seed)
+        examples = data.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source)
+        if spec.packing:
+            examples = data.pack(examples, spec.max_length)
+        per_spec.append(examples)
+        held_out += [(spec, r) for r in eval_rows]
+        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir())
+    train = per_spec[0] if len(per_spec) == 1 else data.mix(per_spec, [s.weight for s in specs], ctx.seed)
+    eval_rows = [r for _, r in held_out][: ctx.spec.eval_samples]
+    eval_ex = []
+    for spec, row in held_out[: ctx.spec.eval_samples]:
+        eval_ex += data.tokenize_sft([row], tokenizer, spec.max_length, "drop", spec.source)
+    return train, eval_ex, eval_rows, prints
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """The figures a stage reports at its end (first and last eval, skipped steps)."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def from_history(history: list[dict[str, Any]], skipped: int) -> StageOutput:
+        evals = [r for r in history if any(k.startswith("eval/") for k in r)]
+        losses = [r["loss"] for r in history if isinstance(r.get("loss"), float)]
+        summary: dict[str, Any] = {"steps": max((r["step"] for r in history), default=0), "skipped_steps": skipped}
+        if losses:
+            summary["train/loss_first"], summary["train/loss_last"] = losses[0], losses[-1]
+        if evals:
+            for key in (k for k in evals[-1] if k.startswith("eval/")):
+                first = next((r[key] for r in evals if key in r), None)
+                summary[f"{key}_first"], summary[f"{key}_last"] = first, evals[-1][key]
+        return StageOutput(summary)
+
+
+def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> Any:
+    """Write `<stage>/final/` (merged model, adapter, metrics.json) atomically; return the Artifact."""
+    from rlft.models import save_model
+    from rlft.pipeline import Artifact
+
+    final = ctx.stage_dir / "final"
+    staging = ctx.stage_dir / f".final-{uuid.uuid4().hex}"
+    save_model(model, tokenizer, staging)
+    (staging / "metrics.json").write_text(json.dumps(output.summary, indent=1, sort_keys=True))
+    commit_dir(staging, final)
+    summary_table(f"stage {ctx.stage} ({ctx.spec.kind})", [(k, fmt(v)) for k, v in output.summary.items()])
+    return Artifact(ctx.stage, ctx.spec.kind, model=str(final / "model"), metrics=output.summary)
+
+
+def commit_dir(staging: Path, final: Path) -> None:
+    """fsync every file of `staging`, then swap it in as `final` (an older `final` is replaced)."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

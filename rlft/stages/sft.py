@@ -1,0 +1,100 @@
+"""Supervised fine-tuning: cold start, retrain on sampled data, sequence-level distillation.
+
+Departures from a plain loop, each for exactness:
+1. The loss is the token mean over the WHOLE optimizer step (every micro-batch divides its
+   summed token loss by the step's total count), so 1x8 and 8x1 micro-batches give the same
+   update up to summation order (RELIABILITY.md test 13).
+2. The LR is a pure function of the step, the data cursor and every RNG are checkpointed, so
+   a resumed run is bitwise the uninterrupted one (test 1).
+3. A NaN/Inf loss or gradient skips the step (counted, logged as NaN) or aborts (R6).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from rlft import data, evaluate, training
+from rlft.checkpoint import GracefulExit
+from rlft.faults import fault_active
+from rlft.metrics import MetricsLog, progress
+from rlft.models import load_policy, trainable_named_params
+from rlft.stage_io import StageOutput, finish_model, prepare_sft_data
+
+
+def run(ctx: Any) -> Any:
+    """Train `ctx.spec` (an SFTSpec) and return the stage's Artifact."""
+    spec = ctx.spec
+    policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
+    train_ex, eval_ex, eval_rows, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
+    loader = data.SFTLoader(train_ex, spec.batch_size, spec.micro_batch_size or spec.batch_size, seed=ctx.seed)
+    total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
+    optimizer = training.make_optimizer(policy, spec)
+    guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
+    meta = ctx.input_meta(fingerprints)
+    start, overrides = 0, []
+    restored = training.restore_state(ctx.stage_dir, policy, optimizer, meta, ctx.force) if ctx.resume else None
+    if restored is not None:
+        start, state, _, overrides = restored
+        loader.load_state_dict(state["loader"])
+        guard.load_state_dict(state["guard"])
+    metrics = MetricsLog(ctx.stage_dir, resume_step=start)
+    meta["forced_overrides"] = overrides
+    stop = GracefulExit()
+
+    def save(at: int) -> None:
+        state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
+        training.save_state(ctx.stage_dir, at, policy, optimizer, state, meta, spec.keep_last)
+
+    def evaluate_now(at: int) -> None:
+        pad = tokenizer.pad_token_id
+        values = {"eval/loss": evaluate.heldout_loss(policy, eval_ex, loader.micro_batch_size, pad)}
+        acc = evaluate.task_accuracy(policy, tokenizer, eval_rows, spec.eval_max_new_tokens)
+        if acc is not None:
+            values["eval/accuracy"] = acc
+        metrics.log(at, values)
+
+    if start == 0:
+        evaluate_now(0)
+    policy.train()
+    for step in progress(range(start, total), total, f"sft {ctx.stage}", start=start):
+        training.set_lr(optimizer, training.lr_at(step, total, spec))
+        stats = train_step(policy, optimizer, next(loader), guard, spec.max_grad_norm, step + 1)
+        metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]})
+        last = step + 1 == total
+        if spec.eval_every and (step + 1) % spec.eval_every == 0 and not last:
+            evaluate_now(step + 1)
+        if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
+            save(step + 1)
+        if stop.should_stop() and not last:
+            stop.exit()
+    evaluate_now(total)
+    metrics.close()
+    return finish_model(ctx, policy, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))
+
+
+def train_step(
+    policy: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, torch.Tensor]],
+    guard: training.NanGuard, max_grad_norm: float | None, step: int,
+) -> dict[str, float]:
+    """One optimizer step over the micro-batches, with the token-mean over the whole step."""
+    dev = next(policy.parameters()).device
+    n_tokens = sum(mb["loss_mask"][:, 1:].sum() for mb in micro_batches).to(dev).clamp(min=1)
+    params = list(trainable_named_params(policy).values())
+    total = torch.zeros((), device=dev)
+    for mb in micro_batches:
+        loss_sum, _ = evaluate.sft_loss_sum(policy, {k: v.to(dev) for k, v in mb.items()})
+        loss = loss_sum / n_tokens
+        if fault_active("nan_loss", step):
+            loss = loss * float("nan")
+        loss.backward()
+        total += loss.detach()
+    if not guard.check(total, params, step):
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": float("nan"), "skipped": guard.skipped}
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(total), "grad_norm": float(grad_norm), "tokens": int(n_tokens), "skipped": guard.skipped}

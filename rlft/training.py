@@ -1,0 +1,151 @@
+"""Pieces every training stage shares: optimizer, LR schedule, the NaN guard, and the
+full-state checkpoint that makes resume exact (RELIABILITY.md design item 2).
+
+A stage hands `save_state` its model, optimizer and a JSON dict of its own counters
+(data cursor, metrics history, ...); `restore_state` puts all of it back, RNG included,
+so the resumed run computes bitwise what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlft import checkpoint
+from rlft.errors import TrainingError
+from rlft.models import trainable_named_params
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(model: Any, spec: Any) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (LoRA adapter, or all weights for full fine-tuning)."""
+    params = list(trainable_named_params(model).values())
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(
+        params, lr=spec.lr, betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay, fused=fused or None
+    )
+
+
+def lr_at(step: int, total: int, spec: Any) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine/linear/constant.
+
+    A pure function of the step, so resume needs no scheduler state.
+    """
+    if spec.warmup_steps and step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    if spec.schedule == "constant" or total <= spec.warmup_steps + 1:
+        return spec.lr
+    progress = (step - spec.warmup_steps) / (total - spec.warmup_steps - 1)
+    floor = spec.min_lr_ratio
+    if spec.schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return spec.lr * (floor + (1.0 - floor) * factor)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class NanGuard:
+    """Skip optimizer steps whose loss or gradients are not finite; abort after a streak.
+
+    RELIABILITY R6: a skipped step is counted and logged as NaN, never as a number, and
+    never reaches the weights (so no committed checkpoint can hold NaN).
+    """
+
+    policy: str
+    max_bad_steps: int
+    skipped: int = 0
+    streak: int = 0
+
+    def check(self, loss: torch.Tensor, params: list[torch.nn.Parameter], step: int) -> bool:
+        """True when the step may be taken; False when it must be skipped (grads are zeroed)."""
+        finite = bool(torch.isfinite(loss).all())
+        if finite:
+            grads = [p.grad for p in params if p.grad is not None]
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if finite:
+            self.streak = 0
+            return True
+        self.skipped += 1
+        self.streak += 1
+        for p in params:
+            p.grad = None
+        if self.policy == "abort":
+            raise TrainingError(f"step {step}: loss or gradient is NaN/Inf (nan_policy: abort)")
+        if self.streak >= self.max_bad_steps:
+            raise TrainingError(
+                f"step {step}: {self.streak} steps in a row had a NaN/Inf loss or gradient "
+                f"(max_bad_steps: {self.max_bad_steps}); the last committed checkpoint is clean"
+            )
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", step, self.skipped)
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "streak": self.streak}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.streak = state["skipped"], state["streak"]
+
+
+def save_state(
+    stage_dir: Path,
+    step: int,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Commit a checkpoint of everything a resume needs: weights, optimizer, RNG, `state`."""
+    params = {n: p.detach() for n, p in trainable_named_params(model).items()}
+    for name, value in params.items():
+        if not torch.isfinite(value).all():
+            raise TrainingError(f"refusing to checkpoint step {step}: parameter {name} is NaN/Inf")
+    optim_tensors, optim_state = checkpoint.optimizer_to_tensors(optimizer)
+    rng_tensors, rng_state = checkpoint.capture_rng()
+    tensors = {"params": params, "optimizer": optim_tensors, "rng": rng_tensors, **(extra_tensors or {})}
+    full_state = {"step": step, "optimizer": optim_state, "rng": rng_state, "stage": state}
+    return checkpoint.save_checkpoint(stage_dir, step, tensors, full_state, meta, keep_last)
+
+
+def restore_state(
+    stage_dir: Path, model: Any, optimizer: torch.optim.Optimizer, meta: dict[str, Any], force: bool
+) -> tuple[int, dict[str, Any], dict[str, dict[str, torch.Tensor]], list[str]] | None:
+    """Load the newest verified checkpoint into `model` and `optimizer`; None when there is none.
+
+    Returns (step, the stage's JSON state, every tensor group, input changes accepted with --force).
+    Raises UserInputError when the recipe, data, model or seed changed and `force` is off.
+    """
+    ckpt = checkpoint.find_latest(stage_dir)
+    if ckpt is None:
+        return None
+    tensors, full_state, saved_meta = checkpoint.load_checkpoint(ckpt)
+    overrides = checkpoint.check_inputs(saved_meta.get("inputs", {}), meta["inputs"], sorted(meta["inputs"]), force)
+    if saved_meta.get("num_threads") != meta.get("num_threads"):
+        log.warning(
+            "thread count changed (%s -> %s): results will differ in the last bits",
+            saved_meta.get("num_threads"),
+            meta.get("num_threads"),
+        )
+    params = trainable_named_params(model)
+    missing = set(params) ^ set(tensors["params"])
+    if missing:
+        raise checkpoint.CheckpointError(f"{ckpt}: parameters differ from the model's: {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors["params"][name])
+    checkpoint.load_optimizer(optimizer, tensors["optimizer"], full_state["optimizer"])
+    checkpoint.restore_rng(tensors["rng"], full_state["rng"])
+    return full_state["step"], full_state["stage"], tensors, overrides
