@@ -38,8 +38,9 @@ def _jsonable(value: Any) -> Any:
 class MetricsLog:
     """Append-only per-step metrics of one stage: `metrics.jsonl` plus TensorBoard events."""
 
-    def __init__(self, stage_dir: Path, resume_step: int = 0, tensorboard: bool = True):
-        self.path = stage_dir / "metrics.jsonl"
+    def __init__(self, stage_dir: Path, resume_step: int = 0, tensorboard: bool = True, name: str = "metrics.jsonl"):
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self.path = stage_dir / name
         self.history: list[dict[str, Any]] = []
         if self.path.exists():
             self.history = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
