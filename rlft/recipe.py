@@ -344,7 +344,7 @@ class DistillSpec(SFTSpec):
         "sequence", description="sequence: SFT on teacher text; logits: per-token KL/JSD; on_policy: GKD."
     )
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="Logit-level divergence.")
-    beta: float = Field(0.5, ge=0, le=1, description="JSD weight.")
+    beta: float = Field(0.5, gt=0, lt=1, description="JSD weight beta in (0, 1).")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature T (loss scaled by T^2).")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Teacher/student sampling.")
 
