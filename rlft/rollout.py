@@ -1,0 +1,454 @@
+"""Batched sampling of G completions per prompt, and the training-time log-prob forward.
+
+`generate` is the one entry point every sampling stage uses (GRPO/PPO rollouts, rejection
+sampling, distillation), so a faster engine can replace it behind the same signature. It
+records `sample_logp`, the log-prob of each sampled token under pi_old (ALGORITHMS.md §1);
+`completion_logprobs` recomputes the same quantity with one full forward (logp, ref_logp).
+
+Decode loop: the B distinct prompts are prefilled once (left-padded, position = cumsum(mask) - 1)
+and the KV cache is expanded to the N = B*G rows; each step samples from float32 logits
+(temperature, top-k, top-p) by inverse CDF with one pre-drawn uniform per (row, step), so a
+row's random numbers never depend on how rows are batched. Rows stop at EOS or a stop string;
+finished rows are dropped from the batch once a quarter of it is done.
+
+Shape letters: B prompts, G group size, N = B*G completions, P prompt length, T completion
+length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import struct
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlft.errors import UserInputError
+from rlft.losses import entropy, token_logprobs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are sampled (the recipe's `sampling:` block).
+
+    Attributes:
+        temperature: softmax temperature; 0 = greedy (argmax).
+        top_p: nucleus mass in (0, 1]; 1 = off.
+        top_k: keep the k most likely tokens; 0 = off.
+        max_new_tokens: longest completion, in tokens.
+        stop: stop strings; a completion ends with the token that completes one, and the
+            stop string is kept in `texts` (text after it in that token is cut).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.temperature >= 0:
+            problems.append(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"sampling.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            problems.append(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            problems.append("sampling.stop must not contain an empty string")
+        if problems:
+            raise UserInputError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """N = B*G sampled completions; completions of a prompt are consecutive rows.
+
+    Attributes:
+        prompt_ids: (N, P) prompts, left-padded with the pad id.
+        prompt_mask: (N, P) 1 = real prompt token.
+        completion_ids: (N, T) completions, right-padded with the pad id; T = longest completion.
+        completion_mask: (N, T) 1 = generated token that counts (EOS included, padding not).
+        sample_logp: (N, T) log-prob of each sampled token under the temperature-scaled
+            distribution of the sampling policy (before top-k/top-p truncation; temperature 1
+            for greedy), 0 on padding.
+        truncated: (N,) bool, hit max_new_tokens without EOS or stop string.
+        texts: decoded completions (special tokens skipped), stop string kept.
+        group_index: (N,) prompt index of each completion.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    sample_logp: Tensor
+    truncated: Tensor
+    texts: list[str]
+    group_index: Tensor
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Decode result of one micro-batch of n rows; ids/length/flags on the CPU."""
+
+    ids: Tensor  # (n, max_new) pad after each row's length
+    length: Tensor  # (n,) tokens that count, the ending EOS/stop token included
+    logp: Tensor  # (n, max_new) on the model's device, 0 after length
+    truncated: Tensor  # (n,) bool
+    stopped: Tensor  # (n,) bool, ended by a stop string
+
+
+def seed_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded from a hash of (seed, *keys), independent of any RNG state.
+
+    Call it as `seed_generator(run_seed, step, round)`: a resumed run re-creates exactly the
+    generator the uninterrupted run used at that step, with no state to save.
+
+    Args:
+        seed: the run's seed.
+        *keys: integers naming the draw (step, sampling round, ...).
+
+    Returns:
+        A freshly seeded `torch.Generator` on the CPU.
+    """
+    packed = struct.pack(f"<{1 + len(keys)}q", seed, *keys)
+    digest = hashlib.blake2b(packed, digest_size=8, person=b"rlft-rollout").digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def generate(
+    policy: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    sampling: SamplingParams,
+    group_size: int,
+    generator: torch.Generator,
+    micro_batch_size: int | None = None,
+) -> Rollouts:
+    """Sample `group_size` completions for each prompt with a KV-cached decode loop.
+
+    The model runs in eval mode under `torch.inference_mode()`; every module's train/eval
+    flag is restored afterwards. All randomness comes from `generator`: one uniform per
+    (row, step) is drawn up front, row r = b*G + g, so row r's draws depend only on the
+    generator's state and (N, max_new_tokens), never on micro-batching.
+
+    Determinism: the result is a function of (generator state, prompt_ids, sampling,
+    group_size, model weights, tokenizer) and, through floating-point rounding only, of
+    micro_batch_size, device and thread count: micro-batching changes the batch size and
+    padding width a row is computed with, which can move logits by ~1 ulp and flip a sample
+    whose uniform lies within that of a CDF boundary (or an argmax near-tie). Same inputs,
+    same micro_batch_size, same machine -> bitwise identical Rollouts.
+
+    Args:
+        policy: a causal LM (plain HF or peft-wrapped) accepting position_ids and a KV cache.
+        tokenizer: its tokenizer; `eos_token_id` and any id in the model's
+            `generation_config.eos_token_id` end a completion; `pad_token_id` (else EOS) pads.
+        prompt_ids: B prompts as token-id lists (no padding).
+        sampling: temperature, top-k, top-p, max_new_tokens, stop strings.
+        group_size: G completions per prompt.
+        generator: source of all randomness (CPU or the model's device).
+        micro_batch_size: rows decoded at once; None = all N.
+
+    Returns:
+        Rollouts of N = B*G rows, tensors on the model's device.
+
+    Raises:
+        ValueError: empty prompts, group_size < 1 or micro_batch_size < 1.
+    """
+    _check_args(prompt_ids, group_size, micro_batch_size)
+    device = next(policy.parameters()).device
+    eos = torch.tensor(_eos_ids(policy, tokenizer), dtype=torch.long, device=device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0]) if len(eos) else 0
+    n_rows = len(prompt_ids) * group_size
+    group_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(group_size)  # (N,)
+    uniforms = torch.rand((n_rows, sampling.max_new_tokens), generator=generator, device=generator.device)
+    uniforms = uniforms.to(device)  # (N, max_new_tokens)
+    step = micro_batch_size or n_rows
+    stopper = _StopChecker(tokenizer, sampling.stop) if sampling.stop else None
+    modes = [m.training for m in policy.modules()]
+    policy.eval()
+    try:
+        with torch.inference_mode():
+            chunks = [
+                _decode_chunk(policy, prompt_ids, group_index[s : s + step], uniforms[s : s + step],
+                              sampling, eos, pad_id, stopper)
+                for s in range(0, n_rows, step)
+            ]
+    finally:
+        for module, mode in zip(policy.modules(), modes, strict=True):
+            module.training = mode
+    return _assemble(chunks, prompt_ids, group_index, tokenizer, sampling.stop, pad_id)
+
+
+def _check_args(prompt_ids: list[list[int]], group_size: int, micro_batch_size: int | None) -> None:
+    if not prompt_ids:
+        raise ValueError("generate() needs at least one prompt")
+    empty = [i for i, p in enumerate(prompt_ids) if len(p) == 0]
+    if empty:
+        raise ValueError(f"prompts {empty[:5]} are empty; every prompt needs at least one token")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1 or None, got {micro_batch_size}")
+
+
+def _eos_ids(policy: Any, tokenizer: Any) -> list[int]:
+    """Tokenizer EOS plus every id in the model's generation_config.eos_token_id."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config = getattr(policy, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys(ids))
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """position = cumsum(mask) - 1 (padding clamped to 0), so left padding shifts nothing."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _logits_kwargs(model: Any, keep: int) -> dict[str, int]:
+    """`logits_to_keep=keep` when the model supports it: skips the LM head on positions not needed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+def _prefill(
+    policy: Any, prompts: list[list[int]], groups: Tensor, pad_id: int, max_new: int
+) -> tuple[Any, Tensor, Tensor, Tensor]:
+    """Run the chunk's distinct prompts once and expand the KV cache to its n rows.
+
+    Returns the cache, the first logits (n, V) in float32, the attention mask (n, P + max_new)
+    and the position of each row's first completion token (n,).
+    """
+    first = int(groups[0])
+    local = groups - first  # (n,) row -> prompt within this chunk
+    ids, mask = _left_pad(prompts[first : int(groups[-1]) + 1], pad_id, groups.device)
+    out = policy(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                 **_logits_kwargs(policy, 1))
+    out.past_key_values.batch_select_indices(local)
+    attn = torch.cat([mask[local], mask.new_ones(len(groups), max_new)], dim=1)
+    return out.past_key_values, out.logits[local, -1].float(), attn, mask.sum(-1)[local]
+
+
+def _decode_chunk(
+    policy: Any,
+    prompts: list[list[int]],
+    groups: Tensor,
+    uniforms: Tensor,
+    sampling: SamplingParams,
+    eos: Tensor,
+    pad_id: int,
+    stopper: _StopChecker | None,
+) -> _Chunk:
+    """Decode one micro-batch of rows. Device tensors are indexed by batch row; `active_h` maps
+    batch rows to chunk rows, whose tokens and flags live on the host (one copy per step)."""
+    n, max_new = len(groups), sampling.max_new_tokens
+    cache, logits, attn, pos = _prefill(policy, prompts, groups, pad_id, max_new)
+    width, device = attn.shape[1] - max_new, attn.device
+    can_end = stopper.table(logits.shape[-1], device) if stopper is not None else None
+    logp = torch.zeros((n, max_new), device=device)
+    tokens_h, length_h = torch.full((n, max_new), pad_id, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    ended_h, stopped_h = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    active, active_h = torch.arange(n, device=device), torch.arange(n)
+    done = torch.zeros(n, dtype=torch.bool, device=device)  # per batch row
+    for t in range(max_new):
+        tok, lp = _sample(logits, uniforms[active, t], sampling)
+        logp[active, t] = lp.masked_fill(done, 0.0)
+        hit = ~done & torch.isin(tok, eos)
+        cand = ~done & ~hit & can_end[tok] if can_end is not None else hit
+        host = torch.stack([tok, hit.long(), cand.long(), done.long()]).cpu()  # the one host sync per step
+        tok_h, hit_h, cand_h, done_h = host[0], host[1].bool(), host[2].bool(), host[3].bool()
+        tokens_h[active_h[~done_h], t], length_h[active_h[~done_h]] = tok_h[~done_h], t + 1
+        if stopper is not None and bool(cand_h.any()):
+            stop_h = stopper.hits(tokens_h, active_h, cand_h, t)
+            stopped_h[active_h] |= stop_h
+            hit_h |= stop_h
+        ended_h[active_h] |= hit_h
+        done_h |= hit_h
+        if bool(done_h.all()) or t + 1 == max_new:
+            break
+        done = done_h.to(device)
+        if 4 * int(done_h.sum()) >= len(done_h):  # drop finished rows: their compute is wasted
+            keep_h = (~done_h).nonzero().squeeze(1)
+            keep = keep_h.to(device)
+            cache.batch_select_indices(keep)
+            active, active_h, attn, pos, tok, done = active[keep], active_h[keep_h], attn[keep], pos[keep], tok[keep], done[keep]
+        out = policy(input_ids=tok[:, None], attention_mask=attn[:, : width + t + 1],
+                     position_ids=(pos + t)[:, None], past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+    return _Chunk(tokens_h, length_h, logp, ~ended_h, stopped_h)
+
+
+def _sample(logits: Tensor, u: Tensor, sampling: SamplingParams) -> tuple[Tensor, Tensor]:
+    """Sample one token per row from float32 logits (n, V) with uniforms u (n,).
+
+    Returns the tokens and their log-probs under softmax(logits / temperature) (temperature 1 for
+    greedy), before top-k/top-p truncation, which is what `completion_logprobs` recomputes.
+    """
+    if sampling.temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, token_logprobs(logits, tok, 1.0, chunk_rows=None)
+    scaled = logits / sampling.temperature
+    if sampling.top_k or sampling.top_p < 1:
+        if sampling.top_k:
+            vals, order = scaled.topk(min(sampling.top_k, scaled.shape[-1]), dim=-1)
+        else:
+            vals, order = scaled.sort(dim=-1, descending=True, stable=True)
+        probs = torch.softmax(vals, dim=-1)
+        # nucleus: keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, 0.0)
+        tok = order.gather(-1, _inverse_cdf(probs, u)[:, None]).squeeze(1)
+    else:
+        tok = _inverse_cdf(torch.softmax(scaled, dim=-1), u)
+    return tok, token_logprobs(scaled, tok, 1.0, chunk_rows=None)
+
+
+def _inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """Index j with cdf[j-1] <= u * total < cdf[j]; never a zero-probability entry."""
+    cdf = probs.cumsum(-1)  # (n, V)
+    total = cdf[:, -1:]
+    # u < 1, but u * total can round up to total; cap it just below so j stays on a positive entry
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
+
+class _StopChecker:
+    """Stop strings, checked on a row's decoded tail only when its new token could end one.
+
+    A token "could end" a stop when its text contains the last character of some stop string or
+    is an incomplete UTF-8 piece; that table is computed once per (tokenizer, stops) and cached.
+    Every step a stop is possible is checked, so a stop found in the tail ends at the new token.
+    """
+
+    _tables: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], Tensor]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]):
+        self.tokenizer, self.stops = tokenizer, stops
+        # a stop of L chars spans at most 4L tokens (byte-level pieces); +2 absorbs edge effects
+        self.window = 4 * max(len(s) for s in stops) + 2
+
+    def table(self, vocab_size: int, device: torch.device) -> Tensor:
+        """(vocab_size,) bool: token ids whose text could complete a stop string."""
+        try:
+            per_tok = self._tables.setdefault(self.tokenizer, {})
+        except TypeError:  # tokenizer without weakref support: no cache
+            per_tok = {}
+        if self.stops not in per_tok:
+            pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))], skip_special_tokens=True)
+            lasts = {s[-1] for s in self.stops} | {"\ufffd"}
+            per_tok[self.stops] = torch.tensor([any(c in p for c in lasts) for p in pieces], dtype=torch.bool)
+        table = per_tok[self.stops][:vocab_size]
+        return torch.cat([table, table.new_zeros(vocab_size - len(table))]).to(device)
+
+    def hits(self, tokens_h: Tensor, active_h: Tensor, cand_h: Tensor, t: int) -> Tensor:
+        """(n,) bool: candidate batch rows whose completion now contains a stop string."""
+        rows = cand_h.nonzero().squeeze(1)
+        lo = max(0, t + 1 - self.window)
+        tails = self.tokenizer.batch_decode(tokens_h[active_h[rows], lo : t + 1].tolist(), skip_special_tokens=True)
+        hit = torch.zeros_like(cand_h)
+        hit[rows] = torch.tensor([any(s in text for s in self.stops) for text in tails], dtype=torch.bool)
+        return hit
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """Text up to the end of the earliest stop-string occurrence (kept)."""
+    ends = [text.find(s) + len(s) for s in stops if s in text]
+    return text[: min(ends)] if ends else text
+
+
+def _assemble(
+    chunks: list[_Chunk],
+    prompt_ids: list[list[int]],
+    group_index: Tensor,
+    tokenizer: Any,
+    stops: tuple[str, ...],
+    pad_id: int,
+) -> Rollouts:
+    """Concatenate chunks (padding to the longest), outside inference mode so autograd can use them."""
+    device = chunks[0].logp.device
+    length = torch.cat([c.length for c in chunks])  # (N,)
+    steps = max(int(length.max()), 1)
+    ids = torch.cat([c.ids[:, :steps] for c in chunks])  # (N, T), pad after each length
+    mask = torch.arange(steps) < length[:, None]  # (N, T)
+    logp = torch.cat([c.logp[:, :steps] for c in chunks])
+    stopped = torch.cat([c.stopped for c in chunks]).tolist()
+    texts = tokenizer.batch_decode([r[:n] for r, n in zip(ids.tolist(), length.tolist(), strict=True)],
+                                   skip_special_tokens=True)
+    texts = [_cut_at_stop(x, stops) if s else x for x, s in zip(texts, stopped, strict=True)]
+    p_ids, p_mask = _left_pad(prompt_ids, pad_id, device)
+    return Rollouts(
+        prompt_ids=p_ids[group_index],
+        prompt_mask=p_mask[group_index],
+        completion_ids=ids.to(device),
+        completion_mask=mask.long().to(device),
+        sample_logp=logp,
+        truncated=torch.cat([c.truncated for c in chunks]).to(device),
+        texts=texts,
+        group_index=group_index.clone(),
+    )
+
+
+def completion_logprobs(
+    model: Any,
+    batch: Rollouts | Sequence[Tensor],
+    temperature: float,
+    micro_batch_size: int | None = None,
+    with_entropy: bool = False,
+) -> Any:
+    """Log-probs of the completion tokens under `model`, from one forward over prompt + completion.
+
+        logp_{i,t} = log softmax(z_{i, P-1+t} / temperature)[completion_ids_{i,t}]
+
+    This is the training-time forward (logp, old_logp, ref_logp of ALGORITHMS.md §1, §3): it
+    returns a graph when grad is enabled. Under no_grad it matches `Rollouts.sample_logp` of the
+    same model and temperature to float rounding (KV-cache decode vs full forward).
+
+    Args:
+        model: causal LM (plain HF or peft); its train/eval mode is left as the caller set it.
+        batch: Rollouts, or (prompt_ids (N, P) left-padded, prompt_mask (N, P),
+            completion_ids (N, T) right-padded, completion_mask (N, T)).
+        temperature: sampling temperature; 0 (greedy) scores at temperature 1, like generate.
+        micro_batch_size: rows per forward; None = all N at once.
+        with_entropy: also return the (N, T) per-token entropy (no graph), a metric.
+
+    Returns:
+        (N, T) float32 log-probs, 0 where completion_mask is 0; with_entropy: (logp, entropy).
+    """
+    if isinstance(batch, Rollouts):
+        batch = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    n_rows, steps = completion_ids.shape
+    step = micro_batch_size or n_rows
+    keep = _logits_kwargs(model, steps + 1)  # positions P-1 .. P+T-1; the last is dropped below
+    parts, entropies = [], []
+    for s in range(0, n_rows, step):
+        ids = torch.cat([prompt_ids[s : s + step], completion_ids[s : s + step]], dim=1)
+        mask = torch.cat([prompt_mask[s : s + step], completion_mask[s : s + step]], dim=1).ne(0).long()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+                       **keep).logits[:, -steps - 1 : -1]  # (n, T, V)
+        lp = token_logprobs(logits.float(), completion_ids[s : s + step], temperature if temperature > 0 else 1.0)
+        parts.append(torch.where(completion_mask[s : s + step].bool(), lp, 0.0))
+        if with_entropy:  # a metric only: no graph
+            with torch.no_grad():
+                ent = entropy(logits.detach().float(), temperature if temperature > 0 else 1.0)
+            entropies.append(torch.where(completion_mask[s : s + step].bool(), ent, 0.0))
+    if with_entropy:
+        return torch.cat(parts), torch.cat(entropies)
+    return torch.cat(parts)
