@@ -129,7 +129,7 @@ def generate(
     prompt_ids: list[list[int]],
     sampling: SamplingParams,
     group_size: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     micro_batch_size: int | None = None,
 ) -> Rollouts:
     """Sample `group_size` completions for each prompt with a KV-cached decode loop.
@@ -153,7 +153,8 @@ def generate(
         prompt_ids: B prompts as token-id lists (no padding).
         sampling: temperature, top-k, top-p, max_new_tokens, stop strings.
         group_size: G completions per prompt.
-        generator: source of all randomness (CPU or the model's device).
+        generator: source of all randomness (CPU or the model's device), or one generator per
+            prompt (rejection sampling: per-prompt seeds make the output independent of batching).
         micro_batch_size: rows decoded at once; None = all N.
 
     Returns:
@@ -168,8 +169,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0]) if len(eos) else 0
     n_rows = len(prompt_ids) * group_size
     group_index = torch.arange(len(prompt_ids), device=device).repeat_interleave(group_size)  # (N,)
-    uniforms = torch.rand((n_rows, sampling.max_new_tokens), generator=generator, device=generator.device)
-    uniforms = uniforms.to(device)  # (N, max_new_tokens)
+    uniforms = _uniforms(generator, len(prompt_ids), group_size, sampling.max_new_tokens).to(device)  # (N, T_max)
     step = micro_batch_size or n_rows
     stopper = _StopChecker(tokenizer, sampling.stop) if sampling.stop else None
     modes = [m.training for m in policy.modules()]
@@ -185,6 +185,17 @@ def generate(
         for module, mode in zip(policy.modules(), modes, strict=True):
             module.training = mode
     return _assemble(chunks, prompt_ids, group_index, tokenizer, sampling.stop, pad_id)
+
+
+def _uniforms(generator: torch.Generator | Sequence[torch.Generator], n_prompts: int, group_size: int,
+              steps: int) -> Tensor:
+    """One uniform per (row, step): from one generator, or one generator per prompt (then a
+    prompt's samples do not depend on which other prompts share its batch)."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand((n_prompts * group_size, steps), generator=generator, device=generator.device)
+    if len(generator) != n_prompts:
+        raise ValueError(f"got {len(generator)} generators for {n_prompts} prompts")
+    return torch.cat([torch.rand((group_size, steps), generator=g, device=g.device) for g in generator])
 
 
 def _check_args(prompt_ids: list[list[int]], group_size: int, micro_batch_size: int | None) -> None:

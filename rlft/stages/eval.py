@@ -1,0 +1,72 @@
+"""Score stages' models on held-out prompts with a verifier: greedy accuracy, avg@k and the
+unbiased pass@k from k samples per prompt, each with a 95% confidence interval."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from rlft import data, rollout, scoring
+from rlft.metrics import console, fmt
+from rlft.models import device, load_model, load_tokenizer
+from rlft.rewards import build_rewards
+from rlft.stage_io import commit_dir, load_data
+
+
+def run(ctx: Any) -> Any:
+    """Evaluate every model named in `models:` (default: every earlier model stage)."""
+    from rlft.pipeline import Artifact, artifacts_before
+
+    spec = ctx.spec
+    names = spec.models or artifacts_before(ctx.loaded, ctx.stage)
+    _, held_out, _ = load_data(ctx, spec.data)
+    rows = held_out[: spec.num_prompts] if spec.num_prompts else held_out
+    score = build_rewards([e.model_dump() for e in spec.rewards], ctx.data_base_dir())
+    results = {}
+    for name in names:
+        source = ctx.artifacts[name].model
+        tokenizer = load_tokenizer(source, ctx.model_spec())
+        model = load_model(source, ctx.model_spec(), device()).eval()
+        results[name] = evaluate_model(model, tokenizer, rows, score, spec, ctx.seed)
+        console.print(f"eval {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in results[name].items()))
+    score.close()
+    staging = ctx.stage_dir / f".final-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    (staging / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    commit_dir(staging, ctx.stage_dir / "final")
+    return Artifact(ctx.stage, "eval", metrics=results)
+
+
+def evaluate_model(model: Any, tokenizer: Any, rows: list[dict], score: Any, spec: Any, seed: int) -> dict[str, float]:
+    """Greedy accuracy and avg@k / pass@k (k samples per prompt) with 95% intervals."""
+    prompts = data.prompt_examples(rows, tokenizer)
+    out: dict[str, float] = {"prompts": len(prompts)}
+    if spec.greedy:
+        correct = _correct(model, tokenizer, prompts, score, rollout.SamplingParams(
+            temperature=0.0, max_new_tokens=spec.sampling.max_new_tokens, stop=tuple(spec.sampling.stop)), 1, seed)
+        hits = sum(c[0] for c in correct)
+        lo, hi = scoring.wilson_ci(hits, len(correct))
+        out |= {"greedy": hits / len(correct), "greedy_ci_low": lo, "greedy_ci_high": hi}
+    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    correct = _correct(model, tokenizer, prompts, score, sampling, spec.k, seed)
+    avg, avg_half = scoring.mean_ci([sum(c) / spec.k for c in correct])
+    passk, pass_half = scoring.mean_ci([scoring.pass_at_k(spec.k, sum(c), spec.k) for c in correct])
+    out |= {f"avg@{spec.k}": avg, f"avg@{spec.k}_ci": avg_half, f"pass@{spec.k}": passk, f"pass@{spec.k}_ci": pass_half}
+    return out
+
+
+def _correct(
+    model: Any, tokenizer: Any, prompts: list[Any], score: Any, sampling: rollout.SamplingParams, k: int, seed: int,
+    batch_size: int = 16,
+) -> list[list[bool]]:
+    """Per prompt, whether each of its k samples is correct (summed reward >= 1)."""
+    out = []
+    for lo in range(0, len(prompts), batch_size):
+        batch = prompts[lo : lo + batch_size]
+        gens = [rollout.seed_generator(seed, lo + i) for i in range(len(batch))]
+        result = rollout.generate(model, tokenizer, [p.prompt_ids for p in batch], sampling, k, gens)
+        columns = {c: [p.columns.get(c) for p in batch for _ in range(k)] for c in batch[0].columns}
+        total = score([p.prompt_text for p in batch for _ in range(k)], result.texts, columns).total.tolist()
+        out += [[t >= 1.0 for t in total[i * k : (i + 1) * k]] for i in range(len(batch))]
+    return out
