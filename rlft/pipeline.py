@@ -99,11 +99,12 @@ class RunContext:
 
     def input_meta(self, data_fingerprints: dict[str, str], tokenizer_hash: str = "") -> dict[str, Any]:
         """What resume pins (RELIABILITY R5): this stage's keys, model, LoRA, seed, parent, data."""
+        lora = self.lora()
         inputs = _flatten(
             {
-                f"stages.{self.stage}": self.loaded.raw["stages"][self.stage],
-                "model": self.loaded.raw["model"],
-                "lora": self.loaded.raw.get("lora"),
+                f"stages.{self.stage}": self.spec.model_dump(mode="json", by_alias=True),
+                "model": self.recipe.model.model_dump(mode="json"),
+                "lora": lora if isinstance(lora, str) else lora.model_dump(mode="json"),
             }
         )
         inputs["seed"] = self.recipe.seed

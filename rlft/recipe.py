@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+# \Z, not $: `$` also matches before a trailing newline, which would let "run\n" through.
+SAFE_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 RESERVED_STAGE_NAMES = {"base"}
 
 
@@ -165,6 +166,9 @@ class TrainSpec(StageBase):
     log_every: int = Field(1, ge=1, description="Log metrics every this many steps.")
     eval_every: int = Field(0, ge=0, description="Held-out eval every this many steps; 0 = at start and end.")
     eval_samples: int = Field(64, ge=1, description="Held-out rows used per eval.")
+
+    # YAML gives a list; strict validation (as the loader runs it) accepts only a tuple.
+    _betas_tuple = field_validator("adam_betas", mode="before")(lambda v: tuple(v) if isinstance(v, list) else v)
 
 
 class SFTSpec(TrainSpec):
@@ -399,17 +403,22 @@ class Recipe(Strict):
     @classmethod
     def _safe_run_name(cls, v: str) -> str:
         if not SAFE_NAME.match(v):
-            raise ValueError("use letters, digits, '_', '-' or '.', not starting with '.' or '-'")
+            raise ValueError(
+                f"{v!r} is not a safe directory name: use at most 64 letters, digits, '_', '-' or '.', "
+                "not starting with '.' or '-', without '..'"
+            )
         return v
 
     @field_validator("output_dir")
     @classmethod
     def _no_parent_dirs(cls, v: str) -> str:
-        if ".." in Path(v).parts or "\x00" in v:
-            raise ValueError("must not contain '..' or NUL")
+        if ".." in Path(v).parts or "\x00" in v or "\n" in v:
+            raise ValueError("must not contain '..', NUL or a newline")
         return v
 
-    @field_validator("stages", mode="before")
+    # mode="after": a bad name must not hide the errors inside the stages (the loader reports
+    # each bad name at its line itself).
+    @field_validator("stages", mode="after")
     @classmethod
     def _stage_names(cls, v: Any) -> Any:
         if isinstance(v, dict):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rlft import checkpoint
-from rlft.errors import TrainingError
+from rlft.errors import CheckpointError, TrainingError
 from rlft.models import trainable_named_params
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,9 @@ def restore_state(
     if ckpt is None:
         return None
     tensors, full_state, saved_meta = checkpoint.load_checkpoint(ckpt)
-    overrides = checkpoint.check_inputs(saved_meta.get("inputs", {}), meta["inputs"], sorted(meta["inputs"]), force)
+    saved_inputs = saved_meta.get("inputs", {})
+    keys = sorted(set(saved_inputs) | set(meta["inputs"]))
+    overrides = checkpoint.check_inputs(saved_inputs, meta["inputs"], keys, force)
     if saved_meta.get("num_threads") != meta.get("num_threads"):
         log.warning(
             "thread count changed (%s -> %s): results will differ in the last bits",
@@ -142,7 +144,7 @@ def restore_state(
     params = trainable_named_params(model)
     missing = set(params) ^ set(tensors["params"])
     if missing:
-        raise checkpoint.CheckpointError(f"{ckpt}: parameters differ from the model's: {sorted(missing)[:5]}")
+        raise CheckpointError(f"{ckpt}: parameters differ from the model's: {sorted(missing)[:5]}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors["params"][name])
