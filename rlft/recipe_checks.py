@@ -1,0 +1,239 @@
+"""Recipe checks the schema cannot make, on the plain data so they run even when the schema fails.
+
+- recipes are data: no `_component_`/`_target_`, no secrets (RELIABILITY S1, S6, test 24);
+- stage names are safe directory names (RELIABILITY 23);
+- the stage graph: `from:`, `teacher:` and eval `models:` name an earlier stage that produces a
+  model (or `base`); a data `source` that names a stage names an earlier `sample` stage;
+- `tiny:<task>` names a known task; local data files and `file.py:function` rewards exist, and
+  reward files live inside the recipe's directory (RELIABILITY S4).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rlft.errors import Problem
+from rlft.recipe import RESERVED_STAGE_NAMES, SAFE_NAME
+from rlft.recipe_problems import Locator, closest, did_you_mean, dotted
+from rlft.recipe_yaml import Path_
+
+MODEL_KINDS = ("sft", "grpo", "ppo", "distill")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_SECRET_KEY = re.compile(
+    r"(?i)(?:^|[_-])(?:token|api[_-]?key|secret|password|passwd|access[_-]?key|private[_-]?key|credentials?)(?:$|[_-])"
+)
+_SECRET_VALUE = re.compile(
+    r"\b(?:hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{20,}"
+    r"|xox[abpr]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})"
+)
+SECRET_MESSAGE = "do not put secrets in recipes; set the environment variable instead (HF_TOKEN, WANDB_API_KEY, ...)"
+_REWARD_FILE = re.compile(r"^(?P<file>.+\.py):(?P<fn>[^:]*)$")
+
+
+def _walk(value: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
+    yield path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield from _walk(child, path + (key,))
+
+
+def data_problems(raw: dict, loc: Locator) -> list[Problem]:
+    """`_component_`/`_target_` keys and secrets anywhere in the recipe."""
+    problems = []
+    for path, value in _walk(raw):
+        key = path[-1] if path else None
+        if key in ("_component_", "_target_"):
+            problems.append(loc.at(path, "recipes are data: rlft does not instantiate classes from recipes; "
+                                   "use a stage `kind:` or a reward name"))
+        elif isinstance(key, str) and _SECRET_KEY.search(key) and isinstance(value, str) and value.strip():
+            problems.append(loc.at(path, SECRET_MESSAGE))
+        elif isinstance(value, str) and _SECRET_VALUE.search(value):
+            problems.append(loc.at(path, SECRET_MESSAGE))
+    return problems
+
+
+def _stages(raw: dict) -> dict[str, Any]:
+    stages = raw.get("stages")
+    return stages if isinstance(stages, dict) else {}
+
+
+def name_problems(raw: dict, loc: Locator) -> list[Problem]:
+    """Stage names: safe directory names, not `base`."""
+    problems = []
+    for name in _stages(raw):
+        if name in RESERVED_STAGE_NAMES:
+            problems.append(loc.at(("stages", name), "'base' is reserved: it names the recipe's model"))
+        elif not SAFE_NAME.match(name):
+            problems.append(loc.at(("stages", name), f"stage name {name!r} is not a safe directory name: use at "
+                                   "most 64 letters, digits, '_', '-' or '.', not starting with '.' or '-', without '..'"))
+    return problems
+
+
+def _ref_problem(ref: str, stage: str, stages: dict[str, Any], data: bool) -> str | None:
+    """Why `ref` is not an earlier stage that produces a model (`data`: an earlier sample stage), or None."""
+    names = list(stages)
+    earlier = names[: names.index(stage)]
+    kind_of = {n: (s.get("kind") if isinstance(s, dict) else None) for n, s in stages.items()}
+    choices = [n for n in earlier if kind_of[n] == "sample"] if data else ["base"] + [
+        n for n in earlier if kind_of[n] in MODEL_KINDS
+    ]
+    if ref in choices:
+        return None
+    if ref == stage:
+        return "a stage cannot read its own output" if data else "a stage cannot start from itself"
+    if ref in names and ref not in earlier:
+        return f"stage '{ref}' runs after '{stage}' (stages run in the order written); use an earlier stage"
+    what = "earlier sample stages" if data else "earlier model stages"
+    listed = f"{what}: {', '.join(choices)}" if choices else f"there are no {what}"
+    if ref in earlier:
+        makes = "data" if kind_of[ref] == "sample" else "no model" if kind_of[ref] == "eval" else "a model"
+        return f"stage '{ref}' (kind: {kind_of[ref]}) produces {makes}; {listed}"
+    return f"unknown stage '{ref}'{did_you_mean(ref, names + ['base'])}; {listed}"
+
+
+def _data_entries(name: str, spec: dict) -> Iterator[tuple[Path_, Any]]:
+    for key in ("data", "mix"):
+        value = spec.get(key)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)] if value else []
+        for i, item in items:
+            path = ("stages", name, key) + (() if i is None else (i,))
+            if isinstance(item, dict):
+                yield path + ("source",), item.get("source")
+            else:
+                yield path, item
+
+
+def graph_problems(raw: dict, loc: Locator) -> list[Problem]:
+    """`from:`, `teacher:`, eval `models:` and stage-name data sources point backwards, at the right kind."""
+    stages, problems = _stages(raw), []
+    for name, spec in stages.items():
+        if not isinstance(spec, dict):
+            continue
+        refs = [(("stages", name, k), spec[k]) for k in ("from", "teacher") if k in spec]
+        if isinstance(spec.get("models"), list):
+            refs += [(("stages", name, "models", i), m) for i, m in enumerate(spec["models"])]
+        for path, ref in refs:
+            why = _ref_problem(ref, name, stages, data=False) if isinstance(ref, str) else None
+            problems += [loc.at(path, why)] if why else []
+        for path, source in _data_entries(name, spec):
+            if not isinstance(source, str):
+                continue
+            if source in stages:
+                why = _ref_problem(source, name, stages, data=True)
+                problems += [loc.at(path, why)] if why else []
+            elif re.fullmatch(r"[\w-]+", source) and closest(source, stages):
+                # a bare word close to a stage name is a typo, not a hub data set
+                near = closest(source, stages)
+                problems.append(loc.at(path, f"unknown data source '{source}' (did you mean stage '{near}'?)"))
+    return problems
+
+
+def _tasks() -> dict | None:
+    try:
+        from rlft.tasks import TASKS
+    except ImportError:
+        return None
+    return TASKS
+
+
+def _missing_file(file: Path, shown: str, suffixes: tuple[str, ...]) -> str:
+    if not file.parent.is_dir():
+        return f"directory not found: {file.parent}"
+    siblings = [p.name for p in file.parent.iterdir() if p.suffix in suffixes]
+    hint = did_you_mean(file.name, siblings)
+    return f"file not found: {shown} (looked in {file.parent}){hint}"
+
+
+def source_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
+    """`tiny:<task>` names a task; a local data file (relative to the recipe) exists."""
+    problems, tasks = [], _tasks()
+    for name, spec in _stages(raw).items():
+        if not isinstance(spec, dict):
+            continue
+        for path, source in _data_entries(name, spec):
+            if not isinstance(source, str):
+                continue
+            if source.startswith("tiny:") and tasks is not None and source[5:] not in tasks:
+                task = source[5:]
+                problems.append(loc.at(path, f"unknown task '{task}'{did_you_mean(task, tasks)}; "
+                                       f"built-in tasks: {', '.join(sorted(tasks))}"))
+            elif source.lower().endswith(DATA_SUFFIXES) and "://" not in source:
+                file = base_dir / source
+                if not file.is_file():
+                    problems.append(loc.at(path, _missing_file(file, source, DATA_SUFFIXES)))
+    return problems
+
+
+def _reward_entries(raw: dict) -> Iterator[tuple[Path_, Any]]:
+    for name, spec in _stages(raw).items():
+        rewards = spec.get("rewards") if isinstance(spec, dict) else None
+        for i, item in enumerate(rewards if isinstance(rewards, list) else []):
+            path = ("stages", name, "rewards", i)
+            yield (path + ("name",), item.get("name")) if isinstance(item, dict) else (path, item)
+
+
+def reward_file_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
+    """`path/to/file.py:function` rewards: the file exists inside the recipe's directory."""
+    problems = []
+    root = base_dir.resolve()
+    for path, name in _reward_entries(raw):
+        match = _REWARD_FILE.match(name) if isinstance(name, str) else None
+        if not match:
+            continue
+        file = (base_dir / match["file"]).resolve()
+        if not file.is_relative_to(root):
+            why = f"reward files must be inside the recipe's directory ({root}); got {match['file']}"
+        elif not file.is_file():
+            why = _missing_file(file, match["file"], (".py",))
+        elif not match["fn"].isidentifier():
+            why = f"'{match['fn']}' is not a function name; write {match['file']}:<function>"
+        else:
+            continue
+        problems.append(loc.at(path, why))
+    return problems
+
+
+def reward_name_problems(raw: dict, loc: Locator, base_dir: Path, skip: set[str]) -> list[Problem]:
+    """Reward names checked against the reward table (`rlft.rewards.validate_reward_entry`).
+
+    Entries whose dotted key is in `skip` (already reported) are not checked again.
+    """
+    try:
+        from rlft.rewards import validate_reward_entry
+    except ImportError:
+        return []
+    problems = []
+    for name, spec in _stages(raw).items():
+        rewards = spec.get("rewards") if isinstance(spec, dict) else None
+        for i, entry in enumerate(rewards if isinstance(rewards, list) else []):
+            path = ("stages", name, "rewards", i)
+            if any(s == dotted(path) or s.startswith(dotted(path) + ".") for s in skip):
+                continue
+            label = entry.get("name") if isinstance(entry, dict) else entry
+            if not isinstance(label, str):
+                continue  # the schema reports a missing or non-string name
+            if isinstance(entry, dict):
+                # unknown keys and the weight's type are the schema's to report, at their own lines
+                options = entry.get("options")
+                entry = {"name": label, **({"options": options} if isinstance(options, dict) else {})}
+            try:
+                why = validate_reward_entry(entry, recipe_dir=base_dir)
+            except Exception as exc:  # a checker bug must still end in a readable problem
+                why = f"cannot check this reward: {exc}"
+            problems += [loc.at(path, why)] if why else []
+    return problems
+
+
+def all_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
+    """Every check of this module."""
+    problems = (
+        data_problems(raw, loc)
+        + name_problems(raw, loc)
+        + graph_problems(raw, loc)
+        + source_problems(raw, loc, base_dir)
+        + reward_file_problems(raw, loc, base_dir)
+    )
+    return problems + reward_name_problems(raw, loc, base_dir, {p.path for p in problems})

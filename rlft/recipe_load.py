@@ -1,0 +1,157 @@
+"""Load a recipe: YAML with positions, `--set` overrides, schema, graph checks; every problem at once.
+
+    loaded = load_recipe("recipes/r1.yaml", ["stages.rl.lr=5e-6"])
+
+A bad recipe raises `RecipeError` listing every problem as
+`recipes/r1.yaml:14:5  stages.rl.group_sise: unknown key (did you mean 'group_size'?)`;
+overridden keys are reported as `--set  stages.rl.lr: ...`. Nothing here imports torch or
+transformers, so a bad recipe fails in well under a second (RELIABILITY S1, test 25).
+YAML rules: see `rlft/recipe_yaml.py` (YAML 1.2 scalars, `0755` is reported as ambiguous).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from rlft.errors import Problem, RecipeError
+from rlft.recipe import Recipe
+from rlft.recipe_checks import all_problems
+from rlft.recipe_problems import Locator, dotted, show, validation_problems
+from rlft.recipe_yaml import Path_, parse_scalar_text, parse_yaml
+
+__all__ = ["LoadedRecipe", "load_recipe", "recipe_sha256"]
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe and where it came from."""
+
+    recipe: Recipe
+    path: Path
+    base_dir: Path  # the recipe's directory: relative data and reward files resolve here
+    raw: dict  # the merged plain data (file + overrides), as written
+    sha256: str  # hash of the resolved recipe (defaults filled in), for resume pinning
+    positions: dict[str, tuple[int, int]]  # dotted key -> (line, col) in the file
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    """sha256 of the resolved recipe as canonical JSON (sorted keys, stages kept in run order)."""
+    data = recipe.model_dump(mode="json", by_alias=True)
+    data["stages"] = [[name, spec] for name, spec in data["stages"].items()]
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _set_path(raw: dict, keys: list[str], value: Any, created: set[Path_]) -> str | None:
+    """Set `value` at `keys` in `raw`, creating mappings on the way; an error message or None."""
+    node: Any = raw
+    path: Path_ = ()
+    i = 0
+    while i < len(keys):
+        if isinstance(node, list):
+            if not keys[i].isdigit() or int(keys[i]) >= len(node):
+                return f"{dotted(path)} is a list of {len(node)}; '{keys[i]}' is not an index in it"
+            key: str | int = int(keys[i])
+            i += 1
+        elif isinstance(node, dict):
+            # the longest run of segments that is an existing key: stage names may contain '.'
+            j = next((j for j in range(len(keys), i, -1) if ".".join(keys[i:j]) in node), i + 1)
+            key, i = ".".join(keys[i:j]), j
+        else:
+            return f"{dotted(path)} is {show(node)}, not a mapping; set it whole, e.g. --set {dotted(path)}={{...}}"
+        path += (key,)
+        if i == len(keys):
+            node[key] = value
+            created.add(path)
+        elif isinstance(node, dict) and key not in node:
+            node[key] = {}
+            created.add(path)
+        node = node[key]
+    return None
+
+
+def _apply_overrides(raw: dict, overrides: Sequence[str]) -> tuple[set[Path_], list[Problem]]:
+    created: set[Path_] = set()
+    problems = []
+    for text in overrides:
+        key, sep, value_text = text.partition("=")
+        key = key.strip()
+        if not sep or not key or "" in key.split("."):
+            problems.append(Problem("--set", None, None, text, "expected key.path=value, e.g. stages.sft.lr=1e-4"))
+            continue
+        value, error = parse_scalar_text(value_text)
+        error = error or _set_path(raw, key.split("."), value, created)
+        if error:
+            problems.append(Problem("--set", None, None, key, error))
+    return created, problems
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError([Problem(str(path), None, None, "", "recipe file not found")]) from None
+    except OSError as err:
+        raise RecipeError([Problem(str(path), None, None, "", f"cannot read the recipe: {err.strerror}")]) from None
+
+
+def _parse(path: Path) -> tuple[dict, dict, list[Problem]]:
+    file = str(path)
+    raw, positions, problems = parse_yaml(_read(path), file)
+    if problems and not isinstance(raw, dict):
+        raise RecipeError(problems)
+    if raw is None:
+        raise RecipeError([Problem(file, 1, 1, "", "the recipe is empty; it needs at least `model:` and `stages:`")])
+    if not isinstance(raw, dict):
+        got = show(raw)
+        raise RecipeError([Problem(file, 1, 1, "", f"a recipe is a mapping of keys (model:, stages:, ...), got {got}")])
+    return raw, positions, problems
+
+
+def _sort_key(problem: Problem) -> tuple:
+    return (problem.file == "--set", problem.line or 0, problem.col or 0)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
+    """Read, override and validate a recipe, reporting every problem at once.
+
+    Args:
+        path: The recipe YAML file.
+        overrides: `key.path=value` strings (`--set`); values follow the recipe's YAML rules.
+
+    Returns:
+        The validated recipe with its raw data, positions and sha256.
+
+    Raises:
+        RecipeError: every problem found, each with file:line:col and the dotted key.
+    """
+    path = Path(path)
+    raw, positions, problems = _parse(path)
+    created, override_problems = _apply_overrides(raw, overrides)
+    problems += override_problems
+    locator = Locator(str(path), positions, created)
+    problems += all_problems(raw, locator, path.parent)
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(raw, strict=True)
+    except ValidationError as err:
+        seen = {p.path for p in problems}
+        problems += [p for p in validation_problems(err, raw, locator) if p.path not in seen]
+    if recipe is not None and not problems:
+        return LoadedRecipe(
+            recipe=recipe,
+            path=path,
+            base_dir=path.parent,
+            raw=raw,
+            sha256=recipe_sha256(recipe),
+            positions={dotted(k): v for k, v in positions.items() if k},
+        )
+    raise RecipeError(sorted(problems, key=_sort_key))
+
