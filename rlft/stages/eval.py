@@ -67,6 +67,7 @@ def _correct(
         gens = [rollout.seed_generator(seed, lo + i) for i in range(len(batch))]
         result = rollout.generate(model, tokenizer, [p.prompt_ids for p in batch], sampling, k, gens)
         columns = {c: [p.columns.get(c) for p in batch for _ in range(k)] for c in batch[0].columns}
+        columns["completion_tokens"] = result.completion_mask.sum(-1).tolist()
         total = score([p.prompt_text for p in batch for _ in range(k)], result.texts, columns).total.tolist()
         out += [[t >= 1.0 for t in total[i * k : (i + 1) * k]] for i in range(len(batch))]
     return out

@@ -41,7 +41,7 @@ def run(ctx: Any) -> Any:
     )
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
-    meta = ctx.input_meta(prints)
+    meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
     start, opt_step = 0, 0
     restored = training.restore_state(ctx.stage_dir, policy, optimizer, meta, ctx.force) if ctx.resume else None
     if restored is not None:
@@ -113,6 +113,7 @@ def collect(
     )
     timer.lap("generation")
     columns = {k: [b.columns.get(k) for b in batch for _ in range(G)] for k in batch[0].columns}
+    columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
     result = score([b.prompt_text for b in batch for _ in range(G)], out.texts, columns)
     timer.lap("rewards")
     dev = out.completion_ids.device

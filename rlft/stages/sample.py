@@ -66,6 +66,7 @@ def sample_shard(
         gens = [rollout.seed_generator(seed, first_index + lo + i) for i in range(len(batch))]
         result = rollout.generate(model, tokenizer, [p.prompt_ids for p in batch], sampling, K, gens)
         columns = {k: [p.columns.get(k) for p in batch for _ in range(K)] for k in batch[0].columns}
+        columns["completion_tokens"] = result.completion_mask.sum(-1).tolist()
         rewards = score([p.prompt_text for p in batch for _ in range(K)], result.texts, columns).total.tolist()
         for i, p in enumerate(batch):
             texts, r = result.texts[i * K : (i + 1) * K], rewards[i * K : (i + 1) * K]
