@@ -1,0 +1,243 @@
+"""Data for the stages: canonical rows -> token ids with loss masks (SFT) or prompt ids (RL).
+
+Loading, checking and mixing rows live in `rlft.data_load`, file reading in `rlft.data_read`,
+batching (packing, collation, resumable loaders) in `rlft.data_batch`; this module re-exports
+them so a stage only needs `from rlft import data`.
+
+Loss masks (1 = the token is a target of the next-token loss):
+- messages: assistant content and its end-of-turn marker (the tokenizer's eos) of every
+  assistant turn; template glue after the marker (Qwen's "\\n") is not trained.
+- prompt_completion: the prompt is rendered as a user turn with the generation prompt, the
+  completion follows as the assistant turn and ends with eos; loss on completion + eos. These
+  are exactly the tokens a rollout generates after the same prompt ids.
+- text: every token, with eos appended.
+Token 0 is never a target (nothing predicts it), so `sum(loss_mask)` is the number of loss terms.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jinja2.exceptions import TemplateError
+
+from rlft.data_batch import (
+    PromptLoader,
+    SFTExample,
+    SFTLoader,
+    collate,
+    model_inputs,
+    pack,
+    token_count,
+)
+from rlft.data_load import CANONICAL_COLUMNS, data_fingerprint, load_rows, mix, row_format
+from rlft.errors import DataError, UserInputError
+
+__all__ = [
+    "PromptExample", "PromptLoader", "SFTExample", "SFTLoader", "collate", "data_fingerprint", "load_rows",
+    "mix", "model_inputs", "pack", "prompt_examples", "render_prompt_ids", "row_format", "token_count",
+    "tokenize_sft",
+]
+
+log = logging.getLogger(__name__)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One RL prompt: chat-templated ids ending with the generation prompt, the raw user text,
+    and the row's other columns (answer, task, ...) for the reward functions."""
+
+    prompt_ids: list[int]
+    prompt_text: str
+    columns: dict
+
+
+def tokenize_sft(
+    rows: list[dict],
+    tokenizer: Any,
+    max_length: int,
+    long_rows: Literal["error", "drop", "truncate"],
+    source_name: str,
+    system_prompt: str | None = None,
+) -> list[SFTExample]:
+    """Token ids and loss masks of canonical rows (see the module docstring for the masks).
+
+    Args:
+        rows: Canonical rows (`load_rows`, `mix`); `_source`/`_row` name rows in errors.
+        tokenizer: A Hugging Face tokenizer; its chat template renders messages/prompts.
+        max_length: Longest allowed sequence in tokens.
+        long_rows: Longer rows are an error, dropped, or cut to `max_length` (a cut row left
+            without any target token is dropped).
+        source_name: Name for errors about rows that carry no `_source`.
+        system_prompt: System message put first when a row has none.
+
+    Raises:
+        DataError: a row with nothing to train on, a long row under "error", or every row dropped.
+    """
+    _require_eos(tokenizer)
+    out, dropped = [], 0
+    for i, row in enumerate(rows):
+        where = (row.get("_source", source_name), row.get("_row", i + 1))
+        try:
+            ids, mask = _encode_row(row, tokenizer, system_prompt, where)
+        except TemplateError as err:
+            raise _template_error(err, where) from None
+        mask[0] = 0
+        truncated = len(ids) > max_length
+        if truncated:
+            if long_rows == "error":
+                raise DataError(where[0], f"is {len(ids)} tokens, longer than max_length {max_length}; raise "
+                                "max_length or set long_rows: drop / truncate", row=where[1])
+            if long_rows == "drop":
+                dropped += 1
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask):
+            if truncated:
+                dropped += 1
+                continue
+            raise DataError(where[0], "has no tokens to train on (no assistant turn or empty completion)",
+                            row=where[1])
+        out.append(SFTExample(input_ids=ids, loss_mask=mask))
+    if not out:
+        raise DataError(source_name, f"all {len(rows)} rows were dropped as longer than max_length {max_length} "
+                        f"(long_rows={long_rows}); raise max_length")
+    if dropped:
+        log.warning("%s: dropped %d of %d rows longer than max_length %d", source_name, dropped, len(rows), max_length)
+    return out
+
+
+def _template_error(err: Exception, where: tuple) -> DataError:
+    return DataError(where[0], f"the tokenizer's chat template rejected this row: {err}", row=where[1])
+
+
+def _require_eos(tokenizer: Any) -> None:
+    if tokenizer.eos_token_id is None:
+        raise UserInputError("the tokenizer has no eos token, so completions cannot be taught to end; "
+                             "use a tokenizer with eos_token set")
+
+
+def _encode_row(row: dict, tokenizer: Any, system_prompt: str | None, where: tuple) -> tuple[list[int], list[int]]:
+    fmt = row_format(row)
+    if fmt == "messages":
+        return _encode_messages(_with_system(row["messages"], system_prompt), tokenizer, where)
+    if fmt == "prompt_completion":
+        prompt = render_prompt_ids(tokenizer, _with_system([{"role": "user", "content": row["prompt"]}], system_prompt))
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    if fmt == "text":
+        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        return ids, [1] * len(ids)
+    raise DataError(where[0], "has only a prompt; SFT needs 'messages', 'prompt' + 'completion', or 'text'",
+                    row=where[1])
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt is None or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def _template(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    return template.get("default") if isinstance(template, dict) else template
+
+
+def _encode_messages(messages: list[dict], tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
+    template = _template(tokenizer)
+    if template is None:
+        raise DataError(where[0], "has chat messages but the tokenizer has no chat template; use an instruct "
+                        "model's tokenizer or prompt/completion rows", row=where[1])
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(where[0], "has no assistant message to train on", row=where[1], column="messages")
+    if _GENERATION_TAG.search(template):
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), [int(m) for m in enc["assistant_masks"]]
+    return _prefix_diff(messages, tokenizer, where)
+
+
+def _render_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prefix_diff(messages: list[dict], tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
+    """Assistant spans by rendering prefixes, for templates without {% generation %} markers.
+
+    Turn i spans render(messages[:i], generation prompt) .. render(messages[:i+1]) in the full
+    rendering, cut after its last eos; this needs a template whose renderings extend each other.
+    """
+    full = _render_ids(tokenizer, messages, add_generation_prompt=False)
+    mask = [0] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if upto[: len(before)] != before or full[: len(upto)] != upto:
+            raise DataError(where[0], f"the chat template renders assistant turn {i + 1} differently in a "
+                            "longer conversation (e.g. it drops earlier reasoning), so its tokens cannot be "
+                            "located; split the conversation or use prompt/completion rows", row=where[1])
+        span = upto[len(before):]
+        end = len(span)
+        if tokenizer.eos_token_id in span:
+            end = len(span) - span[::-1].index(tokenizer.eos_token_id)
+        mask[len(before): len(before) + end] = [1] * end
+    return full, mask
+
+
+def render_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Prompt ids ending where the assistant's reply starts.
+
+    With a chat template: the rendered messages plus the generation prompt. Without one (a base
+    model): the contents joined by blank lines, tokenised with the tokenizer's special tokens.
+    """
+    if _template(tokenizer) is None:
+        text = "\n\n".join(m["content"] for m in messages)
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    return _render_ids(tokenizer, messages, add_generation_prompt=True)
+
+
+def prompt_examples(
+    rows: list[dict], tokenizer: Any, system_prompt: str | None = None, max_length: int | None = None
+) -> list[PromptExample]:
+    """RL prompts from canonical rows.
+
+    A prompt/prompt_completion row becomes one user turn; a messages row keeps its turns up to
+    (not including) a final assistant turn. `prompt_text` is the last user message.
+
+    Raises:
+        DataError: text rows, a conversation with no user turn, or a prompt over `max_length`.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        where = (row.get("_source", "data"), row.get("_row", i + 1))
+        messages = _prompt_messages(row, where)
+        try:
+            ids = render_prompt_ids(tokenizer, _with_system(messages, system_prompt))
+        except TemplateError as err:
+            raise _template_error(err, where) from None
+        if max_length is not None and len(ids) > max_length:
+            raise DataError(where[0], f"prompt is {len(ids)} tokens, longer than {max_length}", row=where[1])
+        text = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        columns = {k: v for k, v in row.items() if k not in CANONICAL_COLUMNS and not k.startswith("_")}
+        out.append(PromptExample(prompt_ids=ids, prompt_text=text, columns=columns))
+    return out
+
+
+def _prompt_messages(row: dict, where: tuple) -> list[dict]:
+    fmt = row_format(row)
+    if fmt == "text":
+        raise DataError(where[0], "is a text row; RL prompts need 'prompt' or 'messages'", row=where[1])
+    if fmt != "messages":
+        return [{"role": "user", "content": row["prompt"]}]
+    messages = list(row["messages"])
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError(where[0], "has no user message to use as a prompt", row=where[1], column="messages")
+    return messages
