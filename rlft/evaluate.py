@@ -14,7 +14,7 @@ def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
     Token t is predicted from position t-1, so targets are input_ids[:, 1:] under loss_mask[:, 1:].
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**data.model_inputs(batch)).logits
     targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].to(logits.dtype)
     logp = losses.token_logprobs(logits[:, :-1], targets)  # (N, L-1)
     return -(logp * mask).sum(), mask.sum()

@@ -75,10 +75,21 @@ def load_tokenizer(source: str, spec: ModelSpec) -> Any:
     return tok
 
 
+def _quiet_transformers() -> None:
+    """rlft draws its own progress bars; transformers' per-load bars would interleave with them."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def load_model(source: str, spec: ModelSpec, dev: torch.device) -> Any:
     """A causal LM from a hub name or local directory, in the recipe's dtype, on `dev`."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=resolve_dtype(spec.dtype, dev), **_pretrained_kwargs(spec, source)

@@ -7,8 +7,8 @@ aggregation normaliser is computed once per optimizer step over the whole mini-b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch

@@ -29,10 +29,10 @@ def load_data(ctx: Any, specs: list[Any]) -> tuple[list[list[dict]], list[dict],
     """Rows of every data spec (train per spec, held-out pooled) and their fingerprints."""
     train, held_out, prints = [], [], {}
     for spec in resolve_data_specs(ctx, specs):
-        rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.seed)
+        rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
         train.append(rows)
         held_out += eval_rows
-        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir())
+        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     return train, held_out, prints
 
 
@@ -41,13 +41,13 @@ def prepare_sft_data(ctx: Any, specs: list[Any], tokenizer: Any) -> tuple[list, 
     specs = resolve_data_specs(ctx, specs)
     per_spec, held_out, prints = [], [], {}
     for spec in specs:
-        rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.seed)
+        rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
         examples = data.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source)
         if spec.packing:
             examples = data.pack(examples, spec.max_length)
         per_spec.append(examples)
         held_out += [(spec, r) for r in eval_rows]
-        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir())
+        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     train = per_spec[0] if len(per_spec) == 1 else data.mix(per_spec, [s.weight for s in specs], ctx.seed)
     eval_rows = [r for _, r in held_out][: ctx.spec.eval_samples]
     eval_ex = []

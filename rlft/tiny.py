@@ -65,6 +65,10 @@ class TinyConfig:
     intermediate_size: int
     max_position: int = 512
     tie_word_embeddings: bool = True
+    # Wider than transformers' 0.02: with tied embeddings and a frozen final norm, logits are
+    # bounded by |h| * |e_v| ~ sqrt(d) * std * sqrt(d); at 0.02 and d=64 that caps them near 1.3,
+    # so a LoRA adapter alone could never make the tiny model confident.
+    initializer_range: float = 0.1
 
 
 PRESETS: dict[str, TinyConfig] = {
@@ -235,6 +239,7 @@ def _hf_config(cfg: TinyConfig, tokenizer: Any) -> Any:
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position,
         tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

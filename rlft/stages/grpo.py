@@ -20,6 +20,7 @@ import torch
 
 from rlft import advantages, data, evaluate, rl, rollout, training
 from rlft.checkpoint import GracefulExit
+from rlft.faults import fault_point
 from rlft.metrics import MetricsLog, StepTimer, progress
 from rlft.models import load_model, load_policy, reference_mode
 from rlft.rewards import build_rewards
@@ -76,6 +77,7 @@ def run(ctx: Any) -> Any:
             training.save_state(ctx.stage_dir, step + 1, policy, optimizer, state, meta, spec.keep_last)
         if stop.should_stop() and not last:
             stop.exit()
+        fault_point("kill_step", step + 1)  # tests: die right after this step
     metrics.log(spec.steps, {"eval/accuracy": evaluate.task_accuracy(policy, tokenizer, held_out, max_new)})
     metrics.close()
     samples.close()

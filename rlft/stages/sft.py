@@ -18,7 +18,7 @@ import torch
 
 from rlft import data, evaluate, training
 from rlft.checkpoint import GracefulExit
-from rlft.faults import fault_active
+from rlft.faults import fault_active, fault_point
 from rlft.metrics import MetricsLog, progress
 from rlft.models import load_policy, trainable_named_params
 from rlft.stage_io import StageOutput, finish_model, prepare_sft_data
@@ -70,6 +70,7 @@ def run(ctx: Any) -> Any:
             save(step + 1)
         if stop.should_stop() and not last:
             stop.exit()
+        fault_point("kill_step", step + 1)  # tests: die right after this step
     evaluate_now(total)
     metrics.close()
     return finish_model(ctx, policy, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))

@@ -1,0 +1,64 @@
+"""Small helpers shared by the end-to-end tests: write a recipe, run the CLI, read run outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def sft_recipe(output_dir: Path, **stage: Any) -> dict[str, Any]:
+    """A tiny SFT recipe: LoRA with dropout, shuffling, accumulation, a checkpoint every step."""
+    spec = {
+        "kind": "sft",
+        "data": {"source": "tiny:arith", "num_examples": 48, "eval_size": 8, "max_length": 128},
+        "epochs": 2,
+        "batch_size": 8,
+        "micro_batch_size": 4,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "save_every": 1,
+        "keep_last": 2,
+        "eval_samples": 8,
+        "eval_max_new_tokens": 8,
+    } | stage
+    return {
+        "run_name": "t",
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "model": {"name": "tiny:nano"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targets": "all-linear"},
+        "stages": {"sft": spec},
+    }
+
+
+def metrics(stage_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(stage_dir: Path) -> list[tuple[int, Any]]:
+    return [(r["step"], r["loss"]) for r in metrics(stage_dir) if "loss" in r]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def final_hashes(stage_dir: Path) -> dict[str, str]:
+    """sha256 of the stage's weights: merged model and (for LoRA) the adapter."""
+    files = [stage_dir / "final/model/model.safetensors", stage_dir / "final/adapter/adapter_model.safetensors"]
+    return {f.name: sha(f) for f in files if f.exists()}
+
+
+def newest_checkpoint_tensors(stage_dir: Path) -> dict[str, str]:
+    """sha256 of each tensor file of the newest committed checkpoint (params, optimizer, rng)."""
+    newest = sorted(stage_dir.glob("step-*"))[-1]
+    return {f.name: sha(f) for f in sorted(newest.glob("*.safetensors"))}
