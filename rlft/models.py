@@ -106,6 +106,7 @@ def attach_lora(model: Any, lora: LoraSpec) -> Any:
     """Wrap `model` with a fresh LoRA adapter; only the adapter (and modules_to_save) train."""
     from peft import LoraConfig, get_peft_model
 
+    _quiet_transformers()
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -113,6 +114,9 @@ def attach_lora(model: Any, lora: LoraSpec) -> Any:
         target_modules=lora.targets,
         modules_to_save=lora.modules_to_save or None,
         task_type="CAUSAL_LM",
+        # a trained copy of a tied embedding must stay tied to the output layer, or the merged
+        # model would differ from the one that was trained
+        ensure_weight_tying=bool(lora.modules_to_save),
     )
     try:
         return get_peft_model(model, config)

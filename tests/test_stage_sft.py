@@ -14,15 +14,15 @@ from rlft.cli import main
 
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short but real SFT run on arith (about 20 s on one core)."""
+    """A short but real LoRA SFT run on arith (~1000 steps, about 30 s on one core)."""
     out = tmp_path_factory.mktemp("learn")
     recipe = sft_recipe(
         out,
         data={"source": "tiny:arith", "num_examples": 2000, "eval_size": 32, "max_length": 128},
-        epochs=2, batch_size=16, micro_batch_size=16, lr=1e-2, warmup_steps=10, save_every=100,
-        eval_every=0, eval_samples=32, eval_max_new_tokens=40,
+        epochs=8, batch_size=16, micro_batch_size=16, lr=1e-2, warmup_steps=10, save_every=100,
+        eval_every=0, eval_samples=32, eval_max_new_tokens=64,
     )
-    recipe["lora"] = {"r": 32, "alpha": 64, "dropout": 0.0, "targets": "all-linear"}
+    recipe["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all-linear", "modules_to_save": ["embed_tokens"]}
     assert main(["run", str(write_recipe(out / "r.yaml", recipe))]) == 0
     return out / "t" / "sft"
 
@@ -32,7 +32,7 @@ def test_sft_heldout_loss_falls_and_accuracy_rises(learned_run: Path) -> None:
     first, last = evals[0], evals[-1]
     assert first["step"] == 0 and last["step"] > 0
     assert last["eval/loss"] < 0.5 * first["eval/loss"], (first, last)
-    assert last["eval/accuracy"] > first["eval/accuracy"] + 0.1, (first, last)
+    assert last["eval/accuracy"] >= first["eval/accuracy"] + 0.2, (first, last)
 
 
 def test_outputs_load_with_plain_transformers_and_peft(learned_run: Path) -> None:
@@ -89,7 +89,7 @@ def test_microbatch_accumulation_invariance(tmp_path: Path) -> None:
     for micro in (8, 4, 2):
         out = tmp_path / f"m{micro}"
         recipe = sft_recipe(out, micro_batch_size=micro, epochs=1, save_every=100,
-                            data={"source": "tiny:arith", "num_examples": 90, "eval_size": 8, "max_length": 128})
+                            data={"source": "tiny:arith", "num_examples": 88, "eval_size": 8, "max_length": 128})
         recipe["lora"]["dropout"] = 0.0  # dropout masks would differ with the micro-batch shape
         assert main(["run", str(write_recipe(tmp_path / f"m{micro}.yaml", recipe))]) == 0
         runs[micro] = out / "t" / "sft"
