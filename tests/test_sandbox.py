@@ -37,15 +37,25 @@ def _proc_table() -> dict[int, tuple[int, int]]:
     return table
 
 
+_BASELINE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _baseline_processes() -> None:
+    """Helpers of this test process that predate the test (e.g. other modules' fork server)."""
+    _BASELINE.clear()
+    _BASELINE.update(_leftovers())
+
+
 def _leftovers() -> list[int]:
-    """Descendants of this process plus any process running under a sandbox uid."""
+    """Descendants of this process plus any process running under a sandbox uid, less the baseline."""
     table = _proc_table()
     sandbox_uid = lambda uid: any(first <= uid < first + n for first, n in sandbox._UID_RANGES[:2])  # noqa: E731
     found, frontier = set(), {os.getpid()}
     while frontier:
         frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
         found |= frontier
-    return sorted(found | {pid for pid, (_, uid) in table.items() if sandbox_uid(uid)})
+    return sorted((found | {pid for pid, (_, uid) in table.items() if sandbox_uid(uid)}) - _BASELINE)
 
 
 def _describe(pids: list[int]) -> list[str]:
