@@ -87,8 +87,6 @@ class RunContext:
     def lora(self) -> LoraOrFull:
         """The stage's LoRA setting: its own `lora:` when given, else the recipe's."""
         own = getattr(self.spec, "lora", None)
-        if own is not None:
-            log.info("stage %s overrides lora=%s", self.stage, own if own == "full" else own.model_dump())
         return own if own is not None else self.recipe.lora
 
     def model_spec(self) -> ModelSpec:

@@ -79,14 +79,15 @@ def update(
 
     `spec` is the stage spec (GRPOSpec/PPOSpec). Returns one stats dict per optimizer step.
     """
-    n = exp.mask.shape[0]
-    size = n // spec.mini_batches
+    # dynamic sampling may leave fewer rows than planned: split as evenly as possible
+    minis = [m for m in torch.arange(exp.mask.shape[0], device=exp.mask.device).tensor_split(spec.mini_batches) if len(m)]
     params = list(trainable_named_params(policy).values())
     max_len = spec.loss.max_len or spec.sampling.max_new_tokens
     out = []
     for _ in range(getattr(spec, "num_iterations", 1)):
-        for m in range(spec.mini_batches):
-            mini = exp.rows(torch.arange(m * size, (m + 1) * size, device=exp.mask.device))
+        for rows in minis:
+            mini = exp.rows(rows)
+            size = len(rows)
             normalizer = losses.aggregation_normalizer(mini.mask, spec.loss.aggregate, max_len)
             opt_step += 1
             set_lr(optimizer, lr_for(opt_step))
@@ -127,3 +128,34 @@ def _optimizer_step(
 def logprobs_of(model: Any, exp_tensors: tuple[Tensor, ...], temperature: float, micro_batch_size: int) -> Tensor:
     """(N, T) log-probs without a graph (old_logp before the first update, ref_logp)."""
     return rollout.completion_logprobs(model, exp_tensors, temperature, micro_batch_size=micro_batch_size)
+
+
+def select_groups(out: rollout.Rollouts, keep: Tensor, group_size: int) -> rollout.Rollouts:
+    """The rows of the groups where `keep` (B,) is True, in order."""
+    rows = keep.repeat_interleave(group_size).nonzero().squeeze(1)
+    texts = [out.texts[i] for i in rows.tolist()]
+    return rollout.Rollouts(
+        out.prompt_ids[rows], out.prompt_mask[rows], out.completion_ids[rows], out.completion_mask[rows],
+        out.sample_logp[rows], out.truncated[rows], texts, out.group_index[rows],
+    )
+
+
+def concat_rollouts(parts: list[rollout.Rollouts], pad_id: int) -> rollout.Rollouts:
+    """One Rollouts from several: prompts re-left-padded, completions re-right-padded."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_ids.shape[1] for p in parts)
+    T = max(p.completion_ids.shape[1] for p in parts)
+    left = lambda t, v: torch.nn.functional.pad(t, (P - t.shape[1], 0), value=v)  # noqa: E731
+    right = lambda t, v: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
+    offsets = torch.tensor([0] + [int(p.group_index.max()) + 1 if len(p.texts) else 0 for p in parts[:-1]]).cumsum(0)
+    return rollout.Rollouts(
+        torch.cat([left(p.prompt_ids, pad_id) for p in parts]),
+        torch.cat([left(p.prompt_mask, 0) for p in parts]),
+        torch.cat([right(p.completion_ids, pad_id) for p in parts]),
+        torch.cat([right(p.completion_mask, 0) for p in parts]),
+        torch.cat([right(p.sample_logp, 0.0) for p in parts]),
+        torch.cat([p.truncated for p in parts]),
+        [t for p in parts for t in p.texts],
+        torch.cat([p.group_index + int(o) for p, o in zip(parts, offsets, strict=True)]),
+    )

@@ -65,10 +65,12 @@ class StageOutput:
     @staticmethod
     def from_history(history: list[dict[str, Any]], skipped: int) -> StageOutput:
         evals = [r for r in history if any(k.startswith("eval/") for k in r)]
-        losses = [r["loss"] for r in history if isinstance(r.get("loss"), float)]
         summary: dict[str, Any] = {"steps": max((r["step"] for r in history), default=0), "skipped_steps": skipped}
-        if losses:
-            summary["train/loss_first"], summary["train/loss_last"] = losses[0], losses[-1]
+        for key, name in (("loss", "train/loss"), ("reward/mean", "reward/mean")):
+            values = [r[key] for r in history if isinstance(r.get(key), float)]
+            if values:  # the mean of the first and last 10% of steps: single steps are noisy
+                k = max(1, len(values) // 10)
+                summary[f"{name}_first"], summary[f"{name}_last"] = sum(values[:k]) / k, sum(values[-k:]) / k
         if evals:
             for key in (k for k in evals[-1] if k.startswith("eval/")):
                 first = next((r[key] for r in evals if key in r), None)

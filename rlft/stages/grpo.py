@@ -37,7 +37,7 @@ def run(ctx: Any) -> Any:
     rows = train_rows[0] if len(train_rows) == 1 else data.mix(train_rows, [d.weight for d in spec.data], ctx.seed)
     loader = data.PromptLoader(data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt), spec.prompts_per_step, ctx.seed)
     score = build_rewards(
-        [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_code_exec_unsafe,
+        [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_unsafe_code_exec,
         timeout_s=spec.reward_timeout_s, max_error_rate=spec.max_reward_error_rate,
     )
     optimizer = training.make_optimizer(policy, spec)
@@ -59,13 +59,12 @@ def run(ctx: Any) -> Any:
     sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
     for step in progress(range(start, spec.steps), spec.steps, f"grpo {ctx.stage}", start=start):
         timer = StepTimer()
-        batch = next(loader)
-        exp, stats, texts = collect(policy, reference, tokenizer, batch, score, spec, sampling, ctx.seed, step, timer)
+        exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
         updates = rl.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
         opt_step += len(updates)
         timer.lap("policy")
         stats |= _mean(updates) | timer.times | {"optimizer_steps": opt_step}
-        if spec.eval_every and (step + 1) % spec.eval_every == 0:
+        if spec.eval_every and (step + 1) % spec.eval_every == 0 and step + 1 < spec.steps:
             stats["eval/accuracy"] = evaluate.task_accuracy(policy, tokenizer, held_out, max_new)
         metrics.log(step + 1, stats)
         if step % spec.log_samples_every == 0:
@@ -104,22 +103,53 @@ def make_reference(policy: Any, ctx: Any) -> Any:
 
 
 def collect(
-    policy: Any, reference: Any, tokenizer: Any, batch: list[Any], score: Any, spec: Any,
+    policy: Any, reference: Any, tokenizer: Any, loader: Any, score: Any, spec: Any,
     sampling: rollout.SamplingParams, seed: int, step: int, timer: StepTimer,
-) -> tuple[rl.Experience, dict[str, float], list[str]]:
-    """Sample G completions per prompt, score them, and build the round's Experience."""
-    G = spec.group_size
-    out = rollout.generate(
-        policy, tokenizer, [b.prompt_ids for b in batch], sampling, G, rollout.seed_generator(seed, step),
-        micro_batch_size=None,
-    )
-    timer.lap("generation")
-    columns = {k: [b.columns.get(k) for b in batch for _ in range(G)] for k in batch[0].columns}
-    columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
-    result = score([b.prompt_text for b in batch for _ in range(G)], out.texts, columns)
-    timer.lap("rewards")
-    dev = out.completion_ids.device
-    R = result.total.to(dev)  # (N,)
+) -> tuple[rl.Experience, dict[str, float], list[str], list[Any]]:
+    """Sample G completions per prompt, score them, and build the round's Experience.
+
+    With dynamic sampling (DAPO), groups whose G rewards are all equal are dropped and more
+    prompts are sampled, up to `max_rounds` rounds, until B groups carry a signal.
+    """
+    G, B = spec.group_size, spec.prompts_per_step
+    parts, totals, rows, stats = [], [], [], {}
+    rounds = spec.dynamic_sampling.max_rounds if spec.dynamic_sampling.enabled else 1
+    for r in range(rounds):
+        batch = next(loader)
+        out = rollout.generate(policy, tokenizer, [b.prompt_ids for b in batch], sampling, G,
+                               rollout.seed_generator(seed, step, r))
+        timer.lap("generation")
+        columns = {k: [b.columns.get(k) for b in batch for _ in range(G)] for k in batch[0].columns}
+        columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
+        result = score([b.prompt_text for b in batch for _ in range(G)], out.texts, columns)
+        timer.lap("rewards")
+        if r == 0:
+            stats = round_stats(out, result, G)
+        keep = torch.ones(len(batch), dtype=torch.bool)
+        if spec.dynamic_sampling.enabled:
+            keep = ~advantages.zero_variance_groups(result.total, G).cpu()
+            if not keep.any():
+                if r < rounds - 1 or parts:
+                    continue  # no signal in this round: sample more, or train on what we have
+                keep = torch.ones(len(batch), dtype=torch.bool)  # nothing at all: advantages are 0
+        parts.append(rl.select_groups(out, keep.to(out.truncated.device), G))
+        rows += [b for b, k in zip(batch, keep.tolist(), strict=True) if k]
+        totals.append(result.total[keep.repeat_interleave(G).to(result.total.device)])
+        if sum(len(p.texts) for p in parts) >= B * G:
+            break
+    out = rl.concat_rollouts(parts, tokenizer.pad_token_id)
+    n = min(len(out.texts), B * G)
+    stats |= {"dynamic/rounds": r + 1, "dynamic/groups": n // G}
+    out = rl.select_groups(out, torch.arange(len(out.texts) // G) < n // G, G)
+    R = torch.cat(totals)[:n].to(out.completion_ids.device)  # (N,)
+    return build_experience(policy, reference, out, R, spec, sampling, timer), stats, out.texts, rows[: n // G]
+
+
+def build_experience(
+    policy: Any, reference: Any, out: rollout.Rollouts, R: torch.Tensor, spec: Any,
+    sampling: rollout.SamplingParams, timer: StepTimer,
+) -> rl.Experience:
+    """old_logp (when off-policy), ref_logp (when beta > 0) and advantages for one round."""
     mask = out.completion_mask * (~out.truncated[:, None]) if spec.loss.mask_truncated else out.completion_mask
     tensors = (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
     on_policy = spec.num_iterations == 1 and spec.mini_batches == 1 and spec.old_logp != "recompute"
@@ -131,14 +161,12 @@ def collect(
     timer.lap("reference")
     kl_tok = torch.zeros_like(mask, dtype=torch.float32)
     if ref_logp is not None and spec.loss.kl_in == "reward":
-        behaviour = old_logp if old_logp is not None else rl.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
+        behaviour = old_logp if old_logp is not None else rl.logprobs_of(
+            policy, tensors, sampling.temperature, spec.micro_batch_size)
         kl_tok = torch.where(mask.bool(), behaviour - ref_logp, 0.0)  # k1 per token
     adv = advantages_for(R, kl_tok, mask, spec)
-    exp = rl.Experience(
-        out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp,
-        ref_logp if spec.loss.kl_in == "loss" else None,
-    )
-    return exp, round_stats(out, result, R, G, spec), out.texts
+    ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
+    return rl.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss)
 
 
 def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, spec: Any) -> torch.Tensor:
@@ -152,7 +180,9 @@ def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, sp
     return advantages.grouped(R, spec.group_size, a.scale, a.delta)
 
 
-def round_stats(out: rollout.Rollouts, result: Any, R: torch.Tensor, G: int, spec: Any) -> dict[str, float]:
+def round_stats(out: rollout.Rollouts, result: Any, G: int) -> dict[str, float]:
+    """Reward and completion statistics of a generation round (before any filtering)."""
+    R = result.total
     lengths = out.completion_mask.sum(-1).float()
     stats = {
         "reward/mean": float(R.mean()), "reward/std": float(R.std()) if R.numel() > 1 else 0.0,

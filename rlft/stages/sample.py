@@ -34,7 +34,7 @@ def run(ctx: Any) -> Any:
     rows = [r for rows in train_rows for r in rows]
     prompts = data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt)
     score = build_rewards(
-        [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_code_exec_unsafe,
+        [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_unsafe_code_exec,
         timeout_s=spec.reward_timeout_s, max_error_rate=spec.max_reward_error_rate,
     )
     sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
