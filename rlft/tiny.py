@@ -218,6 +218,7 @@ def _write_model(tmp: Path, cfg: TinyConfig, seed: int, marker: dict[str, Any]) 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     tmp.mkdir(parents=True)
+    transformers.utils.logging.disable_progress_bar()  # a tiny save needs no bar of its own
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     marker["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
