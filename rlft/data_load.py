@@ -69,8 +69,8 @@ def load_rows(spec: Any, base_dir: Path, seed: int) -> tuple[list[dict], list[di
     path = _local_path(spec.source, Path(base_dir))
     if path is None:
         hint = Path(base_dir) / spec.source
-        train = canonicalize(read_hub(spec.source, spec.split, hint), spec, spec.source)
-        heldout = read_hub(spec.source, spec.eval_split, hint) if spec.eval_split else None
+        train = canonicalize(read_hub(spec.source, spec.split, hint, getattr(spec, "subset", None)), spec, spec.source)
+        heldout = read_hub(spec.source, spec.eval_split, hint, getattr(spec, "subset", None)) if spec.eval_split else None
         heldout_name = f"{spec.source}[{spec.eval_split}]"
     else:
         train = canonicalize(read_local(path), spec, str(path))

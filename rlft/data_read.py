@@ -152,7 +152,7 @@ def _read_table(path: Path, kind: str) -> Rows:
     return list(enumerate(rows, 1))
 
 
-def read_hub(source: str, split: str, local_hint: Path | None = None) -> Rows:
+def read_hub(source: str, split: str, local_hint: Path | None = None, subset: str | None = None) -> Rows:
     """Rows of split `split` of the hub data set `source` (from the local cache when offline).
 
     Raises:
@@ -162,7 +162,7 @@ def read_hub(source: str, split: str, local_hint: Path | None = None) -> Rows:
 
     try:
         with _quiet_datasets():
-            table = datasets.load_dataset(source, split=split)
+            table = datasets.load_dataset(source, subset, split=split)
     except Exception as err:  # network, missing split, bad name: all reported alike
         offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in
                       ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

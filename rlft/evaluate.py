@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from rlft import data, losses, rollout, tasks
+from rlft import data, losses, rewards, rollout, tasks
 
 
 def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,19 +36,23 @@ def heldout_loss(model: Any, examples: list[Any], micro_batch_size: int, pad_id:
 
 
 def is_correct(row: dict[str, Any], completion: str) -> bool:
-    """The row's task verifier (built-in tasks) on one completion."""
-    return tasks.get_task(row["task"]).check(completion, str(row["answer"]))
+    """The row's verifier on one completion: the built-in task's checker, else the answer
+    compared with math-verify (exact match first)."""
+    if "task" in row:
+        return tasks.get_task(row["task"]).check(completion, str(row["answer"]))
+    return rewards.answer_is_correct(completion, row["answer"])
 
 
 @torch.no_grad()
 def task_accuracy(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 32
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 32,
+    system_prompt: str | None = None,
 ) -> float | None:
-    """Greedy accuracy on held-out rows that carry a verifiable task; None when none do."""
-    rows = [r for r in rows if "task" in r and "answer" in r]
+    """Greedy accuracy on held-out rows that carry an answer; None when none do."""
+    rows = [r for r in rows if "answer" in r]
     if not rows:
         return None
-    prompts = data.prompt_examples(rows, tokenizer)
+    prompts = data.prompt_examples(rows, tokenizer, system_prompt)
     sampling = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     correct = 0
     for i in range(0, len(prompts), batch_size):

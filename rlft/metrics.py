@@ -42,7 +42,9 @@ class MetricsLog:
         stage_dir.mkdir(parents=True, exist_ok=True)
         self.path = stage_dir / name
         self.history: list[dict[str, Any]] = []
-        if self.path.exists():
+        if self.path.exists() and resume_step > 0:
+            # rows up to the checkpoint's step were written before it was committed; a fresh
+            # start (no checkpoint) keeps nothing, not even a step-0 eval of a killed attempt
             self.history = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
         _rewrite_jsonl(self.path, self.history)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115

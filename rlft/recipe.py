@@ -100,6 +100,7 @@ class DataSpec(Strict):
     format: Literal["auto", "messages", "prompt_completion", "text"] = Field(
         "auto", description="Row format; auto detects it from the columns."
     )
+    subset: str | None = Field(None, description="Hub data set configuration (e.g. main for openai/gsm8k).")
     split: str = Field("train", description="Split of the source to train on.")
     eval_split: str | None = Field(None, description="Split to hold out for evaluation.")
     eval_size: float | int = Field(

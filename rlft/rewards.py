@@ -86,10 +86,18 @@ def _canonical(text: str) -> str:
     return text
 
 
+def gold_answer(gold: Any) -> str:
+    """The final answer in a gold column: the text after the last `####` (GSM8K's convention)
+    when there is one, else the whole value."""
+    text = str(gold)
+    return text.rsplit("####", 1)[1].strip() if "####" in text else text
+
+
 def answers_match(pred: str, gold: Any) -> bool:
     """Exact match after normalising whitespace, `$`, a trailing period and `\\boxed{}`;
-    integers and decimals compare by value (`2.50` == `2.5`, `1,000` == `1000`)."""
-    a, b = _canonical(pred), _canonical(str(gold))
+    integers and decimals compare by value (`2.50` == `2.5`, `1,000` == `1000`). A gold
+    value with a GSM8K-style `#### answer` tail is compared by that tail."""
+    a, b = _canonical(pred), _canonical(gold_answer(gold))
     if a == b:
         return True
     if _PLAIN_NUMBER.fullmatch(a) and _PLAIN_NUMBER.fullmatch(b):
@@ -127,11 +135,16 @@ def _column(columns: dict[str, Any], name: str, reward: str, n: int) -> list[Any
     return values
 
 
+def answer_is_correct(completion: str, gold: Any) -> bool:
+    """Whether the completion's final answer equals `gold` (exactly, or by math-verify)."""
+    return _correct(completion, gold, "math")
+
+
 def _correct(completion: str, gold: Any, check: Literal["math", "exact"]) -> bool:
     pred = extract_answer(completion)
     if pred is None or gold is None:
         return False
-    return answers_match(pred, gold) or (check == "math" and _math_equal(pred, str(gold)))
+    return answers_match(pred, gold) or (check == "math" and _math_equal(pred, gold_answer(gold)))
 
 
 def _lengths(completions: list[str], columns: dict[str, Any], unit: str, reward: str) -> list[int]:

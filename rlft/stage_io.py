@@ -84,12 +84,19 @@ def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> A
     from rlft.pipeline import Artifact
 
     final = ctx.stage_dir / "final"
-    staging = ctx.stage_dir / f".final-{uuid.uuid4().hex}"
+    staging = new_staging(ctx.stage_dir)
     save_model(model, tokenizer, staging)
     (staging / "metrics.json").write_text(json.dumps(output.summary, indent=1, sort_keys=True))
     commit_dir(staging, final)
     summary_table(f"stage {ctx.stage} ({ctx.spec.kind})", [(k, fmt(v)) for k, v in output.summary.items()])
     return Artifact(ctx.stage, ctx.spec.kind, model=str(final / "model"), metrics=output.summary)
+
+
+def new_staging(stage_dir: Path) -> Path:
+    """A fresh `.final-<uuid>` directory; those of a killed earlier attempt are removed first."""
+    for old in stage_dir.glob(".final-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return stage_dir / f".final-{uuid.uuid4().hex}"
 
 
 def commit_dir(staging: Path, final: Path) -> None:

@@ -434,3 +434,13 @@ def test_math_answer_runs_in_a_worker(recipe_dir: Path) -> None:
         out = rs(["p"] * 3, ["<answer>\\frac{1}{2}</answer>", "<answer>?</answer>", "\\boxed{4}"],
                  {"answer": ["0.5", "1", "4"]})
     assert out.total.tolist() == [1.0, 0.0, 1.0] and out.error_rate == 0.0
+
+
+def test_gsm8k_style_gold_is_compared_by_its_final_answer() -> None:
+    from rlft.rewards import answers_match, gold_answer
+
+    gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+    assert gold_answer(gold) == "72"
+    assert answers_match("72", gold) and not answers_match("24", gold)
+    fn = REWARDS["math_answer"]()
+    assert fn(["q", "q"], ["<answer>72</answer>", "<answer>24</answer>"], answer=[gold, gold]) == [1.0, 0.0]

@@ -168,3 +168,37 @@ def test_kill9_grpo_resume_bitwise(tmp_path: Path) -> None:
     record_result("test_kill9_grpo_resume_bitwise", passed, n, mid_window_kills=mid_window)
     assert mid_window >= n // 2, f"only {mid_window}/{n} kills landed inside a generation window"
     assert passed == n
+
+
+def test_one_update_moves_logp_along_the_advantage(tmp_path: Path) -> None:
+    """After one GRPO update, completions with A > 0 became more likely and A < 0 less likely."""
+    from rlft import rl, rollout
+    from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
+    from rlft.recipe import GRPOSpec, LoraSpec, ModelSpec
+    from rlft.stages.grpo import build_experience
+    from rlft.training import NanGuard, make_optimizer
+
+    mspec = ModelSpec(name="tiny:nano")
+    source = prepare_base(mspec, tmp_path)
+    tok = load_tokenizer(source, mspec)
+    torch.manual_seed(0)
+    policy = attach_lora(load_model(source, mspec, torch.device("cpu")), LoraSpec(r=4)).eval()
+    spec = GRPOSpec.model_validate({"kind": "grpo", "data": "tiny:arith", "rewards": ["math_answer"], "group_size": 4,
+                                    "prompts_per_step": 2, "micro_batch_size": 3, "lr": 1e-3})
+    sampling = rollout.SamplingParams(max_new_tokens=12)
+    prompts = [tok("What is 1+1?").input_ids, tok("Reverse: abc").input_ids]
+    out = rollout.generate(policy, tok, prompts, sampling, 4, rollout.seed_generator(3))
+    R = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    exp = build_experience(policy, None, out, R, spec, sampling, _NoTimer())
+    with torch.no_grad():
+        before = rollout.completion_logprobs(policy, out, 1.0).sum(-1)
+    rl.update(policy, make_optimizer(policy, spec), exp, spec, NanGuard("skip", 3), 0, 1.0, lambda s: 1e-3)
+    with torch.no_grad():
+        delta = rollout.completion_logprobs(policy, out, 1.0).sum(-1) - before
+    assert (delta[exp.advantages > 0] > 0).all(), (delta, exp.advantages)
+    assert (delta[exp.advantages < 0] < 0).all(), (delta, exp.advantages)
+
+
+class _NoTimer:
+    def lap(self, name: str) -> None:
+        pass

@@ -4,14 +4,13 @@ unbiased pass@k from k samples per prompt, each with a 95% confidence interval."
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from rlft import data, rollout, scoring
 from rlft.metrics import console, fmt
 from rlft.models import device, load_model, load_tokenizer
 from rlft.rewards import build_rewards
-from rlft.stage_io import commit_dir, load_data
+from rlft.stage_io import commit_dir, load_data, new_staging
 
 
 def run(ctx: Any) -> Any:
@@ -31,7 +30,7 @@ def run(ctx: Any) -> Any:
         results[name] = evaluate_model(model, tokenizer, rows, score, spec, ctx.seed)
         console.print(f"eval {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in results[name].items()))
     score.close()
-    staging = ctx.stage_dir / f".final-{uuid.uuid4().hex}"
+    staging = new_staging(ctx.stage_dir)
     staging.mkdir(parents=True)
     (staging / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     commit_dir(staging, ctx.stage_dir / "final")

@@ -52,10 +52,10 @@ def run(ctx: Any) -> Any:
         opt_step = state["opt_step"]
     metrics, samples = MetricsLog(ctx.stage_dir, start), MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
     max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
-    held_out = eval_rows[: spec.eval_samples]
+    held_out, system = eval_rows[: spec.eval_samples], spec.data[0].system_prompt
     stop = GracefulExit()
     if start == 0:
-        metrics.log(0, {"eval/accuracy": evaluate.task_accuracy(policy, tokenizer, held_out, max_new)})
+        metrics.log(0, {"eval/accuracy": evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)})
     sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
     for step in progress(range(start, spec.steps), spec.steps, f"grpo {ctx.stage}", start=start):
         timer = StepTimer()
@@ -64,8 +64,8 @@ def run(ctx: Any) -> Any:
         opt_step += len(updates)
         timer.lap("policy")
         stats |= _mean(updates) | timer.times | {"optimizer_steps": opt_step}
-        if spec.eval_every and (step + 1) % spec.eval_every == 0 and step + 1 < spec.steps:
-            stats["eval/accuracy"] = evaluate.task_accuracy(policy, tokenizer, held_out, max_new)
+        if step + 1 == spec.steps or spec.eval_every and (step + 1) % spec.eval_every == 0:
+            stats["eval/accuracy"] = evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)
         metrics.log(step + 1, stats)
         if step % spec.log_samples_every == 0:
             for b, text in zip(batch[:2], texts[:: spec.group_size][:2], strict=False):
@@ -77,7 +77,6 @@ def run(ctx: Any) -> Any:
         if stop.should_stop() and not last:
             stop.exit()
         fault_point("kill_step", step + 1)  # tests: die right after this step
-    metrics.log(spec.steps, {"eval/accuracy": evaluate.task_accuracy(policy, tokenizer, held_out, max_new)})
     metrics.close()
     samples.close()
     score.close()

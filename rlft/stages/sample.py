@@ -19,7 +19,7 @@ from rlft import data, rejection, rollout
 from rlft.metrics import fmt, progress, summary_table
 from rlft.models import load_model, load_tokenizer
 from rlft.rewards import build_rewards
-from rlft.stage_io import commit_dir, load_data
+from rlft.stage_io import commit_dir, load_data, new_staging
 
 
 def run(ctx: Any) -> Any:
@@ -100,7 +100,7 @@ def _finish(ctx: Any, shard_dir: Path, n_shards: int, artifact_cls: Any) -> Any:
         "pass_rate_mean": sum(rates) / max(1, len(rates)),
         "pass_rate_hist": {f"{b / 10:.1f}": sum(int(r * 10) == b for r in rates) for b in range(11)},
     }
-    staging = ctx.stage_dir / f".final-{uuid.uuid4().hex}"
+    staging = new_staging(ctx.stage_dir)
     staging.mkdir(parents=True)
     (staging / "data.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))

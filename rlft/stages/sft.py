@@ -64,14 +64,13 @@ def run(ctx: Any) -> Any:
         stats = train_step(policy, optimizer, next(loader), guard, spec.max_grad_norm, step + 1)
         metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]})
         last = step + 1 == total
-        if spec.eval_every and (step + 1) % spec.eval_every == 0 and not last:
-            evaluate_now(step + 1)
+        if last or spec.eval_every and (step + 1) % spec.eval_every == 0:
+            evaluate_now(step + 1)  # before the save: a resumed run never logs it twice
         if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
             save(step + 1)
         if stop.should_stop() and not last:
             stop.exit()
         fault_point("kill_step", step + 1)  # tests: die right after this step
-    evaluate_now(total)
     metrics.close()
     return finish_model(ctx, policy, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))
 
