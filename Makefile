@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.rlft-installed
 # CI=true runs everything, slow end-to-end runs included; locally the slow marks are skipped.
 ifeq ($(CI),true)
 PYTEST_MARKS ?=
+# the randomized reliability tests run N=20 trials in CI (5 locally)
+export RLFT_RELIABILITY_N ?= 20
 else
 PYTEST_MARKS ?= -m "not slow"
 endif

@@ -153,3 +153,25 @@ def test_resume_refuses_changed_inputs(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(forced) == 0
     manifest = (sorted((tmp_path / "chg" / "t" / "sft").glob("step-*"))[-1] / "manifest.json").read_text()
     assert "stages.sft.lr: 0.01 -> 0.5" in manifest  # the override is recorded
+
+
+def test_second_run_on_the_same_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Test 11 through the CLI: while one run holds the run directory, a second `rlft run` exits
+    2 within 2 s naming the holder's PID and writes nothing; after it ends, the lock is free."""
+    recipe = write_recipe(tmp_path / "r.yaml", sft_recipe(tmp_path / "out", max_steps=40, save_every=100))
+    child = get_server().start(main, (["run", str(recipe)],))
+    lock = tmp_path / "out" / "t" / "rlft.lock"
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and str(child.pid) in lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    code = main(["run", str(recipe), "--set", "stages.sft.lr=0.5"])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert code == 2 and elapsed < 2.0, (code, elapsed, err)
+    assert f"PID {child.pid}" in err
+    assert "0.5" not in (tmp_path / "out" / "t" / "recipe.yaml").read_text()  # the loser wrote nothing
+    child.kill()
+    child.wait()
+    # the holder died: its lock is stale and the next run takes it over
+    assert main(["run", str(recipe), "--set", "stages.sft.max_steps=2"]) == 0
