@@ -14,9 +14,7 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 import yaml
 
 from rlft.errors import UserInputError
+from rlft.fsio import atomic_write_text
 from rlft.recipe import LoraOrFull, ModelSpec
 from rlft.recipe_load import LoadedRecipe
 
@@ -165,7 +164,7 @@ def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str) -> Artifac
         "outputs": outputs,
         "artifact": {"model": artifact.model, "data": artifact.data, "metrics": artifact.metrics},
     }
-    _atomic_write(ctx.stage_dir / "stage.done.json", json.dumps(marker, indent=1, sort_keys=True))
+    atomic_write_text(ctx.stage_dir / "stage.done.json", json.dumps(marker, indent=1, sort_keys=True))
     return artifact
 
 
@@ -184,20 +183,6 @@ def read_done(ctx: RunContext, inputs_hash: str) -> Artifact | None:
         return None
     a = marker["artifact"]
     return Artifact(ctx.stage, marker["kind"], a["model"], a["data"], fingerprint(outputs), a["metrics"])
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def stage_inputs_hash(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Artifact]) -> str:
@@ -263,7 +248,7 @@ def run_pipeline(
     run_dir = run_dir_of(loaded)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        _atomic_write(run_dir / "recipe.yaml", yaml.safe_dump(loaded.raw, sort_keys=False))
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(loaded.raw, sort_keys=False))
         artifacts = {"base": base_artifact(loaded, run_dir)}
         for stage in loaded.recipe.stages:
             ctx = RunContext(loaded, run_dir, stage, artifacts, resume=resume, force=force)

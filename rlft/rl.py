@@ -17,7 +17,7 @@ from torch import Tensor
 from rlft import losses, rollout
 from rlft.faults import fault_active
 from rlft.models import trainable_named_params
-from rlft.training import NanGuard, set_lr
+from rlft.training import NanGuard, apply_step, set_lr
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,11 @@ def _optimizer_step(
 ) -> dict[str, float]:
     tokens = float(sums.pop("tokens").clamp(min=1))
     stats = {f"{k}": float(v) / tokens for k, v in sums.items()}
-    if not guard.check(total, params, opt_step):
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss/policy": float("nan"), "skipped": guard.skipped}
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
-    return {"loss/policy": float(total), "grad_norm": float(grad_norm), "lr": lr, "skipped": guard.skipped, **stats}
+    grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, opt_step)
+    if grad_norm is None:
+        return {"loss/policy": float("nan"), "skipped": guard.skipped}
+    return {"loss/policy": float(total), "grad_norm": grad_norm, "lr": lr, "skipped": guard.skipped, **stats}
 
 
 @torch.no_grad()

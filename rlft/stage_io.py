@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlft import data
+from rlft.fsio import fsync_dir
 from rlft.metrics import fmt, summary_table
 
 
@@ -111,8 +112,4 @@ def commit_dir(staging: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.rename(staging, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)

@@ -98,6 +98,21 @@ class NanGuard:
         self.skipped, self.streak = state["skipped"], state["streak"]
 
 
+def apply_step(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, guard: NanGuard,
+    max_grad_norm: float | None, step: int,
+) -> float | None:
+    """Clip and take the optimizer step on the accumulated gradients; None when the NaN guard
+    skipped it (gradients dropped). Returns the pre-clip gradient norm."""
+    if not guard.check(loss, params, step):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
 def save_state(
     stage_dir: Path,
     step: int,

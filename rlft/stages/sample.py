@@ -10,12 +10,11 @@ at most the shard being written and a rerun continues with the next one.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from rlft import data, rejection, rollout
+from rlft.fsio import atomic_write_text
 from rlft.metrics import fmt, progress, summary_table
 from rlft.models import load_model, load_tokenizer
 from rlft.rewards import build_rewards
@@ -49,7 +48,7 @@ def run(ctx: Any) -> Any:
             continue  # committed by an earlier run
         lo = shard * spec.shard_size
         out = sample_shard(model, tokenizer, prompts[lo : lo + spec.shard_size], lo, score, sampling, rules, spec, ctx.seed)
-        _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in out))
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in out))
     score.close()
     return _finish(ctx, shard_dir, n_shards, Artifact)
 
@@ -119,7 +118,7 @@ def _pin_inputs(shard_dir: Path, meta: dict[str, Any], force: bool) -> None:
         saved = json.loads(path.read_text())
         check_inputs(saved.get("inputs", {}), meta["inputs"], sorted(meta["inputs"]), force)
     if not path.exists() or force:
-        _write_atomic(path, json.dumps(meta, sort_keys=True))
+        atomic_write_text(path, json.dumps(meta, sort_keys=True))
 
 
 def _as_messages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,15 +133,6 @@ def _as_messages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             out.append(r)
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _device() -> Any:

@@ -91,10 +91,7 @@ def train_step(
             loss = loss * float("nan")
         loss.backward()
         total += loss.detach()
-    if not guard.check(total, params, step):
-        optimizer.zero_grad(set_to_none=True)
+    grad_norm = training.apply_step(optimizer, params, total, guard, max_grad_norm, step)
+    if grad_norm is None:
         return {"loss": float("nan"), "skipped": guard.skipped}
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(total), "grad_norm": float(grad_norm), "tokens": int(n_tokens), "skipped": guard.skipped}
+    return {"loss": float(total), "grad_norm": grad_norm, "tokens": int(n_tokens), "skipped": guard.skipped}

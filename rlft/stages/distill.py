@@ -1,0 +1,208 @@
+"""Distil a teacher stage's model into a (smaller) student (ALGORITHMS.md section 7).
+
+Modes (`mode:`):
+1. sequence, what DeepSeek-R1 did: the teacher writes one completion per training prompt
+   (`sampling:`; prompt i draws from its own generator seeded by (stage seed, i)), stored once in
+   `<stage>/teacher_data.jsonl` and reused on resume; the student learns them with SFT's
+   `train_step`. Rows that already carry a reply are asked again: the data's replies are not
+   the teacher's, and a data set of teacher text is just `kind: sft`.
+2. logits: per-token divergence of the student from the teacher (`loss:` forward_kl,
+   reverse_kl or jsd with `beta`, at `temperature` T and times T^2) on the data's own
+   completions; the teacher runs under no_grad.
+3. on_policy, GKD with lambda = 1: each step the student completes the step's prompts (seeded
+   by (stage seed, step)) and the divergence is taken on the student's own tokens. Unlike GKD
+   the samples are not mixed with fixed data (lambda < 1 is mode logits).
+Logit modes need a shared tokenizer, checked before the teacher model loads. Everything else
+is SFT's: AdamW, LR schedule, token-mean over the whole optimizer step (exact under
+micro-batching), NaN guard, bitwise checkpoint/resume; `from:` is ignored (the student starts
+from `student:`). Held-out rows give eval/loss (those with a reply) and eval/accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from rlft import data, distill, evaluate, rollout, training
+from rlft.checkpoint import GracefulExit
+from rlft.errors import DataError, UserInputError
+from rlft.faults import fault_point
+from rlft.metrics import MetricsLog, progress
+from rlft.models import device, load_policy, load_tokenizer, prepare_base
+from rlft.stage_io import StageOutput, finish_model, load_data
+from rlft.stages.sft import train_step
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx: Any) -> Any:
+    """Train the student of `ctx.spec` (a DistillSpec) and return the stage's Artifact."""
+    spec = ctx.spec
+    source = prepare_base(spec.student, ctx.run_dir / "models")
+    student, tokenizer = load_policy(source, spec.student, ctx.lora(), ctx.seed)
+    teacher = None if spec.mode == "sequence" else logit_teacher(ctx, student, tokenizer)
+    loader, eval_ex, eval_rows, prints, info = PREPARE[spec.mode](ctx, tokenizer)
+    total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
+    optimizer = training.make_optimizer(student, spec)
+    guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
+    take_step = step_function(spec, (student, teacher, tokenizer), optimizer, guard, ctx.seed)
+    meta = ctx.input_meta(prints)
+    meta["inputs"]["teacher"] = ctx.artifacts[spec.teacher].fingerprint
+    start, overrides = 0, []
+    restored = training.restore_state(ctx.stage_dir, student, optimizer, meta, ctx.force) if ctx.resume else None
+    if restored is not None:
+        start, state, _, overrides = restored
+        loader.load_state_dict(state["loader"])
+        guard.load_state_dict(state["guard"])
+    metrics = MetricsLog(ctx.stage_dir, resume_step=start)
+    meta["forced_overrides"] = overrides
+    stop = GracefulExit()
+
+    def evaluate_now(at: int, values: dict[str, Any]) -> None:
+        if eval_ex:
+            mbs = spec.micro_batch_size or spec.batch_size
+            values["eval/loss"] = evaluate.heldout_loss(student, eval_ex, mbs, tokenizer.pad_token_id)
+        acc = evaluate.task_accuracy(student, tokenizer, eval_rows, spec.eval_max_new_tokens,
+                                     system_prompt=spec.data[0].system_prompt)
+        if acc is not None:
+            values["eval/accuracy"] = acc
+        metrics.log(at, values)
+
+    if start == 0:
+        evaluate_now(0, dict(info))
+    student.train()
+    for step in progress(range(start, total), total, f"distill {ctx.stage} ({spec.mode})", start=start):
+        training.set_lr(optimizer, training.lr_at(step, total, spec))
+        stats = take_step(next(loader), step)
+        metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]})
+        last = step + 1 == total
+        if last or spec.eval_every and (step + 1) % spec.eval_every == 0:
+            evaluate_now(step + 1, {})  # before the save: a resumed run never logs it twice
+        if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
+            state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
+            training.save_state(ctx.stage_dir, step + 1, student, optimizer, state, meta, spec.keep_last)
+        if stop.should_stop() and not last:
+            stop.exit()
+        fault_point("kill_step", step + 1)  # tests: die right after this step
+    metrics.close()
+    return finish_model(ctx, student, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))
+
+
+def logit_teacher(ctx: Any, student: Any, tokenizer: Any) -> Any:
+    """The frozen teacher for a logit-level mode, after checking it shares the student's tokenizer."""
+    spec, source = ctx.spec, ctx.artifacts[ctx.spec.teacher].model
+    distill.check_same_tokenizer(tokenizer, load_tokenizer(source, ctx.model_spec()), ctx.stage, spec.mode)
+    teacher = distill.load_teacher(source, ctx.model_spec(), device())
+    distill.shared_vocab(student, teacher, len(tokenizer), ctx.stage)
+    return teacher
+
+
+def step_function(
+    spec: Any, models: tuple[Any, Any, Any], optimizer: Any, guard: training.NanGuard, seed: int
+) -> Callable[[Any, int], dict[str, float]]:
+    """(the loader's next item, 0-based step) -> the step's stats, for the stage's mode."""
+    student, teacher, tokenizer = models
+    if spec.mode == "sequence":
+        return lambda batches, step: train_step(student, optimizer, batches, guard, spec.max_grad_norm, step + 1)
+    if spec.mode == "logits":
+        return lambda batches, step: distill.distill_step(student, teacher, optimizer, batches, guard, spec, step + 1)
+    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    mbs = spec.micro_batch_size or spec.batch_size
+
+    def on_policy(prompts: list[data.PromptExample], step: int) -> dict[str, float]:
+        gen = rollout.seed_generator(seed, step)
+        batches, stats = distill.student_batch(student, tokenizer, prompts, sampling, gen, mbs)
+        return distill.distill_step(student, teacher, optimizer, batches, guard, spec, step + 1) | stats
+
+    return on_policy
+
+
+# --------------------------------------------------------------------------- data per mode
+# Each returns (loader, held-out examples, held-out rows, data fingerprints, step-0 metrics).
+
+
+def sequence_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict[str, str], dict[str, float]]:
+    """SFT batches of the teacher's completions, generated once (or read back on resume)."""
+    spec = ctx.spec
+    rows, eval_rows, prints = _rows(ctx)
+    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    key = distill.data_key({
+        "teacher": ctx.artifacts[spec.teacher].fingerprint, "data": prints, "sampling": spec.sampling.model_dump(),
+        "specs": [d.model_dump() for d in spec.data], "seed": ctx.seed, "batch_size": spec.batch_size,
+    })
+    found = distill.read_teacher_data(ctx.stage_dir, key)
+    if found is None:
+        source = ctx.artifacts[spec.teacher].model
+        teacher = distill.load_teacher(source, ctx.model_spec(), device())
+        out, stats = distill.teacher_completions(teacher, load_tokenizer(source, ctx.model_spec()), rows, sampling,
+                                                 ctx.seed, spec.batch_size, spec.data[0].system_prompt)
+        del teacher
+        distill.write_teacher_data(ctx.stage_dir, key, out, stats)
+        found = distill.read_teacher_data(ctx.stage_dir, key)
+        assert found is not None
+    teacher_rows, info = found
+    loader = _sft_loader(ctx, teacher_rows, tokenizer, str(ctx.stage_dir / distill.TEACHER_DATA))
+    return loader, heldout_examples(ctx, eval_rows, tokenizer), eval_rows, prints, info
+
+
+def logits_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict[str, str], dict[str, float]]:
+    """SFT batches of the data's own sequences, for the teacher and student to score."""
+    rows, eval_rows, prints = _rows(ctx)
+    bare = next((r for r in rows if not _has_reply(r)), None)
+    if bare is not None:
+        raise UserInputError(
+            f"stages.{ctx.stage}.mode: logits scores the data's own completions, but {bare.get('_source')} row "
+            f"{bare.get('_row')} has none; give prompt + completion or messages rows, or use `mode: on_policy` "
+            "(the student writes the completions) or `mode: sequence` (the teacher does)"
+        )
+    loader = _sft_loader(ctx, rows, tokenizer, ctx.spec.data[0].source)
+    return loader, heldout_examples(ctx, eval_rows, tokenizer), eval_rows, prints, {}
+
+
+def on_policy_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict[str, str], dict[str, float]]:
+    """Batches of `batch_size` prompts; the student completes them at each step."""
+    spec = ctx.spec
+    rows, eval_rows, prints = _rows(ctx)
+    prompts = data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt)
+    loader = data.PromptLoader(prompts, spec.batch_size, ctx.seed)
+    return loader, heldout_examples(ctx, eval_rows, tokenizer), eval_rows, prints, {}
+
+
+PREPARE = {"sequence": sequence_data, "logits": logits_data, "on_policy": on_policy_data}
+
+
+def _rows(ctx: Any) -> tuple[list[dict], list[dict], dict[str, str]]:
+    """Training rows (several data sets mixed by weight), the first eval_samples held-out rows, fingerprints."""
+    spec = ctx.spec
+    train, held_out, prints = load_data(ctx, spec.data)
+    rows = train[0] if len(train) == 1 else data.mix(train, [d.weight for d in spec.data], ctx.seed)
+    return rows, held_out[: spec.eval_samples], prints
+
+
+def _sft_loader(ctx: Any, rows: list[dict], tokenizer: Any, name: str) -> data.SFTLoader:
+    spec, d = ctx.spec, ctx.spec.data[0]
+    examples = data.tokenize_sft(rows, tokenizer, d.max_length, d.long_rows, name, d.system_prompt)
+    if d.packing:
+        examples = data.pack(examples, d.max_length)
+    mbs = spec.micro_batch_size or spec.batch_size
+    return data.SFTLoader(examples, spec.batch_size, mbs, seed=ctx.seed, pad_id=tokenizer.pad_token_id)
+
+
+def _has_reply(row: dict) -> bool:
+    fmt = data.row_format(row)
+    return fmt != "prompt" and (fmt != "messages" or any(m["role"] == "assistant" for m in row["messages"]))
+
+
+def heldout_examples(ctx: Any, rows: list[dict], tokenizer: Any) -> list[data.SFTExample]:
+    """Tokenised held-out rows that carry a reply (for eval/loss); rows over max_length are left out."""
+    d = ctx.spec.data[0]
+    rows = [r for r in rows if _has_reply(r)]
+    if not rows:
+        return []
+    try:
+        return data.tokenize_sft(rows, tokenizer, d.max_length, "drop", d.source, d.system_prompt)
+    except DataError as err:  # every held-out row too long: no eval/loss, training is unaffected
+        log.warning("stage %s: no held-out loss: %s", ctx.stage, err)
+        return []
