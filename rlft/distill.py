@@ -280,7 +280,7 @@ def read_teacher_data(stage_dir: Path, key: str) -> tuple[list[dict], dict[str, 
     if meta.get("key") != key or meta.get("sha256") != hashlib.sha256(raw).hexdigest():
         log.warning("%s was made for other inputs or is damaged; asking the teacher again", path)
         return None
-    lines = raw.decode().splitlines()
+    lines = raw.decode().split("\n")[:-1]  # not splitlines(): U+2028, U+0085 ... may sit inside a string
     rows = [json.loads(line) | {"_source": str(path), "_row": i + 1} for i, line in enumerate(lines)]
     return rows, meta["stats"]
 

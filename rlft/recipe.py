@@ -290,22 +290,62 @@ class GRPOSpec(RolloutStageSpec):
 
 
 class PPOSpec(RolloutStageSpec):
-    """PPO with a critic (ALGORITHMS.md sections 1-3)."""
+    """PPO with a critic: value head, GAE, KL in the reward (ALGORITHMS.md sections 1-3)."""
 
     kind: Literal["ppo"]
-    group_size: int = Field(1, ge=1, description="Completions per prompt.")
+    group_size: int = Field(1, ge=1, description="Completions per prompt (a critic needs no groups).")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per pass.")
-    critic: Literal["shared", "separate"] = Field("shared", description="Value head on the policy trunk or its own model.")
+    critic: Literal["shared", "separate"] = Field(
+        "shared", description="Value head on the policy's trunk (one forward), or its own model copy with its own LoRA."
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     value_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     value_clip: float = Field(0.2, gt=0, description="Clip range eps_v of the value loss.")
-    kl_target: float | None = Field(None, gt=0, description="Adaptive KL controller target; null = fixed beta.")
-    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon.")
-    early_stop_kl: float | None = Field(None, gt=0, description="Stop the epochs when approx KL exceeds this.")
-    loss: LossSpec = Field(default_factory=lambda: LossSpec(kl_in="reward", beta=0.05), description="Policy loss.")
-    reward_model: str | None = Field(None, description="Initialise the critic from this reward model.")
+    kl_target: float | None = Field(
+        None, gt=0, description="Adaptive KL controller target (per-sequence KL); null = fixed beta."
+    )
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL controller horizon, in completions.")
+    early_stop_kl: float | None = Field(
+        None, gt=0, description="Stop a round's epochs when an epoch's approx KL to the rollout policy exceeds this."
+    )
+    loss: LossSpec = Field(
+        default_factory=lambda: LossSpec(kl_in="reward", beta=0.05),
+        description="Policy loss; keys not given take PPO's defaults (kl_in: reward, beta: 0.05).",
+    )
+    reward_model: str | None = Field(
+        None, description="Initialise the critic from this reward model (AutoModelForSequenceClassification "
+        "directory relative to the recipe, or hub name): its score head, and its trunk for critic: separate."
+    )
+
+    _ppo_loss_defaults = field_validator("loss", mode="before")(
+        lambda v: {"kl_in": "reward", "beta": 0.05, **v} if isinstance(v, dict) else v
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOSpec:
+        n = self.prompts_per_step * self.group_size
+        if n % self.mini_batches:
+            raise ValueError(
+                f"mini_batches = {self.mini_batches} must split prompts_per_step*group_size = {n} completions evenly"
+            )
+        if self.kl_target is not None and self.loss.beta == 0:
+            raise ValueError(
+                "kl_target adapts beta multiplicatively, so it cannot start from loss.beta: 0; "
+                "set loss.beta > 0 (e.g. 0.05) or drop kl_target"
+            )
+        if self.loss.ratio == "sequence":
+            raise ValueError(
+                "loss.ratio: sequence (GSPO) needs one advantage per completion, and PPO's GAE advantages "
+                "are per token; use ratio: token"
+            )
+        if self.loss.kl_in == "reward" and "kl_estimator" in self.loss.model_fields_set and self.loss.kl_estimator != "k1":
+            raise ValueError(
+                "loss.kl_estimator: the KL in the reward is k1 = logp - ref_logp (Ziegler et al. 2019); "
+                "the other estimators apply with kl_in: loss"
+            )
+        return self
 
 
 class SampleSpec(StageBase):

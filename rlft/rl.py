@@ -7,6 +7,7 @@ aggregation normaliser is computed once per optimizer step over the whole mini-b
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,10 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlft import losses, rollout
-from rlft.faults import fault_active
-from rlft.models import trainable_named_params
-from rlft.training import NanGuard, apply_step, set_lr
+from rlft import advantages, data, losses, rollout
+from rlft.faults import fault_active, fault_point
+from rlft.models import load_model, reference_mode, trainable_named_params
+from rlft.rewards import build_rewards
+from rlft.stage_io import load_data
+from rlft.training import NanGuard, apply_step, lr_at, set_lr
 
 
 @dataclass(frozen=True)
@@ -77,35 +80,87 @@ def update(
 ) -> list[dict[str, float]]:
     """Optimizer steps over one generation round: `mini_batches` per pass, `num_iterations` passes.
 
-    `spec` is the stage spec (GRPOSpec/PPOSpec). Returns one stats dict per optimizer step.
+    `spec` is the stage spec (GRPOSpec). Returns one stats dict per optimizer step.
+    """
+
+    def loss_fn(micro: Experience, normalizer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logp, ent = rollout.completion_logprobs(policy, micro.tensors(), temperature, with_entropy=True)
+        loss, stats = policy_loss(logp, micro, spec.loss, normalizer)
+        stats["entropy"] = torch.where(micro.mask.bool(), ent, 0.0).sum()
+        return loss, stats
+
+    params = list(trainable_named_params(policy).values())
+    opt = Optimization(optimizer, params, guard, lr_for, spec.max_grad_norm)
+    return optimize(exp, loss_fn, opt, spec, opt_step, getattr(spec, "num_iterations", 1))
+
+
+LossFn = Callable[[Any, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """What an optimizer step needs besides the batch: the optimizer, every parameter it updates
+    (NaN-checked and norm-clipped together), the guard, the LR of 1-based step s, the clip norm."""
+
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    guard: NanGuard
+    lr_for: Callable[[int], float]
+    max_grad_norm: float | None
+
+
+def optimize(
+    batch: Any, loss_fn: LossFn, opt: Optimization, spec: Any, opt_step: int, passes: int,
+    keep_going: Callable[[list[dict[str, float]]], bool] | None = None,
+) -> list[dict[str, float]]:
+    """`passes` passes over a round's `batch`, each `spec.mini_batches` optimizer steps of
+    `spec.micro_batch_size`-row micro-batches; the loss core of GRPO and PPO.
+
+    `batch` has `.mask` (N, T) and `.rows(idx)` (an Experience, a PPO batch). `loss_fn(micro,
+    normalizer)` returns the micro-batch's share of the step loss (`losses.aggregate` with the
+    whole mini-batch's `normalizer`, so accumulation is exact) and summed stats: "tokens" (counted
+    tokens) divides the others, except "loss/*" keys, which are already shares and are summed.
+    After each pass, `keep_going(that pass's stats)` False ends the round (PPO's KL early stop).
+
+    Returns:
+        One stats dict per optimizer step taken.
     """
     # dynamic sampling may leave fewer rows than planned: split as evenly as possible
-    minis = [m for m in torch.arange(exp.mask.shape[0], device=exp.mask.device).tensor_split(spec.mini_batches) if len(m)]
-    params = list(trainable_named_params(policy).values())
+    n = batch.mask.shape[0]
+    minis = [m for m in torch.arange(n, device=batch.mask.device).tensor_split(spec.mini_batches) if len(m)]
     max_len = spec.loss.max_len or spec.sampling.max_new_tokens
-    out = []
-    for _ in range(getattr(spec, "num_iterations", 1)):
+    out: list[dict[str, float]] = []
+    for _ in range(passes):
+        done = []
         for rows in minis:
-            mini = exp.rows(rows)
-            size = len(rows)
+            mini = batch.rows(rows)
             normalizer = losses.aggregation_normalizer(mini.mask, spec.loss.aggregate, max_len)
             opt_step += 1
-            set_lr(optimizer, lr_for(opt_step))
-            sums: dict[str, Tensor] = {}
-            total = torch.zeros((), device=exp.mask.device)
-            for s in range(0, size, spec.micro_batch_size):
-                micro = mini.rows(torch.arange(s, min(s + spec.micro_batch_size, size), device=exp.mask.device))
-                logp, ent = rollout.completion_logprobs(policy, micro.tensors(), temperature, with_entropy=True)
-                loss, stats = policy_loss(logp, micro, spec.loss, normalizer)
-                if fault_active("nan_loss", opt_step):
-                    loss = loss * float("nan")
-                loss.backward()
-                total += loss.detach()
-                stats["entropy"] = torch.where(micro.mask.bool(), ent, 0.0).sum()
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            out.append(_optimizer_step(optimizer, params, total, sums, guard, spec.max_grad_norm, opt_step))
+            done.append(_accumulate_and_step(mini, loss_fn, opt, normalizer, spec.micro_batch_size, opt_step))
+        out += done
+        if keep_going is not None and not keep_going(done):
+            break
     return out
+
+
+def _accumulate_and_step(
+    mini: Any, loss_fn: LossFn, opt: Optimization, normalizer: Tensor, micro_batch_size: int, opt_step: int,
+) -> dict[str, float]:
+    set_lr(opt.optimizer, opt.lr_for(opt_step))
+    size = mini.mask.shape[0]
+    sums: dict[str, Tensor] = {}
+    total = torch.zeros((), device=mini.mask.device)
+    for s in range(0, size, micro_batch_size):
+        micro = mini.rows(torch.arange(s, min(s + micro_batch_size, size), device=mini.mask.device))
+        loss, stats = loss_fn(micro, normalizer)
+        if fault_active("nan_loss", opt_step):
+            loss = loss * float("nan")
+        loss.backward()
+        total += loss.detach()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        fault_point("micro_batch", opt_step)  # tests: die with gradients half accumulated
+    return _optimizer_step(opt.optimizer, opt.params, total, sums, opt.guard, opt.max_grad_norm, opt_step)
 
 
 def _optimizer_step(
@@ -113,7 +168,7 @@ def _optimizer_step(
     guard: NanGuard, max_grad_norm: float | None, opt_step: int,
 ) -> dict[str, float]:
     tokens = float(sums.pop("tokens").clamp(min=1))
-    stats = {f"{k}": float(v) / tokens for k, v in sums.items()}
+    stats = {k: float(v) if k.startswith("loss/") else float(v) / tokens for k, v in sums.items()}
     lr = optimizer.param_groups[0]["lr"]
     grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, opt_step)
     if grad_norm is None:
@@ -155,4 +210,146 @@ def concat_rollouts(parts: list[rollout.Rollouts], pad_id: int) -> rollout.Rollo
         torch.cat([p.truncated for p in parts]),
         [t for p in parts for t in p.texts],
         torch.cat([p.group_index + int(o) for p, o in zip(parts, offsets, strict=True)]),
+    )
+
+
+# --------------------------------------------------------------------------- a generation round
+
+
+@dataclass(frozen=True)
+class Round:
+    """The sampled, scored completions of one generation round (after any dynamic-sampling filter)."""
+
+    out: rollout.Rollouts  # N = B*G rows
+    rewards: Tensor  # (N,) summed reward of each completion
+    stats: dict[str, float]  # round_stats of the first sampling round, dynamic/*
+    rows: list[Any]  # the B prompt examples, in order
+
+
+def sample_round(
+    policy: Any, tokenizer: Any, loader: Any, score: Any, spec: Any,
+    sampling: rollout.SamplingParams, seed: int, step: int, timer: Any,
+) -> Round:
+    """Sample G completions for each of B prompts and score them.
+
+    With dynamic sampling (DAPO, `spec.dynamic_sampling`), groups whose G rewards are all equal
+    are dropped and more prompts are sampled, up to `max_rounds` rounds, until B groups carry a
+    signal. Randomness comes from `rollout.seed_generator(seed, step, round)` only, so a resumed
+    run replays a round bitwise.
+    """
+    G, B = spec.group_size, spec.prompts_per_step
+    dynamic = getattr(spec, "dynamic_sampling", None)
+    dynamic = dynamic if dynamic is not None and dynamic.enabled else None
+    parts, totals, rows, stats = [], [], [], {}
+    rounds = dynamic.max_rounds if dynamic else 1
+    for r in range(rounds):
+        batch = next(loader)
+        out = rollout.generate(policy, tokenizer, [b.prompt_ids for b in batch], sampling, G,
+                               rollout.seed_generator(seed, step, r))
+        timer.lap("generation")
+        columns = {k: [b.columns.get(k) for b in batch for _ in range(G)] for k in batch[0].columns}
+        columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
+        result = score([b.prompt_text for b in batch for _ in range(G)], out.texts, columns)
+        timer.lap("rewards")
+        if r == 0:
+            stats = round_stats(out, result, G)
+        keep = torch.ones(len(batch), dtype=torch.bool)
+        if dynamic:
+            keep = ~advantages.zero_variance_groups(result.total, G).cpu()
+            if not keep.any():
+                if r < rounds - 1 or parts:
+                    continue  # no signal in this round: sample more, or train on what we have
+                keep = torch.ones(len(batch), dtype=torch.bool)  # nothing at all: advantages are 0
+        parts.append(select_groups(out, keep.to(out.truncated.device), G))
+        rows += [b for b, k in zip(batch, keep.tolist(), strict=True) if k]
+        totals.append(result.total[keep.repeat_interleave(G).to(result.total.device)])
+        if sum(len(p.texts) for p in parts) >= B * G:
+            break
+    out = concat_rollouts(parts, tokenizer.pad_token_id)
+    n = min(len(out.texts), B * G)
+    stats |= {"dynamic/rounds": r + 1, "dynamic/groups": n // G}
+    out = select_groups(out, torch.arange(len(out.texts) // G) < n // G, G)
+    R = torch.cat(totals)[:n].to(out.completion_ids.device)  # (N,)
+    return Round(out, R, stats, rows[: n // G])
+
+
+def round_stats(out: rollout.Rollouts, result: Any, G: int) -> dict[str, float]:
+    """Reward and completion statistics of a generation round (before any filtering)."""
+    R = result.total
+    lengths = out.completion_mask.sum(-1).float()
+    stats = {
+        "reward/mean": float(R.mean()), "reward/std": float(R.std()) if R.numel() > 1 else 0.0,
+        "reward/error_rate": float(result.error_rate),
+        "completion/len_mean": float(lengths.mean()), "completion/len_max": float(lengths.max()),
+        "completion/truncated": float(out.truncated.float().mean()),
+    }
+    if G >= 2:  # one completion per prompt (PPO's default) has no groups
+        stats["groups/zero_variance"] = float(advantages.zero_variance_groups(R, G).float().mean())
+    for name, values in result.per_function.items():
+        stats[f"reward/{name}"] = float(values.float().nanmean())
+    return stats
+
+
+def mean_stats(updates: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each metric over a round's optimizer steps; `skipped` is the running count."""
+    keys = {k for u in updates for k in u if k != "skipped"}
+    out = {k: sum(u[k] for u in updates if k in u) / max(1, sum(k in u for u in updates)) for k in keys}
+    out["skipped"] = updates[-1]["skipped"] if updates else 0
+    return out
+
+
+def make_reference(policy: Any, ctx: Any) -> Any:
+    """pi_ref for the KL term: None when beta = 0; the adapter-disabled policy for LoRA;
+    a frozen copy of the parent model for full fine-tuning."""
+    if ctx.spec.loss.beta == 0:
+        return None
+    if ctx.lora() != "full":
+        return lambda: reference_mode(policy)
+    frozen = load_model(ctx.parent().model, ctx.model_spec(), next(policy.parameters()).device)
+    frozen.eval().requires_grad_(False)
+    return lambda: contextlib.nullcontext(frozen)
+
+
+def lr_fn(spec: Any, passes: int) -> Callable[[int], float]:
+    """LR of 1-based optimizer step s; the schedule spans every optimizer step of the stage
+    (steps * mini_batches * passes; with PPO's KL early stop it may end before its last step)."""
+    total = spec.steps * spec.mini_batches * passes
+    return lambda s: lr_at(s - 1, total, spec)
+
+
+def token_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """Per-token rewards of ALGORITHMS.md §2/§3 with the KL in the reward:
+
+        rew_{i,t} = R_i * [t = last counted token of i] - beta * kl_{i,t}      (counted tokens; 0 elsewhere)
+
+    Args:
+        rewards: (N,) sequence rewards.
+        kl: (N, T) per-token KL estimate (k1 = logp - ref_logp), or zeros.
+        mask: (N, T) 1 for counted tokens.
+        beta: KL coefficient.
+
+    Returns:
+        (N, T) float rewards.
+    """
+    counted = mask.bool()
+    last = counted & (mask.long().cumsum(-1) == counted.sum(-1, keepdim=True))  # (N, T)
+    kl_part = torch.where(counted, -beta * kl, torch.zeros_like(kl))
+    return kl_part + torch.where(last, rewards[:, None].to(kl.dtype), 0.0)
+
+
+def prompt_data(ctx: Any, tokenizer: Any) -> tuple[data.PromptLoader, list[dict], dict[str, str]]:
+    """The stage's prompt loader (data sets mixed by weight), its held-out rows and data fingerprints."""
+    spec = ctx.spec
+    train_rows, eval_rows, prints = load_data(ctx, spec.data)
+    rows = train_rows[0] if len(train_rows) == 1 else data.mix(train_rows, [d.weight for d in spec.data], ctx.seed)
+    examples = data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt)
+    return data.PromptLoader(examples, spec.prompts_per_step, ctx.seed), eval_rows, prints
+
+
+def reward_scorer(ctx: Any) -> Any:
+    """The stage's summed, weighted reward functions (closed by the stage at its end)."""
+    spec = ctx.spec
+    return build_rewards(
+        [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_unsafe_code_exec,
+        timeout_s=spec.reward_timeout_s, max_error_rate=spec.max_reward_error_rate,
     )

@@ -35,6 +35,8 @@ from rlft.stage_io import StageOutput, finish_model, load_data
 from rlft.stages.sft import train_step
 
 log = logging.getLogger(__name__)
+# data keys that only affect how the student tokenises the teacher's text, not what the teacher writes
+TOKENIZING_KEYS = {"max_length", "long_rows", "packing"}
 
 
 def run(ctx: Any) -> Any:
@@ -130,7 +132,8 @@ def sequence_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict
     sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
     key = distill.data_key({
         "teacher": ctx.artifacts[spec.teacher].fingerprint, "data": prints, "sampling": spec.sampling.model_dump(),
-        "specs": [d.model_dump() for d in spec.data], "seed": ctx.seed, "batch_size": spec.batch_size,
+        "specs": [d.model_dump(exclude=TOKENIZING_KEYS) for d in spec.data], "seed": ctx.seed,
+        "batch_size": spec.batch_size,
     })
     found = distill.read_teacher_data(ctx.stage_dir, key)
     if found is None:

@@ -13,18 +13,17 @@ Departures from the paper, each an option or a documented choice:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
-from rlft import advantages, data, evaluate, rl, rollout, training
+from rlft import advantages, evaluate, rl, rollout, training
 from rlft.checkpoint import GracefulExit
 from rlft.faults import fault_point
 from rlft.metrics import MetricsLog, StepTimer, progress
-from rlft.models import load_model, load_policy, reference_mode
-from rlft.rewards import build_rewards
-from rlft.stage_io import StageOutput, finish_model, load_data
+from rlft.models import load_policy
+from rlft.rl import make_reference
+from rlft.stage_io import StageOutput, finish_model
 
 
 def run(ctx: Any) -> Any:
@@ -33,13 +32,8 @@ def run(ctx: Any) -> Any:
     policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
     policy.eval()  # departure 1: no dropout in RL
     reference = make_reference(policy, ctx)
-    train_rows, eval_rows, prints = load_data(ctx, spec.data)
-    rows = train_rows[0] if len(train_rows) == 1 else data.mix(train_rows, [d.weight for d in spec.data], ctx.seed)
-    loader = data.PromptLoader(data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt), spec.prompts_per_step, ctx.seed)
-    score = build_rewards(
-        [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_unsafe_code_exec,
-        timeout_s=spec.reward_timeout_s, max_error_rate=spec.max_reward_error_rate,
-    )
+    loader, eval_rows, prints = rl.prompt_data(ctx, tokenizer)
+    score = rl.reward_scorer(ctx)
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
@@ -63,7 +57,7 @@ def run(ctx: Any) -> Any:
         updates = rl.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
         opt_step += len(updates)
         timer.lap("policy")
-        stats |= _mean(updates) | timer.times | {"optimizer_steps": opt_step}
+        stats |= rl.mean_stats(updates) | timer.times | {"optimizer_steps": opt_step}
         if step + 1 == spec.steps or spec.eval_every and (step + 1) % spec.eval_every == 0:
             stats["eval/accuracy"] = evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)
         metrics.log(step + 1, stats)
@@ -85,20 +79,7 @@ def run(ctx: Any) -> Any:
 
 def lr_fn(spec: Any) -> Any:
     """LR of 1-based optimizer step s; the schedule spans every optimizer step of the stage."""
-    total = spec.steps * spec.mini_batches * spec.num_iterations
-    return lambda s: training.lr_at(s - 1, total, spec)
-
-
-def make_reference(policy: Any, ctx: Any) -> Any:
-    """pi_ref for the KL term: None when beta = 0; the adapter-disabled policy for LoRA;
-    a frozen copy of the parent model for full fine-tuning."""
-    if ctx.spec.loss.beta == 0:
-        return None
-    if ctx.lora() != "full":
-        return lambda: reference_mode(policy)
-    frozen = load_model(ctx.parent().model, ctx.model_spec(), next(policy.parameters()).device)
-    frozen.eval().requires_grad_(False)
-    return lambda: contextlib.nullcontext(frozen)
+    return rl.lr_fn(spec, spec.num_iterations)
 
 
 def collect(
@@ -110,38 +91,8 @@ def collect(
     With dynamic sampling (DAPO), groups whose G rewards are all equal are dropped and more
     prompts are sampled, up to `max_rounds` rounds, until B groups carry a signal.
     """
-    G, B = spec.group_size, spec.prompts_per_step
-    parts, totals, rows, stats = [], [], [], {}
-    rounds = spec.dynamic_sampling.max_rounds if spec.dynamic_sampling.enabled else 1
-    for r in range(rounds):
-        batch = next(loader)
-        out = rollout.generate(policy, tokenizer, [b.prompt_ids for b in batch], sampling, G,
-                               rollout.seed_generator(seed, step, r))
-        timer.lap("generation")
-        columns = {k: [b.columns.get(k) for b in batch for _ in range(G)] for k in batch[0].columns}
-        columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
-        result = score([b.prompt_text for b in batch for _ in range(G)], out.texts, columns)
-        timer.lap("rewards")
-        if r == 0:
-            stats = round_stats(out, result, G)
-        keep = torch.ones(len(batch), dtype=torch.bool)
-        if spec.dynamic_sampling.enabled:
-            keep = ~advantages.zero_variance_groups(result.total, G).cpu()
-            if not keep.any():
-                if r < rounds - 1 or parts:
-                    continue  # no signal in this round: sample more, or train on what we have
-                keep = torch.ones(len(batch), dtype=torch.bool)  # nothing at all: advantages are 0
-        parts.append(rl.select_groups(out, keep.to(out.truncated.device), G))
-        rows += [b for b, k in zip(batch, keep.tolist(), strict=True) if k]
-        totals.append(result.total[keep.repeat_interleave(G).to(result.total.device)])
-        if sum(len(p.texts) for p in parts) >= B * G:
-            break
-    out = rl.concat_rollouts(parts, tokenizer.pad_token_id)
-    n = min(len(out.texts), B * G)
-    stats |= {"dynamic/rounds": r + 1, "dynamic/groups": n // G}
-    out = rl.select_groups(out, torch.arange(len(out.texts) // G) < n // G, G)
-    R = torch.cat(totals)[:n].to(out.completion_ids.device)  # (N,)
-    return build_experience(policy, reference, out, R, spec, sampling, timer), stats, out.texts, rows[: n // G]
+    r = rl.sample_round(policy, tokenizer, loader, score, spec, sampling, seed, step, timer)
+    return build_experience(policy, reference, r.out, r.rewards, spec, sampling, timer), r.stats, r.out.texts, r.rows
 
 
 def build_experience(
@@ -177,26 +128,3 @@ def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, sp
     if a.estimator == "rloo":
         return advantages.rloo(R, spec.group_size)
     return advantages.grouped(R, spec.group_size, a.scale, a.delta)
-
-
-def round_stats(out: rollout.Rollouts, result: Any, G: int) -> dict[str, float]:
-    """Reward and completion statistics of a generation round (before any filtering)."""
-    R = result.total
-    lengths = out.completion_mask.sum(-1).float()
-    stats = {
-        "reward/mean": float(R.mean()), "reward/std": float(R.std()) if R.numel() > 1 else 0.0,
-        "reward/error_rate": float(result.error_rate),
-        "completion/len_mean": float(lengths.mean()), "completion/len_max": float(lengths.max()),
-        "completion/truncated": float(out.truncated.float().mean()),
-        "groups/zero_variance": float(advantages.zero_variance_groups(R, G).float().mean()),
-    }
-    for name, values in result.per_function.items():
-        stats[f"reward/{name}"] = float(values.float().nanmean())
-    return stats
-
-
-def _mean(updates: list[dict[str, float]]) -> dict[str, float]:
-    keys = {k for u in updates for k in u if k != "skipped"}
-    out = {k: sum(u[k] for u in updates if k in u) / max(1, sum(k in u for u in updates)) for k in keys}
-    out["skipped"] = updates[-1]["skipped"] if updates else 0
-    return out

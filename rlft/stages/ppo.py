@@ -1,0 +1,268 @@
+"""PPO with a critic on a LoRA policy (ALGORITHMS.md sections 1-3; Schulman et al. 2017, Ziegler et al. 2019).
+
+Each step is one rollout batch: B prompts x G completions (G = 1 by default), per-token rewards
+(the summed sequence reward R on each completion's last token, minus beta * k1 on every token:
+the KL to the reference in the reward), values V_t from the critic (rlft/critic.py), GAE
+advantages and returns, advantages whitened over the batch's counted tokens; then `ppo_epochs`
+passes of `mini_batches` optimizer steps on
+
+    L = L_clip (+ beta * KL with kl_in: loss) + value_coef * L_V        (one backward, one optimizer)
+
+through GRPO's loss core (`rl.optimize`, `rl.policy_loss`). Choices, each documented or an option:
+1. Dropout is off (as in GRPO). old_logp and V_old are recomputed in one forward before the first
+   update (with `critic: shared` that forward gives both), so the first step's ratio is exactly 1.
+2. The reference is the adapter-disabled policy (`rl.make_reference`); beta = 0 skips it.
+3. Adaptive KL (`kl_target`): after each batch beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * N/horizon,
+   KL = mean over the N completions of sum_t k1 (Ziegler et al. 2019); beta is checkpointed.
+4. Early stop (`early_stop_kl`): the epochs of a batch end after an epoch whose mean approx KL
+   (mean over tokens of old_logp - logp, measured before each step) exceeds it.
+5. Checkpoints at rollout-batch boundaries hold the adapter, the critic (head, separate trunk),
+   optimizer, RNG, data cursor and beta; a kill inside the epochs replays the batch, bitwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlft import advantages, critic, evaluate, losses, rl, rollout, training
+from rlft.checkpoint import GracefulExit
+from rlft.faults import fault_point
+from rlft.metrics import MetricsLog, StepTimer, progress
+from rlft.models import load_policy
+from rlft.stage_io import StageOutput, commit_dir, finish_model, new_staging
+
+
+@dataclass(frozen=True)
+class PPOBatch:
+    """A rollout batch ready for the epochs; every tensor (N, T), 0 at masked positions."""
+
+    exp: rl.Experience  # advantages = whitened GAE advantages; old_logp recorded
+    old_values: Tensor  # V_old, the critic at sampling time
+    returns: Tensor  # GAE returns, the value targets
+    rewards: Tensor  # per-token rewards
+    raw_advantages: Tensor  # GAE advantages before whitening
+    kl: Tensor  # k1 = old_logp - ref_logp (0 without a reference)
+
+    @property
+    def mask(self) -> Tensor:
+        return self.exp.mask
+
+    def rows(self, idx: Tensor) -> PPOBatch:
+        return PPOBatch(self.exp.rows(idx), self.old_values[idx], self.returns[idx], self.rewards[idx],
+                        self.raw_advantages[idx], self.kl[idx])
+
+
+@dataclass
+class KLController:
+    """beta of the KL penalty: fixed, or adaptive (Ziegler et al. 2019) when `target` is set.
+
+        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)
+    """
+
+    beta: float
+    target: float | None
+    horizon: int
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is not None and math.isfinite(kl):
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.beta *= 1.0 + error * n / self.horizon
+
+
+def run(ctx: Any) -> Any:
+    """Train `ctx.spec` (a PPOSpec) and return the stage's Artifact."""
+    spec = ctx.spec
+    policy, tokenizer, value = load_models(ctx)
+    reference = rl.make_reference(policy, ctx)
+    loader, eval_rows, prints = rl.prompt_data(ctx, tokenizer)
+    score = rl.reward_scorer(ctx)
+    opt = make_optimization(policy, value, spec)
+    kl_ctl = KLController(spec.loss.beta, spec.kl_target, spec.kl_horizon)
+    meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
+    start, opt_step = 0, 0
+    restored = training.restore_state(ctx.stage_dir, policy, opt.optimizer, meta, ctx.force) if ctx.resume else None
+    if restored is not None:
+        start, state, tensors, meta["forced_overrides"] = restored
+        loader.load_state_dict(state["loader"])
+        opt.guard.load_state_dict(state["guard"])
+        opt_step, kl_ctl.beta = state["opt_step"], state["beta"]
+        value.load_state_tensors(tensors.get("critic", {}), str(ctx.stage_dir))
+    metrics, samples = MetricsLog(ctx.stage_dir, start), MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
+    max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
+    held_out, system = eval_rows[: spec.eval_samples], spec.data[0].system_prompt
+    stop = GracefulExit()
+    if start == 0:
+        metrics.log(0, {"eval/accuracy": evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)})
+    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    for step in progress(range(start, spec.steps), spec.steps, f"ppo {ctx.stage}", start=start):
+        timer = StepTimer()
+        r = rl.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
+        batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
+        timer.lap("reference")
+        stats = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
+        updates = update(policy, value, batch, spec, opt, opt_step, sampling.temperature, kl_ctl.beta)
+        opt_step += len(updates)
+        timer.lap("policy")
+        kl_ctl.update(stats["kl/sequence"], len(r.out.texts))
+        stats |= rl.mean_stats(updates) | {"ppo/epochs_run": len(updates) / spec.mini_batches}
+        stats |= timer.times | {"optimizer_steps": opt_step}
+        if step + 1 == spec.steps or spec.eval_every and (step + 1) % spec.eval_every == 0:
+            stats["eval/accuracy"] = evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)
+        metrics.log(step + 1, stats)
+        if step % spec.log_samples_every == 0:
+            for b, text in zip(r.rows[:2], r.out.texts[:: spec.group_size][:2], strict=False):
+                samples.log(step + 1, {"prompt": b.prompt_text, "completion": text, **b.columns})
+        last = step + 1 == spec.steps
+        if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
+            state = {"loader": loader.state_dict(), "guard": opt.guard.state_dict(), "opt_step": opt_step,
+                     "beta": kl_ctl.beta}
+            training.save_state(ctx.stage_dir, step + 1, policy, opt.optimizer, state, meta, spec.keep_last,
+                                extra_tensors={"critic": value.state_tensors()})
+        if stop.should_stop() and not last:
+            stop.exit()
+        fault_point("kill_step", step + 1)  # tests: die right after this step
+    metrics.close()
+    samples.close()
+    score.close()
+    return finish(ctx, policy, tokenizer, value, metrics.history, opt.guard.skipped)
+
+
+def load_models(ctx: Any) -> tuple[Any, Any, critic.Critic]:
+    """Policy (LoRA attached, eval mode), tokenizer and critic; a bad `reward_model` fails first."""
+    spec, key = ctx.spec, f"stages.{ctx.stage}.reward_model"
+    source = critic.resolve_reward_model(spec.reward_model, ctx.data_base_dir(), key) if spec.reward_model else None
+    policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
+    policy.eval()  # no dropout in RL
+    dev = next(policy.parameters()).device
+    rm = critic.load_reward_model(source, ctx.model_spec(), dev, key) if source else None
+    value = critic.build_critic(spec.critic, policy, ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed, rm)
+    return policy, tokenizer, value
+
+
+def make_optimization(policy: Any, value: critic.Critic, spec: Any) -> rl.Optimization:
+    """One AdamW over the policy's adapter (first group) and the critic (second group)."""
+    optimizer = training.make_optimizer(policy, spec)
+    optimizer.add_param_group({"params": list(value.named_params().values())})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
+    return rl.Optimization(optimizer, params, guard, rl.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm)
+
+
+@torch.no_grad()
+def evaluate_batch(policy: Any, value: critic.Critic, tensors: tuple[Tensor, ...], temperature: float,
+                   micro_batch_size: int) -> critic.Evaluation:
+    """old_logp and V_old of every row, micro-batch by micro-batch, without a graph."""
+    parts = [value.evaluate(policy, tuple(t[s : s + micro_batch_size] for t in tensors), temperature)
+             for s in range(0, tensors[0].shape[0], micro_batch_size)]
+    return critic.Evaluation(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logp", "entropy", "values")))
+
+
+def build_batch(
+    policy: Any, value: critic.Critic, reference: Any, out: rollout.Rollouts, R: Tensor, spec: Any,
+    temperature: float, beta: float,
+) -> PPOBatch:
+    """Per-token rewards, V_old, GAE advantages (whitened) and returns of one rollout batch.
+
+        rew_t = R * [t = last] - beta * k1_t,   k1_t = old_logp_t - ref_logp_t     (kl_in: reward)
+        (A, returns) = gae(rew, V_old, mask, gamma, lam);   A <- whiten(A, mask)
+    """
+    mask = out.completion_mask * (~out.truncated[:, None]) if spec.loss.mask_truncated else out.completion_mask
+    tensors = (out.prompt_ids, out.prompt_mask, out.completion_ids, mask)
+    old = evaluate_batch(policy, value, tensors, temperature, spec.micro_batch_size)
+    ref_logp = None
+    if reference is not None:
+        with reference() as ref_model:
+            ref_logp = rl.logprobs_of(ref_model, tensors, temperature, spec.micro_batch_size)
+    counted = mask.bool()
+    kl = torch.where(counted, old.logp - ref_logp, 0.0) if ref_logp is not None else torch.zeros_like(old.logp)
+    rewards = rl.token_rewards(R.to(old.logp.dtype), kl, mask, beta if spec.loss.kl_in == "reward" else 0.0)
+    gae = advantages.gae(rewards, old.values, mask, spec.gamma, spec.lam)
+    ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
+    exp = rl.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask,
+                        advantages.whiten(gae.advantages, mask), old.logp, ref_in_loss)
+    return PPOBatch(exp, old.values, gae.returns, rewards, gae.advantages, kl)
+
+
+def batch_stats(batch: PPOBatch) -> dict[str, float]:
+    """Critic and KL statistics of a rollout batch over its counted tokens (before any update).
+
+    explained_variance = 1 - Var(returns - V_old) / Var(returns)   (NaN when the returns are all equal)
+    """
+    counted = batch.mask.bool()
+    ret, v, a = batch.returns[counted], batch.old_values[counted], batch.raw_advantages[counted]
+    var = float(ret.var()) if ret.numel() > 1 else 0.0
+    explained = 1.0 - float((ret - v).var()) / var if var > 0 else float("nan")
+    return {
+        "value/explained_variance": explained, "value/mean": float(v.mean()), "returns/mean": float(ret.mean()),
+        "advantage/mean": float(a.mean()), "advantage/std": float(a.std()) if a.numel() > 1 else 0.0,
+        "kl": float(batch.kl[counted].mean()), "kl/sequence": float(batch.kl.sum(-1).mean()),
+    }
+
+
+def ppo_loss(
+    ev: critic.Evaluation, micro: PPOBatch, loss_spec: Any, value_coef: float, value_clip: float, normalizer: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """This micro-batch's share of the step loss, L_clip (+ beta * KL in the loss) + value_coef * L_V,
+    each aggregated with the whole mini-batch's `normalizer` (ALGORITHMS.md §1-§4).
+
+    Returns the loss and summed statistics for `rl.optimize` ("loss/*" are shares, summed as they are).
+    """
+    policy_part, stats = rl.policy_loss(ev.logp, micro.exp, loss_spec, normalizer)
+    value_part = losses.aggregate(losses.value_loss(ev.values, micro.old_values, micro.returns, value_clip),
+                                  micro.mask, loss_spec.aggregate, normalizer)
+    counted = micro.mask.bool()
+    clipped = micro.old_values + (ev.values.detach() - micro.old_values).clamp(-value_clip, value_clip)
+    chose_clipped = ((clipped - micro.returns).square() > (ev.values.detach() - micro.returns).square()) & counted
+    loss = policy_part + value_coef * value_part
+    if "kl" in stats:  # the in-loss estimator; "kl" of the batch is the rollout's k1
+        stats["kl/loss"] = stats.pop("kl")
+    stats |= {
+        "loss/policy": policy_part.detach(), "loss/value": value_part.detach(), "loss/total": loss.detach(),
+        "clip/value": chose_clipped.sum().float(),
+        "ppo/approx_kl": torch.where(counted, micro.exp.old_logp - ev.logp.detach(), 0.0).sum(),
+        "entropy": torch.where(counted, ev.entropy, 0.0).sum(),
+    }
+    return loss, stats
+
+
+def update(
+    policy: Any, value: critic.Critic, batch: PPOBatch, spec: Any, opt: rl.Optimization, opt_step: int,
+    temperature: float, beta: float,
+) -> list[dict[str, float]]:
+    """`ppo_epochs` x `mini_batches` optimizer steps on one rollout batch, with the KL early stop."""
+    loss_spec = spec.loss.model_copy(update={"beta": beta})
+
+    def loss_fn(micro: PPOBatch, normalizer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        ev = value.evaluate(policy, micro.exp.tensors(), temperature)
+        return ppo_loss(ev, micro, loss_spec, spec.value_coef, spec.value_clip, normalizer)
+
+    def keep_going(epoch: list[dict[str, float]]) -> bool:
+        kls = [u["ppo/approx_kl"] for u in epoch if "ppo/approx_kl" in u]
+        return spec.early_stop_kl is None or not kls or sum(kls) / len(kls) <= spec.early_stop_kl
+
+    return rl.optimize(batch, loss_fn, opt, spec, opt_step, spec.ppo_epochs, keep_going)
+
+
+def finish(
+    ctx: Any, policy: Any, tokenizer: Any, value: critic.Critic, history: list[dict[str, Any]], skipped: int,
+) -> Any:
+    """`final/` as every model stage writes it, then `final/critic/` (value head, separate trunk).
+
+    The critic is committed after `final/` and before the pipeline's done marker, so a kill in
+    between re-runs the finish from the last checkpoint.
+    """
+    output = StageOutput.from_history(history, skipped)
+    evs = [r["value/explained_variance"] for r in history if isinstance(r.get("value/explained_variance"), float)]
+    if evs:  # mean of the last 10% of steps, like the reward summary
+        k = max(1, len(evs) // 10)
+        output.summary["value/explained_variance_last"] = sum(evs[-k:]) / k
+    artifact = finish_model(ctx, policy, tokenizer, output)
+    staging = new_staging(ctx.stage_dir)
+    value.save(staging, ctx.spec.reward_model)
+    commit_dir(staging, ctx.stage_dir / "final" / "critic")
+    return artifact
