@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +24,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlft import data, evaluate, losses, rollout
+from rlft import data, evaluate, losses, rollout, training
 from rlft.errors import UserInputError
 from rlft.faults import fault_active
+from rlft.fsio import atomic_write_text
 from rlft.metrics import progress
 from rlft.models import load_model, trainable_named_params
 
@@ -163,7 +162,7 @@ def token_divergence(
 
 def distill_step(
     student: Any, teacher: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Tensor]],
-    guard: Any, spec: Any, step: int,
+    guard: training.NanGuard, spec: Any, step: int,
 ) -> dict[str, float]:
     """One optimizer step of the divergence loss, token-mean over all micro-batches of the step.
 
@@ -171,7 +170,7 @@ def distill_step(
     update (as SFT's `train_step`). `spec` gives loss, beta, temperature and max_grad_norm.
     """
     dev = next(student.parameters()).device
-    n_tokens = sum(mb["loss_mask"][:, 1:].sum() for mb in micro_batches).to(dev).clamp(min=1)
+    n_tokens = torch.stack([mb["loss_mask"][:, 1:].sum() for mb in micro_batches]).sum().to(dev).clamp(min=1)
     divergence = Divergence(spec.loss, spec.beta, spec.temperature)
     params = list(trainable_named_params(student).values())
     total = torch.zeros((), device=dev)
@@ -182,13 +181,10 @@ def distill_step(
             loss = loss * float("nan")
         loss.backward()
         total += loss.detach()
-    if not guard.check(total, params, step):
-        optimizer.zero_grad(set_to_none=True)
+    grad_norm = training.apply_step(optimizer, params, total, guard, spec.max_grad_norm, step)
+    if grad_norm is None:
         return {"loss": float("nan"), "skipped": guard.skipped}
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(total), "grad_norm": float(grad_norm), "tokens": int(n_tokens), "skipped": guard.skipped}
+    return {"loss": float(total), "grad_norm": grad_norm, "tokens": int(n_tokens), "skipped": guard.skipped}
 
 
 # --------------------------------------------------------------------------- on-policy data
@@ -289,22 +285,7 @@ def write_teacher_data(stage_dir: Path, key: str, rows: list[dict], stats: dict[
     """Write `teacher_data.jsonl`, then its `teacher_data.json` (key, sha256, stats), each atomically;
     the second written last marks the first complete."""
     text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
-    raw = text.encode()
-    _atomic_write(stage_dir / TEACHER_DATA, raw)
-    meta = {"key": key, "sha256": hashlib.sha256(raw).hexdigest(), "rows": len(rows), "stats": stats}
-    _atomic_write(stage_dir / TEACHER_META, json.dumps(meta, indent=1, sort_keys=True).encode())
-
-
-def _atomic_write(path: Path, raw: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stage_dir / TEACHER_DATA, text)
+    meta = {"key": key, "sha256": hashlib.sha256(text.encode()).hexdigest(), "rows": len(rows), "stats": stats}
+    atomic_write_text(stage_dir / TEACHER_META, json.dumps(meta, indent=1, sort_keys=True))

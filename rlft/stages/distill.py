@@ -2,16 +2,19 @@
 
 Modes (`mode:`):
 1. sequence, what DeepSeek-R1 did: the teacher writes one completion per training prompt
-   (`sampling:`; prompt i draws from its own generator seeded by (stage seed, i)), stored once in
-   `<stage>/teacher_data.jsonl` and reused on resume; the student learns them with SFT's
-   `train_step`. Rows that already carry a reply are asked again: the data's replies are not
-   the teacher's, and a data set of teacher text is just `kind: sft`.
+   (`sampling:`, temperature 0 = greedy; prompt i draws from its own generator seeded by
+   (stage seed, i)), stored once in `<stage>/teacher_data.jsonl` (pinned to the teacher, data,
+   sampling and seed by `teacher_data.json`) and reused on resume; the student learns them with
+   SFT's `train_step`, under the first data set's max_length/long_rows. Rows that already carry
+   a reply are asked again: the data's replies are not the teacher's, and a data set of teacher
+   text is just `kind: sft`.
 2. logits: per-token divergence of the student from the teacher (`loss:` forward_kl,
    reverse_kl or jsd with `beta`, at `temperature` T and times T^2) on the data's own
    completions; the teacher runs under no_grad.
-3. on_policy, GKD with lambda = 1: each step the student completes the step's prompts (seeded
-   by (stage seed, step)) and the divergence is taken on the student's own tokens. Unlike GKD
-   the samples are not mixed with fixed data (lambda < 1 is mode logits).
+3. on_policy, GKD with lambda = 1: each step the student completes the step's `batch_size`
+   prompts (`sampling:`, seeded by (stage seed, step)) and the divergence is taken on the
+   student's own tokens, gradients through the student's forward over prompt + completion.
+   Samples are not mixed with fixed data as GKD's lambda < 1 does (that is mode logits).
 Logit modes need a shared tokenizer, checked before the teacher model loads. Everything else
 is SFT's: AdamW, LR schedule, token-mean over the whole optimizer step (exact under
 micro-batching), NaN guard, bitwise checkpoint/resume; `from:` is ignored (the student starts
@@ -42,10 +45,9 @@ TOKENIZING_KEYS = {"max_length", "long_rows", "packing"}
 def run(ctx: Any) -> Any:
     """Train the student of `ctx.spec` (a DistillSpec) and return the stage's Artifact."""
     spec = ctx.spec
-    source = prepare_base(spec.student, ctx.run_dir / "models")
-    student, tokenizer = load_policy(source, spec.student, ctx.lora(), ctx.seed)
-    teacher = None if spec.mode == "sequence" else logit_teacher(ctx, student, tokenizer)
+    student, tokenizer = load_student(ctx)
     loader, eval_ex, eval_rows, prints, info = PREPARE[spec.mode](ctx, tokenizer)
+    teacher = None if spec.mode == "sequence" else logit_teacher(ctx, student, tokenizer)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
     optimizer = training.make_optimizer(student, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
@@ -90,6 +92,15 @@ def run(ctx: Any) -> Any:
         fault_point("kill_step", step + 1)  # tests: die right after this step
     metrics.close()
     return finish_model(ctx, student, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))
+
+
+def load_student(ctx: Any) -> tuple[Any, Any]:
+    """The student (a tiny:<preset> is built first) with LoRA or full fine-tuning per `ctx.lora()`."""
+    spec = ctx.spec.student
+    try:
+        return load_policy(prepare_base(spec, ctx.run_dir / "models"), spec, ctx.lora(), ctx.seed)
+    except UserInputError as err:  # the model loaders name `model.name`; here it is the student's
+        raise UserInputError(f"stages.{ctx.stage}.student.{str(err).removeprefix('model.')}") from None
 
 
 def logit_teacher(ctx: Any, student: Any, tokenizer: Any) -> Any:
