@@ -303,6 +303,9 @@ class PPOSpec(RolloutStageSpec):
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     value_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     value_clip: float = Field(0.2, gt=0, description="Clip range eps_v of the value loss.")
+    critic_lr: float | None = Field(
+        None, gt=0, description="Peak LR of the critic's parameters (same schedule as lr); null = lr."
+    )
     kl_target: float | None = Field(
         None, gt=0, description="Adaptive KL controller target (per-sequence KL); null = fixed beta."
     )

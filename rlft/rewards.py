@@ -179,6 +179,20 @@ def exact_answer() -> RewardFn:
     return math_answer(check="exact")
 
 
+def task_verifier() -> RewardFn:
+    """1.0 when the row's built-in synthetic task (column `task`, e.g. arith) accepts the
+    completion with its own checker (exact `<answer>` match), else 0.0."""
+
+    def task_verifier(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
+        from rlft.tasks import get_task
+
+        names = _column(columns, "task", "task_verifier", len(completions))
+        answers = _column(columns, "answer", "task_verifier", len(completions))
+        return [float(get_task(t).check(c, str(a))) for c, t, a in zip(completions, names, answers, strict=True)]
+
+    return task_verifier
+
+
 def think_format() -> RewardFn:
     """1.0 iff the completion is `<think>...</think>` then `<answer>...</answer>`, with only
     whitespace around and between, each tag exactly once; else 0.0."""
@@ -405,6 +419,7 @@ def _load_reward_model(name: str, device: str) -> dict[str, Any]:
 REWARDS: dict[str, RewardFactory] = {
     "math_answer": math_answer,
     "exact_answer": exact_answer,
+    "task_verifier": task_verifier,
     "think_format": think_format,
     "tag_count": tag_count,
     "cosine_length": cosine_length,

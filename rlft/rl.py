@@ -100,13 +100,15 @@ LossFn = Callable[[Any, Tensor], tuple[Tensor, dict[str, Tensor]]]
 @dataclass(frozen=True)
 class Optimization:
     """What an optimizer step needs besides the batch: the optimizer, every parameter it updates
-    (NaN-checked and norm-clipped together), the guard, the LR of 1-based step s, the clip norm."""
+    (NaN-checked and norm-clipped together), the guard, the LR of 1-based step s, the clip norm,
+    and per param group a factor on that LR (empty: every group at lr_for(s))."""
 
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     guard: NanGuard
     lr_for: Callable[[int], float]
     max_grad_norm: float | None
+    lr_scales: tuple[float, ...] = ()
 
 
 def optimize(
@@ -147,6 +149,8 @@ def _accumulate_and_step(
     mini: Any, loss_fn: LossFn, opt: Optimization, normalizer: Tensor, micro_batch_size: int, opt_step: int,
 ) -> dict[str, float]:
     set_lr(opt.optimizer, opt.lr_for(opt_step))
+    for group, scale in zip(opt.optimizer.param_groups, opt.lr_scales, strict=False):
+        group["lr"] *= scale
     size = mini.mask.shape[0]
     sums: dict[str, Tensor] = {}
     total = torch.zeros((), device=mini.mask.device)
@@ -292,7 +296,7 @@ def round_stats(out: rollout.Rollouts, result: Any, G: int) -> dict[str, float]:
 
 def mean_stats(updates: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each metric over a round's optimizer steps; `skipped` is the running count."""
-    keys = {k for u in updates for k in u if k != "skipped"}
+    keys = dict.fromkeys(k for u in updates for k in u if k != "skipped")  # first-seen order
     out = {k: sum(u[k] for u in updates if k in u) / max(1, sum(k in u for u in updates)) for k in keys}
     out["skipped"] = updates[-1]["skipped"] if updates else 0
     return out

@@ -444,3 +444,11 @@ def test_gsm8k_style_gold_is_compared_by_its_final_answer() -> None:
     assert answers_match("72", gold) and not answers_match("24", gold)
     fn = REWARDS["math_answer"]()
     assert fn(["q", "q"], ["<answer>72</answer>", "<answer>24</answer>"], answer=[gold, gold]) == [1.0, 0.0]
+
+
+def test_task_verifier_uses_the_tasks_own_checker() -> None:
+    fn = REWARDS["task_verifier"]()
+    done = "<think>4+4=8,4+3=7</think><answer>78</answer>"
+    torn = "<think>4+4=8,4+3=7</think><answer>78</a\ufffdinswer>"  # math_answer would still find 78
+    out = fn(["q"] * 3, [done, torn, "<answer>77</answer>"], task=["arith"] * 3, answer=["78"] * 3)
+    assert out == [1.0, 0.0, 0.0]

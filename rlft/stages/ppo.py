@@ -103,7 +103,7 @@ def run(ctx: Any) -> Any:
         timer = StepTimer()
         r = rl.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
         batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
-        timer.lap("reference")
+        timer.lap("experience")  # old_logp, V_old, ref_logp, GAE
         stats = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
         updates = update(policy, value, batch, spec, opt, opt_step, sampling.temperature, kl_ctl.beta)
         opt_step += len(updates)
@@ -145,12 +145,13 @@ def load_models(ctx: Any) -> tuple[Any, Any, critic.Critic]:
 
 
 def make_optimization(policy: Any, value: critic.Critic, spec: Any) -> rl.Optimization:
-    """One AdamW over the policy's adapter (first group) and the critic (second group)."""
+    """One AdamW over the policy's adapter (first group) and the critic (second group, at critic_lr)."""
     optimizer = training.make_optimizer(policy, spec)
     optimizer.add_param_group({"params": list(value.named_params().values())})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
-    return rl.Optimization(optimizer, params, guard, rl.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm)
+    scales = (1.0, (spec.critic_lr or spec.lr) / spec.lr)
+    return rl.Optimization(optimizer, params, guard, rl.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm, scales)
 
 
 @torch.no_grad()

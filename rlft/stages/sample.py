@@ -114,6 +114,8 @@ def _pin_inputs(shard_dir: Path, meta: dict[str, Any], force: bool) -> None:
     from rlft.checkpoint import check_inputs
 
     path = shard_dir / "inputs.json"
+    # prompts per generation batch do not change the output (per-prompt generators)
+    meta = {**meta, "inputs": {k: v for k, v in meta["inputs"].items() if not k.endswith(".batch_size")}}
     if path.exists():
         saved = json.loads(path.read_text())
         check_inputs(saved.get("inputs", {}), meta["inputs"], sorted(meta["inputs"]), force)
