@@ -171,3 +171,12 @@ def load_policy(source: str, spec: ModelSpec, lora: LoraSpec | str, seed: int) -
         assert isinstance(lora, LoraSpec)
         model = attach_lora(model, lora)
     return model, tokenizer
+
+
+def load_named_policy(spec: ModelSpec, models_dir: Path, lora: LoraSpec | str, seed: int, key: str) -> tuple[Any, Any]:
+    """Like `load_policy` for a model a stage names itself (a distillation student, a baseline):
+    a tiny:<preset> is built under `models_dir` first; load errors name the recipe `key`."""
+    try:
+        return load_policy(prepare_base(spec, models_dir), spec, lora, seed)
+    except UserInputError as err:  # the loaders say `model.name`; here it is the stage's own key
+        raise UserInputError(f"{key}.{str(err).removeprefix('model.')}") from None

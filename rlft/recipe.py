@@ -184,6 +184,9 @@ class SFTSpec(TrainSpec):
         None, ge=1, description="Sequences per forward pass; must divide batch_size (default: batch_size)."
     )
     eval_max_new_tokens: int = Field(128, ge=1, description="Tokens generated per held-out answer.")
+    student: ModelSpec | None = Field(
+        None, description="Train this model from its own weights instead of the `from:` one (e.g. a smaller model)."
+    )
 
     _coerce_data = field_validator("data", mode="before")(
         lambda v: [_source_from_string(x) for x in v] if isinstance(v, list) else [_source_from_string(v)]

@@ -167,6 +167,24 @@ def source_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
     return problems
 
 
+def model_problems(raw: dict, loc: Locator) -> list[Problem]:
+    """`tiny:<preset>` model names (the recipe's model and stages' students) name a known preset."""
+    from rlft.tiny import PRESETS  # no torch import: presets are plain dataclasses
+
+    entries = [(("model", "name"), (raw.get("model") or {}).get("name") if isinstance(raw.get("model"), dict) else None)]
+    for name, spec in _stages(raw).items():
+        student = spec.get("student") if isinstance(spec, dict) else None
+        if isinstance(student, dict):
+            entries.append((("stages", name, "student", "name"), student.get("name")))
+    problems = []
+    for path, value in entries:
+        if isinstance(value, str) and value.startswith("tiny:") and value[5:] not in PRESETS:
+            preset = value[5:]
+            problems.append(loc.at(path, f"unknown tiny preset '{preset}'{did_you_mean(preset, PRESETS)}; "
+                                   f"presets: {', '.join(sorted(PRESETS))}"))
+    return problems
+
+
 def _reward_entries(raw: dict) -> Iterator[tuple[Path_, Any]]:
     for name, spec in _stages(raw).items():
         rewards = spec.get("rewards") if isinstance(spec, dict) else None
@@ -234,6 +252,7 @@ def all_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
         + name_problems(raw, loc)
         + graph_problems(raw, loc)
         + source_problems(raw, loc, base_dir)
+        + model_problems(raw, loc)
         + reward_file_problems(raw, loc, base_dir)
     )
     return problems + reward_name_problems(raw, loc, base_dir, {p.path for p in problems})

@@ -33,7 +33,7 @@ from rlft.checkpoint import GracefulExit
 from rlft.errors import DataError, UserInputError
 from rlft.faults import fault_point
 from rlft.metrics import MetricsLog, progress
-from rlft.models import device, load_policy, load_tokenizer, prepare_base
+from rlft.models import device, load_named_policy, load_tokenizer
 from rlft.stage_io import StageOutput, finish_model, load_data
 from rlft.stages.sft import train_step
 
@@ -96,11 +96,8 @@ def run(ctx: Any) -> Any:
 
 def load_student(ctx: Any) -> tuple[Any, Any]:
     """The student (a tiny:<preset> is built first) with LoRA or full fine-tuning per `ctx.lora()`."""
-    spec = ctx.spec.student
-    try:
-        return load_policy(prepare_base(spec, ctx.run_dir / "models"), spec, ctx.lora(), ctx.seed)
-    except UserInputError as err:  # the model loaders name `model.name`; here it is the student's
-        raise UserInputError(f"stages.{ctx.stage}.student.{str(err).removeprefix('model.')}") from None
+    key = f"stages.{ctx.stage}.student"
+    return load_named_policy(ctx.spec.student, ctx.run_dir / "models", ctx.lora(), ctx.seed, key)
 
 
 def logit_teacher(ctx: Any, student: Any, tokenizer: Any) -> Any:

@@ -20,14 +20,18 @@ from rlft import data, evaluate, training
 from rlft.checkpoint import GracefulExit
 from rlft.faults import fault_active, fault_point
 from rlft.metrics import MetricsLog, progress
-from rlft.models import load_policy, trainable_named_params
+from rlft.models import load_named_policy, load_policy, trainable_named_params
 from rlft.stage_io import StageOutput, finish_model, prepare_sft_data
 
 
 def run(ctx: Any) -> Any:
     """Train `ctx.spec` (an SFTSpec) and return the stage's Artifact."""
     spec = ctx.spec
-    policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
+    if spec.student is not None:  # a model of its own, e.g. a small student's baseline
+        key = f"stages.{ctx.stage}.student"
+        policy, tokenizer = load_named_policy(spec.student, ctx.run_dir / "models", ctx.lora(), ctx.seed, key)
+    else:
+        policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
     train_ex, eval_ex, eval_rows, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
     loader = data.SFTLoader(train_ex, spec.batch_size, spec.micro_batch_size or spec.batch_size, seed=ctx.seed)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
