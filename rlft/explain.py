@@ -17,7 +17,15 @@ def explain_recipe(loaded: Any) -> str:
     lines = [f"# {loaded.path}  (resolved, defaults filled in)", yaml.safe_dump(resolved, sort_keys=False)]
     lines.append("# stage graph")
     for name, spec in recipe.stages.items():
-        refs = [f"{key.rsplit('.', 1)[-1]}={ref}" for key, ref in stage_refs(name, spec)]
+        refs: dict[str, list[str]] = {}
+        for key, ref in stage_refs(name, spec):
+            field = next(p for p in reversed(key.split(".")) if not p.isdigit())
+            if not (field == "from" and spec.kind in ("distill", "eval")):  # distill/eval ignore from:
+                refs.setdefault(field, []).append(ref)
+        student = getattr(spec, "student", None)
+        if student is not None:
+            refs["student"] = [student.name]
+        refs = [f"{k}={','.join(v)}" for k, v in refs.items()]  # type: ignore[assignment]
         data = [d.source for d in getattr(spec, "data", [])]
         lines.append(f"  {name:<14} {spec.kind:<8} " + "  ".join(refs + [f"data={','.join(data)}"] * bool(data)))
     lines.append("\n# batch arithmetic (per optimizer step)")
