@@ -111,8 +111,10 @@ def attach_lora(model: Any, lora: LoraSpec) -> Any:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.targets,
-        modules_to_save=lora.modules_to_save or None,
+        # copies: peft extends these lists in place (e.g. with tied layers), and the recipe's
+        # objects must stay as written, or resume pinning would see a changed recipe
+        target_modules=list(lora.targets) if isinstance(lora.targets, list) else lora.targets,
+        modules_to_save=list(lora.modules_to_save) or None,
         task_type="CAUSAL_LM",
         # a trained copy of a tied embedding must stay tied to the output layer, or the merged
         # model would differ from the one that was trained

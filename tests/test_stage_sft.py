@@ -157,3 +157,20 @@ def test_nan_abort_policy_exits_4_with_clean_checkpoint(tmp_path: Path, monkeypa
         faults.reset()
     assert "step 3" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "t" / "sft").glob("step-*"))[-1] == "step-00000002"
+
+
+def test_attaching_lora_leaves_the_recipe_spec_untouched() -> None:
+    """peft extends modules_to_save in place for tied layers; the recipe object must not change
+    (else resume pinning sees a 'changed' recipe in a process that ran an earlier stage)."""
+    from rlft.models import attach_lora, load_model, prepare_base
+    from rlft.recipe import LoraSpec, ModelSpec
+
+    spec = ModelSpec(name="tiny:nano")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = prepare_base(spec, Path(tmp))
+        lora = LoraSpec(r=4, targets=["q_proj", "v_proj"], modules_to_save=["embed_tokens"])
+        before = lora.model_dump()
+        attach_lora(load_model(source, spec, torch.device("cpu")), lora)
+        assert lora.model_dump() == before
