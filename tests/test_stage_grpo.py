@@ -204,14 +204,17 @@ class _NoTimer:
         pass
 
 
-# Measured with recipes/tiny-grpo.yaml on this machine (1 thread), held-out greedy accuracy on
-# 256 rows, cold start -> after GRPO; see the margin asserted below.
-MIN_GAIN = 0.05
+# Measured with recipes/tiny-grpo.yaml on this machine (OMP_NUM_THREADS=1), held-out greedy
+# accuracy on 256 rows, cold start -> after 200 GRPO steps: seed 0 0.426 -> 0.570 (+14.5 points),
+# seed 1 0.355 -> 0.402 (+4.7); mean reward 0.24 -> 0.45 and 0.24 -> 0.42. The margin asserted
+# is below the smallest gain seen, the recipe runs with seed 0.
+MIN_GAIN = 0.03
 
 
+@pytest.mark.slow
 def test_tiny_grpo_recipe_beats_its_cold_start(tmp_path: Path) -> None:
     """recipes/tiny-grpo.yaml end to end: reward rises and held-out accuracy after GRPO exceeds
-    the cold-start model's by MIN_GAIN (about two minutes on one core)."""
+    the cold-start model's by MIN_GAIN (about four minutes on one core)."""
     root = Path(__file__).resolve().parents[1]
     assert main(["run", str(root / "recipes/tiny-grpo.yaml"), "--set", f"output_dir={tmp_path}"]) == 0
     cold = _metrics(tmp_path / "tiny-grpo" / "cold_start")
@@ -222,4 +225,4 @@ def test_tiny_grpo_recipe_beats_its_cold_start(tmp_path: Path) -> None:
     assert evals[-1]["eval/accuracy"] >= cold_acc + MIN_GAIN, (cold_acc, evals)
     rewards = [r["reward/mean"] for r in rl_rows if "reward/mean" in r]
     k = len(rewards) // 10
-    assert sum(rewards[-k:]) / k > sum(rewards[:k]) / k + 0.03, rewards
+    assert sum(rewards[-k:]) / k > sum(rewards[:k]) / k + 0.1, rewards
