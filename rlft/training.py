@@ -166,3 +166,22 @@ def restore_state(
     checkpoint.load_optimizer(optimizer, tensors["optimizer"], full_state["optimizer"])
     checkpoint.restore_rng(tensors["rng"], full_state["rng"])
     return full_state["step"], full_state["stage"], tensors, overrides
+
+
+def resume_stage(
+    ctx: Any, model: Any, optimizer: torch.optim.Optimizer, loader: Any, guard: NanGuard, meta: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
+    """Put a stage back where its newest verified checkpoint left it (when `ctx.resume`).
+
+    Restores the weights, optimizer and RNG (`restore_state`), the data cursor and NaN-guard
+    counters, records input changes accepted with --force in `meta`, and returns the step to
+    continue from (0 on a fresh start) with the stage's own saved state.
+    """
+    restored = restore_state(ctx.stage_dir, model, optimizer, meta, ctx.force) if ctx.resume else None
+    if restored is None:
+        meta["forced_overrides"] = []
+        return 0, {}
+    start, state, _, meta["forced_overrides"] = restored
+    loader.load_state_dict(state["loader"])
+    guard.load_state_dict(state["guard"])
+    return start, state

@@ -54,14 +54,8 @@ def run(ctx: Any) -> Any:
     take_step = step_function(spec, (student, teacher, tokenizer), optimizer, guard, ctx.seed)
     meta = ctx.input_meta(prints)
     meta["inputs"]["teacher"] = ctx.artifacts[spec.teacher].fingerprint
-    start, overrides = 0, []
-    restored = training.restore_state(ctx.stage_dir, student, optimizer, meta, ctx.force) if ctx.resume else None
-    if restored is not None:
-        start, state, _, overrides = restored
-        loader.load_state_dict(state["loader"])
-        guard.load_state_dict(state["guard"])
+    start, _ = training.resume_stage(ctx, student, optimizer, loader, guard, meta)
     metrics = MetricsLog(ctx.stage_dir, resume_step=start)
-    meta["forced_overrides"] = overrides
     stop = GracefulExit()
 
     def evaluate_now(at: int, values: dict[str, Any]) -> None:

@@ -38,14 +38,8 @@ def run(ctx: Any) -> Any:
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     meta = ctx.input_meta(fingerprints)
-    start, overrides = 0, []
-    restored = training.restore_state(ctx.stage_dir, policy, optimizer, meta, ctx.force) if ctx.resume else None
-    if restored is not None:
-        start, state, _, overrides = restored
-        loader.load_state_dict(state["loader"])
-        guard.load_state_dict(state["guard"])
+    start, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
     metrics = MetricsLog(ctx.stage_dir, resume_step=start)
-    meta["forced_overrides"] = overrides
     stop = GracefulExit()
 
     def save(at: int) -> None:
