@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# the R1 pipeline on the built-in tiny model: cold start, GRPO, rejection sampling, retrain,
+# distillation, eval; prints the per-stage table (also saved as runs/tiny-r1/results.md)
 demo: setup
-	$(BIN)/rlft run recipes/tiny-sft.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/rlft run recipes/tiny-r1.yaml
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_MARKS) $(PYTEST_ARGS)

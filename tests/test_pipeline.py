@@ -114,3 +114,25 @@ def test_pipeline_kill_and_rerun(tmp_path: Path, reference: tuple[Path, float]) 
     assert kills >= 5, f"only {kills} kills landed before the pipeline finished"
     assert rerun_stages == 0
     assert same, (_outputs(run), _outputs(ref_run))
+
+
+# recipes/tiny-r1.yaml, measured on this machine (seed 0), greedy held-out accuracy on 256 rows:
+#   OMP_NUM_THREADS=2: cold_start 0.527, rl 0.680 (+15.2), retrain 0.852, distill (student) 0.520,
+#   student_baseline 0.078.
+# GRPO's gain over its cold start across seeds 0-3 of the same stages (OMP_NUM_THREADS=1):
+# +14.5, +4.7, +19.1, +14.1 points. The asserted margins leave room for the last bits of a
+# different CPU or thread count; the issue's +15 target is reported, not asserted.
+R1_MIN_RL_GAIN = 0.10
+
+
+@pytest.mark.slow
+def test_tiny_r1_story(tmp_path: Path) -> None:
+    """Each stage does what it is for: GRPO beats the cold start, retraining the base on the
+    sampled data keeps the gain, the distilled student beats the same student trained on the
+    cold-start data only (about 10 minutes on one core)."""
+    root = Path(__file__).resolve().parents[1]
+    assert main(["run", str(root / "recipes/tiny-r1.yaml"), "--set", f"output_dir={tmp_path}"]) == 0
+    acc = {m: v["greedy"] for m, v in json.loads((tmp_path / "tiny-r1/eval/final/eval.json").read_text()).items()}
+    assert acc["rl"] >= acc["cold_start"] + R1_MIN_RL_GAIN, acc
+    assert acc["retrain"] >= acc["rl"] - 0.05, acc
+    assert acc["distill"] > acc["student_baseline"] + 0.1, acc
