@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlft.errors import UserInputError
+from rlft.fsio import fsync_dir
 
 ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD)
@@ -300,12 +301,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # best effort: some filesystems refuse a directory fsync
+        fsync_dir(path)
 
 
 def _did_you_mean(name: str, choices: Any) -> str:
