@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 from pydantic import BaseModel
@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from rlft.recipe import STAGE_KINDS, Recipe
+from rlft.recipe_problems import is_model, strip_annotated
 
 _HEADER = """\
 # Recipe reference
@@ -34,19 +35,9 @@ Scalars follow YAML 1.2: `1e-4` is a number, only `true`/`false` are booleans (`
 """
 
 
-def _strip(tp: Any) -> Any:
-    while get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    return tp
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
 def _models_in(tp: Any) -> Iterator[type[BaseModel]]:
-    tp = _strip(tp)
-    if _is_model(tp):
+    tp = strip_annotated(tp)
+    if is_model(tp):
         yield tp
     for arg in get_args(tp):
         if get_origin(tp) is not Literal:
@@ -86,15 +77,15 @@ def _anchor(model: type[BaseModel]) -> str:
 
 
 def _type(tp: Any) -> str:
-    tp = _strip(tp)
+    tp = strip_annotated(tp)
     origin, args = get_origin(tp), get_args(tp)
-    if _is_model(tp):
+    if is_model(tp):
         return f"[{tp.__name__}](#{_anchor(tp)})"
     if origin is Literal:
         return " | ".join(f"`{a}`" for a in args)
     if origin in (Union, types.UnionType):
-        members = [_strip(a) for a in args if a is not type(None)]
-        if all(_is_model(m) and "kind" in m.model_fields for m in members):
+        members = [strip_annotated(a) for a in args if a is not type(None)]
+        if all(is_model(m) and "kind" in m.model_fields for m in members):
             return "stage (see [stage kinds](#stage-kinds))"
         text = " or ".join(_type(m) for m in members)
         return text + (" or null" if type(None) in args else "")

@@ -98,33 +98,33 @@ class Locator:
 # --------------------------------------------------------------------------- schema walking
 
 
-def _strip(tp: Any) -> Any:
+def strip_annotated(tp: Any) -> Any:
     while get_origin(tp) is Annotated:
         tp = get_args(tp)[0]
     return tp
 
 
-def _is_model(tp: Any) -> bool:
+def is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
 def _tag_of(member: Any, item: Any) -> bool:
-    if not _is_model(member) or not isinstance(item, str):
+    if not is_model(member) or not isinstance(item, str):
         return False
     kind = member.model_fields.get("kind")
     return item == member.__name__ or (kind is not None and item in get_args(kind.annotation))
 
 
 def _step(tp: Any, item: Any) -> Any:
-    tp = _strip(tp)
-    if _is_model(tp):
+    tp = strip_annotated(tp)
+    if is_model(tp):
         for name, info in tp.model_fields.items():
             if item in (name, info.alias):
                 return info.annotation
         return None
     origin = get_origin(tp)
     if origin in (Union, UnionType):
-        members = [_strip(a) for a in get_args(tp) if a is not type(None)]
+        members = [strip_annotated(a) for a in get_args(tp) if a is not type(None)]
         tagged = [m for m in members if _tag_of(m, item)]
         if tagged:
             return tagged[0]
@@ -141,8 +141,8 @@ def model_at(loc: tuple) -> type[BaseModel] | None:
         tp = _step(tp, item)
         if tp is None:
             return None
-    tp = _strip(tp)
-    return tp if _is_model(tp) else None
+    tp = strip_annotated(tp)
+    return tp if is_model(tp) else None
 
 
 def field_names(model: type[BaseModel]) -> list[str]:
@@ -150,7 +150,7 @@ def field_names(model: type[BaseModel]) -> list[str]:
     return [info.alias or name for name, info in model.model_fields.items()]
 
 
-_STAGE_MODELS = get_args(_strip(get_args(Recipe.model_fields["stages"].annotation)[1]))
+_STAGE_MODELS = get_args(strip_annotated(get_args(Recipe.model_fields["stages"].annotation)[1]))
 STAGE_KEYS = sorted({key for model in _STAGE_MODELS for key in field_names(model)})
 
 
