@@ -257,13 +257,13 @@ def load_reward_model(source: str, model_spec: Any, dev: torch.device, key: str)
     finally:
         hf_logging.set_verbosity(verbosity)
     name, head = score_head(model, key)
-    if head.out_features != 1:
-        raise UserInputError(f"{key}: {source} has {head.out_features} output labels; a critic needs a reward "
-                             "model with one scalar output (num_labels: 1)")
     untrained = [k for k in info.get("missing_keys", []) if k.split(".")[0] == name]
     if untrained:
         raise UserInputError(f"{key}: {source} has no trained score head ({', '.join(sorted(untrained))} missing "
                              "from its weights): it is not a reward model")
+    if head.out_features != 1:
+        raise UserInputError(f"{key}: {source} has {head.out_features} output labels; a critic needs a reward "
+                             "model with one scalar output (num_labels: 1)")
     return RewardModel(model.to(dev).eval(), source, key)
 
 

@@ -334,22 +334,22 @@ class PPOSpec(RolloutStageSpec):
         n = self.prompts_per_step * self.group_size
         if n % self.mini_batches:
             raise ValueError(
-                f"mini_batches = {self.mini_batches} must split prompts_per_step*group_size = {n} completions evenly"
+                f"mini_batches must split prompts_per_step*group_size = {n} completions evenly, got {self.mini_batches}"
             )
         if self.kl_target is not None and self.loss.beta == 0:
             raise ValueError(
-                "kl_target adapts beta multiplicatively, so it cannot start from loss.beta: 0; "
-                "set loss.beta > 0 (e.g. 0.05) or drop kl_target"
+                "kl_target must start from loss.beta > 0: the controller scales beta, so from 0 it stays 0; "
+                "set loss.beta (e.g. 0.05) or drop kl_target"
             )
         if self.loss.ratio == "sequence":
             raise ValueError(
-                "loss.ratio: sequence (GSPO) needs one advantage per completion, and PPO's GAE advantages "
-                "are per token; use ratio: token"
+                "loss must use ratio: token; GSPO's sequence ratio needs one advantage per completion, and "
+                "PPO's GAE advantages are per token"
             )
         if self.loss.kl_in == "reward" and "kl_estimator" in self.loss.model_fields_set and self.loss.kl_estimator != "k1":
             raise ValueError(
-                "loss.kl_estimator: the KL in the reward is k1 = logp - ref_logp (Ziegler et al. 2019); "
-                "the other estimators apply with kl_in: loss"
+                "loss must not set kl_estimator with kl_in: reward: the KL in the reward is k1 = logp - ref_logp "
+                "(Ziegler et al. 2019); the other estimators apply with kl_in: loss"
             )
         return self
 

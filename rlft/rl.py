@@ -1,7 +1,9 @@
-"""What the policy-gradient stages (GRPO, PPO) share: rewards of a generation round, the
-per-token policy loss from the loss core, and the mini-batch/micro-batch update.
+"""What the policy-gradient stages (GRPO, PPO) share: prompt data and rewards, sampling and
+scoring a generation round, the reference policy, the per-token policy loss from the loss core,
+per-token rewards with the KL folded in, and the mini-batch/micro-batch update loop (`optimize`,
+which takes each stage's loss as a callback).
 
-ALGORITHMS.md sections 1, 3, 4, 5. The update is exact under micro-batching: the
+ALGORITHMS.md sections 1, 2, 3, 4, 5. The update is exact under micro-batching: the
 aggregation normaliser is computed once per optimizer step over the whole mini-batch.
 """
 

@@ -15,7 +15,8 @@ through GRPO's loss core (`rl.optimize`, `rl.policy_loss`). Choices, each docume
 3. Adaptive KL (`kl_target`): after each batch beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * N/horizon,
    KL = mean over the N completions of sum_t k1 (Ziegler et al. 2019); beta is checkpointed.
 4. Early stop (`early_stop_kl`): the epochs of a batch end after an epoch whose mean approx KL
-   (mean over tokens of old_logp - logp, measured before each step) exceeds it.
+   to the rollout policy exceeds it: k3 = (r - 1) - log r, r = exp(logp - old_logp), mean over
+   tokens, measured in each step's forward (before its update); >= 0, unlike the k1 mean.
 5. Checkpoints at rollout-batch boundaries hold the adapter, the critic (head, separate trunk),
    optimizer, RNG, data cursor and beta; a kill inside the epochs replays the batch, bitwise.
 """
@@ -104,7 +105,7 @@ def run(ctx: Any) -> Any:
         r = rl.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
         batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
         timer.lap("experience")  # old_logp, V_old, ref_logp, GAE
-        stats = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
+        stats: dict[str, Any] = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
         updates = update(policy, value, batch, spec, opt, opt_step, sampling.temperature, kl_ctl.beta)
         opt_step += len(updates)
         timer.lap("policy")
@@ -220,12 +221,13 @@ def ppo_loss(
     clipped = micro.old_values + (ev.values.detach() - micro.old_values).clamp(-value_clip, value_clip)
     chose_clipped = ((clipped - micro.returns).square() > (ev.values.detach() - micro.returns).square()) & counted
     loss = policy_part + value_coef * value_part
+    log_ratio = (ev.logp.detach() - micro.exp.old_logp).clamp(-losses.MAX_LOG_RATIO, losses.MAX_LOG_RATIO)
     if "kl" in stats:  # the in-loss estimator; "kl" of the batch is the rollout's k1
         stats["kl/loss"] = stats.pop("kl")
     stats |= {
         "loss/policy": policy_part.detach(), "loss/value": value_part.detach(), "loss/total": loss.detach(),
         "clip/value": chose_clipped.sum().float(),
-        "ppo/approx_kl": torch.where(counted, micro.exp.old_logp - ev.logp.detach(), 0.0).sum(),
+        "ppo/approx_kl": torch.where(counted, torch.expm1(log_ratio) - log_ratio, 0.0).sum(),
         "entropy": torch.where(counted, ev.entropy, 0.0).sum(),
     }
     return loss, stats
