@@ -170,18 +170,19 @@ def restore_state(
 
 def resume_stage(
     ctx: Any, model: Any, optimizer: torch.optim.Optimizer, loader: Any, guard: NanGuard, meta: dict[str, Any]
-) -> tuple[int, dict[str, Any]]:
+) -> tuple[int, dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Put a stage back where its newest verified checkpoint left it (when `ctx.resume`).
 
     Restores the weights, optimizer and RNG (`restore_state`), the data cursor and NaN-guard
     counters, records input changes accepted with --force in `meta`, and returns the step to
-    continue from (0 on a fresh start) with the stage's own saved state.
+    continue from (0 on a fresh start), the stage's own saved state and every tensor group
+    (for stage-specific extras such as a critic).
     """
     restored = restore_state(ctx.stage_dir, model, optimizer, meta, ctx.force) if ctx.resume else None
     if restored is None:
         meta["forced_overrides"] = []
-        return 0, {}
-    start, state, _, meta["forced_overrides"] = restored
+        return 0, {}, {}
+    start, state, tensors, meta["forced_overrides"] = restored
     loader.load_state_dict(state["loader"])
     guard.load_state_dict(state["guard"])
-    return start, state
+    return start, state, tensors

@@ -54,7 +54,7 @@ def run(ctx: Any) -> Any:
     take_step = step_function(spec, (student, teacher, tokenizer), optimizer, guard, ctx.seed)
     meta = ctx.input_meta(prints)
     meta["inputs"]["teacher"] = ctx.artifacts[spec.teacher].fingerprint
-    start, _ = training.resume_stage(ctx, student, optimizer, loader, guard, meta)
+    start, _, _ = training.resume_stage(ctx, student, optimizer, loader, guard, meta)
     metrics = MetricsLog(ctx.stage_dir, resume_step=start)
     stop = GracefulExit()
 

@@ -37,13 +37,8 @@ def run(ctx: Any) -> Any:
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
-    start, opt_step = 0, 0
-    restored = training.restore_state(ctx.stage_dir, policy, optimizer, meta, ctx.force) if ctx.resume else None
-    if restored is not None:
-        start, state, _, meta["forced_overrides"] = restored
-        loader.load_state_dict(state["loader"])
-        guard.load_state_dict(state["guard"])
-        opt_step = state["opt_step"]
+    start, state, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
+    opt_step = state.get("opt_step", 0)
     metrics, samples = MetricsLog(ctx.stage_dir, start), MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
     max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
     held_out, system = eval_rows[: spec.eval_samples], spec.data[0].system_prompt

@@ -85,13 +85,9 @@ def run(ctx: Any) -> Any:
     opt = make_optimization(policy, value, spec)
     kl_ctl = KLController(spec.loss.beta, spec.kl_target, spec.kl_horizon)
     meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
-    start, opt_step = 0, 0
-    restored = training.restore_state(ctx.stage_dir, policy, opt.optimizer, meta, ctx.force) if ctx.resume else None
-    if restored is not None:
-        start, state, tensors, meta["forced_overrides"] = restored
-        loader.load_state_dict(state["loader"])
-        opt.guard.load_state_dict(state["guard"])
-        opt_step, kl_ctl.beta = state["opt_step"], state["beta"]
+    start, state, tensors = training.resume_stage(ctx, policy, opt.optimizer, loader, opt.guard, meta)
+    opt_step, kl_ctl.beta = state.get("opt_step", 0), state.get("beta", kl_ctl.beta)
+    if start:
         value.load_state_tensors(tensors.get("critic", {}), str(ctx.stage_dir))
     metrics, samples = MetricsLog(ctx.stage_dir, start), MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
     max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens

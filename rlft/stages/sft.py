@@ -38,7 +38,7 @@ def run(ctx: Any) -> Any:
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     meta = ctx.input_meta(fingerprints)
-    start, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
+    start, _, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
     metrics = MetricsLog(ctx.stage_dir, resume_step=start)
     stop = GracefulExit()
 
