@@ -116,13 +116,12 @@ def test_pipeline_kill_and_rerun(tmp_path: Path, reference: tuple[Path, float]) 
     assert same, (_outputs(run), _outputs(ref_run))
 
 
-# recipes/tiny-r1.yaml, measured on this machine (seed 0), greedy held-out accuracy on 256 rows:
-#   OMP_NUM_THREADS=2: cold_start 0.527, rl 0.680 (+15.2), retrain 0.852, distill (student) 0.520,
-#   student_baseline 0.078.
-# GRPO's gain over its cold start across seeds 0-3 of the same stages (OMP_NUM_THREADS=1):
-# +14.5, +4.7, +19.1, +14.1 points. The asserted margins leave room for the last bits of a
-# different CPU or thread count; the issue's +15 target is reported, not asserted.
-R1_MIN_RL_GAIN = 0.10
+# recipes/tiny-r1.yaml, measured on this machine (seed 0, OMP_NUM_THREADS=1), greedy held-out
+# accuracy on 256 rows: cold_start 0.426, rl 0.734 (+30.9 points), retrain 0.805, distill
+# (student) 0.516, student_baseline 0.078. With one optimizer step per GRPO round instead of
+# mu = 2 x 2 mini-batches the gain was +4.7 to +19.1 over seeds 0-3; the asserted +15 is the
+# pipeline's target, with 16 points of slack on this seed.
+R1_MIN_RL_GAIN = 0.15
 
 
 @pytest.mark.slow
