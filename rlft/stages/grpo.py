@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from rlft import advantages, evaluate, rl, rollout, training
+from rlft import advantages, rl, rollout, training
 from rlft.checkpoint import GracefulExit
 from rlft.faults import fault_point
-from rlft.metrics import MetricsLog, StepTimer, progress
+from rlft.metrics import StepTimer, progress
 from rlft.models import load_policy
 from rlft.rl import make_reference
 from rlft.stage_io import StageOutput, finish_model
@@ -39,12 +39,8 @@ def run(ctx: Any) -> Any:
     meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
     start, state, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
     opt_step = state.get("opt_step", 0)
-    metrics, samples = MetricsLog(ctx.stage_dir, start), MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
-    max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
-    held_out, system = eval_rows[: spec.eval_samples], spec.data[0].system_prompt
     stop = GracefulExit()
-    if start == 0:
-        metrics.log(0, {"eval/accuracy": evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)})
+    logs = rl.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
     for step in progress(range(start, spec.steps), spec.steps, f"grpo {ctx.stage}", start=start):
         timer = StepTimer()
@@ -53,12 +49,7 @@ def run(ctx: Any) -> Any:
         opt_step += len(updates)
         timer.lap("policy")
         stats |= rl.mean_stats(updates) | timer.times | {"optimizer_steps": opt_step}
-        if step + 1 == spec.steps or spec.eval_every and (step + 1) % spec.eval_every == 0:
-            stats["eval/accuracy"] = evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)
-        metrics.log(step + 1, stats)
-        if step % spec.log_samples_every == 0:
-            for b, text in zip(batch[:2], texts[:: spec.group_size][:2], strict=False):
-                samples.log(step + 1, {"prompt": b.prompt_text, "completion": text, **b.columns})
+        logs.log(step, stats, batch, texts)
         last = step + 1 == spec.steps
         if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
             state = {"loader": loader.state_dict(), "guard": guard.state_dict(), "opt_step": opt_step}
@@ -66,10 +57,9 @@ def run(ctx: Any) -> Any:
         if stop.should_stop() and not last:
             stop.exit()
         fault_point("kill_step", step + 1)  # tests: die right after this step
-    metrics.close()
-    samples.close()
+    history = logs.close()
     score.close()
-    return finish_model(ctx, policy, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))
+    return finish_model(ctx, policy, tokenizer, StageOutput.from_history(history, guard.skipped))
 
 
 def lr_fn(spec: Any) -> Any:

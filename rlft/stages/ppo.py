@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlft import advantages, critic, evaluate, losses, rl, rollout, training
+from rlft import advantages, critic, losses, rl, rollout, training
 from rlft.checkpoint import GracefulExit
 from rlft.faults import fault_point
-from rlft.metrics import MetricsLog, StepTimer, progress
+from rlft.metrics import StepTimer, progress
 from rlft.models import load_policy
 from rlft.stage_io import StageOutput, commit_dir, finish_model, new_staging
 
@@ -89,12 +89,8 @@ def run(ctx: Any) -> Any:
     opt_step, kl_ctl.beta = state.get("opt_step", 0), state.get("beta", kl_ctl.beta)
     if start:
         value.load_state_tensors(tensors.get("critic", {}), str(ctx.stage_dir))
-    metrics, samples = MetricsLog(ctx.stage_dir, start), MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
-    max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
-    held_out, system = eval_rows[: spec.eval_samples], spec.data[0].system_prompt
     stop = GracefulExit()
-    if start == 0:
-        metrics.log(0, {"eval/accuracy": evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)})
+    logs = rl.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
     for step in progress(range(start, spec.steps), spec.steps, f"ppo {ctx.stage}", start=start):
         timer = StepTimer()
@@ -108,12 +104,7 @@ def run(ctx: Any) -> Any:
         kl_ctl.update(stats["kl/sequence"], len(r.out.texts))
         stats |= rl.mean_stats(updates) | {"ppo/epochs_run": len(updates) / spec.mini_batches}
         stats |= timer.times | {"optimizer_steps": opt_step}
-        if step + 1 == spec.steps or spec.eval_every and (step + 1) % spec.eval_every == 0:
-            stats["eval/accuracy"] = evaluate.task_accuracy(policy, tokenizer, held_out, max_new, system_prompt=system)
-        metrics.log(step + 1, stats)
-        if step % spec.log_samples_every == 0:
-            for b, text in zip(r.rows[:2], r.out.texts[:: spec.group_size][:2], strict=False):
-                samples.log(step + 1, {"prompt": b.prompt_text, "completion": text, **b.columns})
+        logs.log(step, stats, r.rows, r.out.texts)
         last = step + 1 == spec.steps
         if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
             state = {"loader": loader.state_dict(), "guard": opt.guard.state_dict(), "opt_step": opt_step,
@@ -123,10 +114,9 @@ def run(ctx: Any) -> Any:
         if stop.should_stop() and not last:
             stop.exit()
         fault_point("kill_step", step + 1)  # tests: die right after this step
-    metrics.close()
-    samples.close()
+    history = logs.close()
     score.close()
-    return finish(ctx, policy, tokenizer, value, metrics.history, opt.guard.skipped)
+    return finish(ctx, policy, tokenizer, value, history, opt.guard.skipped)
 
 
 def load_models(ctx: Any) -> tuple[Any, Any, critic.Critic]:
