@@ -173,7 +173,11 @@ def read_done(ctx: RunContext, inputs_hash: str) -> Artifact | None:
     path = ctx.stage_dir / "stage.done.json"
     if not path.exists():
         return None
-    marker = json.loads(path.read_text())
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("stage %s: %s is unreadable; running the stage again", ctx.stage, path)
+        return None
     if marker.get("inputs_hash") != inputs_hash:
         log.warning("stage %s: inputs changed since it finished; running it again", ctx.stage)
         return None

@@ -135,3 +135,14 @@ def test_tiny_r1_story(tmp_path: Path) -> None:
     assert acc["rl"] >= acc["cold_start"] + R1_MIN_RL_GAIN, acc
     assert acc["retrain"] >= acc["rl"] - 0.05, acc
     assert acc["distill"] > acc["student_baseline"] + 0.1, acc
+
+
+def test_a_torn_done_marker_reruns_the_stage_instead_of_crashing(tmp_path: Path) -> None:
+    from helpers import sft_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", sft_recipe(tmp_path, max_steps=2))
+    assert main(["run", str(recipe)]) == 0
+    marker = tmp_path / "t" / "sft" / "stage.done.json"
+    marker.write_text('{"stage": "sf')  # as a disk error could leave it
+    assert main(["run", str(recipe)]) == 0
+    assert json.loads(marker.read_text())["stage"] == "sft"
