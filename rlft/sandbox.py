@@ -1,17 +1,22 @@
 """Run model-written Python in a sandboxed subprocess (RELIABILITY.md S3, S6; tests 17-18).
 
 `run_python` runs `python -I -S main.py` (isolated mode: no site-packages, no PYTHON*
-variables, no script dir on sys.path) with:
-- namespaces via util-linux `unshare`: network (a loopback that is down: no connection at
-  all, not even to 127.0.0.1), pid (everything the code starts dies with it) and mount: a
-  fresh size-limited tmpfs on /tmp holds the working dir /tmp/work; /var/tmp, /dev/shm,
-  /root, /home, $HOME, $HF_HOME, $XDG_CACHE_HOME are covered by empty read-only mounts;
+variables, no script dir on sys.path) under rlft/sandbox_init.py, pid 1 of new mount, network,
+pid and IPC namespaces made by util-linux `unshare` (that file details each measure):
+- file system: a read-only view holding only the system directories (/usr, /etc, /lib*, ...)
+  and the interpreter's prefix; homes, /run, /var, the host's /tmp, data and run directories
+  are absent. The one writable place is a private tmpfs of max(8, 2 * max_file_mb) MB at /tmp
+  (also /dev/shm), working dir /tmp/work; it vanishes with the run;
+- no connection of any kind: the network namespace has only a loopback that is down, and a
+  seccomp filter refuses Unix (file system and abstract), netlink and vsock sockets, new
+  namespaces, io_uring and keyrings;
+- the pid namespace kills everything the code started; the IPC namespace takes its SysV and
+  POSIX IPC objects with it (its shared memory capped at the memory limit);
 - as root: its own unprivileged uid/gid (no groups, no capabilities, no_new_privs) and
   RLIMIT_NPROC. As another user: that user inside a user namespace, capabilities dropped,
-  no RLIMIT_NPROC (it would count the user's other processes); files the user may write
-  outside the covered dirs stay writable, so prefer running the trainer as root in a container;
-- RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_CORE = 0; an environment holding only
-  LC_ALL (no token reaches the code, S6); a wall-clock timeout; SIGKILL of the namespace and
+  no RLIMIT_NPROC (it would count the user's other processes);
+- RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_MSGQUEUE, RLIMIT_CORE = 0; an environment holding
+  only LC_ALL (no token reaches the code, S6); a wall-clock timeout; SIGKILL of the namespace and
   the process group at the end; output over OUTPUT_LIMIT kills the run, OUTPUT_CAP kept.
 Without namespaces it refuses (fail closed) unless `allow_unsafe=True`, the recipe's opt-in
 that the caller records: then only the private temp dir, environment, limits and group kill remain.
@@ -26,7 +31,6 @@ import itertools
 import os
 import resource
 import selectors
-import shlex
 import shutil
 import signal
 import subprocess
@@ -48,11 +52,14 @@ _TAIL = 4096
 _ENV = {"LC_ALL": "C.UTF-8"}
 _UID_RANGES = ((1 << 30, 1 << 16), (40000, 20000), (65534, 1))  # (first, count) for sandbox uids
 _uid_counter = itertools.count()
+_INIT = str(Path(__file__).with_name("sandbox_init.py"))
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/nix")
+_SETUP_FAILED = 125  # sandbox_init.EXIT_SETUP
 
 UNAVAILABLE_HELP = (
     "Model-written code runs only in a sandbox without network (RELIABILITY.md S3), and this "
-    "machine cannot create one: {reason}. Fix: install util-linux (`unshare`, `setpriv`, `mount`) "
-    "and allow namespaces (run as root, or `sysctl kernel.unprivileged_userns_clone=1` / "
+    "machine cannot create one: {reason}. Fix: install util-linux (`unshare`) and allow "
+    "namespaces and seccomp (run as root, or `sysctl kernel.unprivileged_userns_clone=1` / "
     "`user.max_user_namespaces > 0`; in Docker add `--cap-add SYS_ADMIN` or use a runtime that "
     "allows user namespaces). Or opt in to running the code without isolation with "
     "`allow_unsafe_code_exec: true` in the stage (or --unsafe-local-exec); the run manifest records it."
@@ -85,38 +92,46 @@ class SandboxResult:
 class _Isolation:
     mode: Literal["root", "userns"] | None
     python: str
-    tools: dict[str, str]
+    unshare: str
     problem: str | None
 
 
-def _tools() -> dict[str, str] | str:
-    found = {name: shutil.which(name, path="/usr/bin:/bin:/usr/sbin:/sbin") for name in
-             ("unshare", "setpriv", "mount", "mkdir", "chown", "cat", "sh")}
-    missing = [name for name, path in found.items() if path is None]
-    return f"missing programs: {', '.join(missing)}" if missing else {k: str(v) for k, v in found.items()}
+@dataclass(frozen=True)
+class _Limits:
+    timeout_s: float
+    memory_mb: int
+    max_procs: int
+    max_file_mb: int
 
 
-def _hidden_dirs() -> list[str]:
-    """Directories covered by empty read-only mounts in the sandbox (homes, HF cache and token)."""
-    dirs = ["/var/tmp", "/dev/shm", "/root", "/home", str(Path.home())]
+def _python() -> str:
+    """The trainer's own interpreter (the base one for a venv); its prefix is bound into the sandbox."""
+    return os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _binds(python: str) -> list[str]:
+    """Host paths visible (read-only) in the sandbox: system directories and the interpreter's prefix."""
+    paths = [d for d in _SYSTEM_DIRS if os.path.lexists(d)]
+    for extra in (os.path.dirname(python), sys.base_prefix, sys.base_exec_prefix):
+        real = os.path.realpath(extra)
+        if not any(_inside(real, p) for p in paths):
+            paths = [p for p in paths if not _inside(p, real)] + [real]
+    return paths
+
+
+def _hidden_dirs(binds: list[str]) -> list[str]:
+    """Secret-bearing directories (homes, HF cache and token) that a bind would expose: covered by empty mounts."""
+    dirs = ["/root", "/home", str(Path.home())]
     for var in ("HF_HOME", "HF_TOKEN_PATH", "XDG_CACHE_HOME"):
         value = os.environ.get(var)
         if value:
             dirs.append(value if os.path.isdir(value) else os.path.dirname(value))
-    return sorted({os.path.realpath(d) for d in dirs if d and os.path.isdir(d) and os.path.realpath(d) != "/"})
-
-
-def _python_for(mode: Literal["root", "userns"]) -> str | None:
-    """An interpreter outside the hidden dirs that the sandbox uid can run (every ancestor o+x)."""
-    hidden = _hidden_dirs()
-    for cand in (sys.executable, getattr(sys, "_base_executable", ""), "/usr/bin/python3", "/usr/local/bin/python3"):
-        real = Path(os.path.realpath(cand)) if cand else None
-        if real is None or not real.is_file() or any(str(real).startswith(h + "/") for h in hidden):
-            continue
-        if mode == "userns" or (real.stat().st_mode & 0o005 == 0o005
-                                and all(p.stat().st_mode & 0o001 for p in real.parents)):
-            return str(real)
-    return None
+    real = {os.path.realpath(d) for d in dirs if d and os.path.isdir(d)}
+    return sorted(d for d in real if any(_inside(d, b) for b in binds) and not any(_inside(b, d) for b in binds))
 
 
 def _sandbox_uid() -> int:
@@ -135,37 +150,33 @@ def _sandbox_uid() -> int:
 
 _PROBE = (
     "import os, socket\n"
-    "names = [n for _, n in socket.if_nameindex()]\n"
+    "nets = [line.split(':')[0].strip() for line in open('/proc/net/dev').read().splitlines()[2:]]\n"
     "open('probe', 'w').write('x')\n"
-    "print(os.getuid(), ','.join(names), os.getcwd())\n"
+    "try:\n    socket.socket(socket.AF_UNIX).close()\n    unix = 'unix-open'\n"
+    "except OSError:\n    unix = 'unix-refused'\n"
+    "ro = 'root-ro' if os.statvfs('/').f_flag & os.ST_RDONLY else 'root-rw'\n"
+    "print(os.getuid(), ','.join(nets), os.getcwd(), unix, ro)\n"
 )
 
 
 @functools.lru_cache(maxsize=1)
 def _probe() -> _Isolation:
-    tools = _tools()
-    if isinstance(tools, str):
-        return _Isolation(None, sys.executable, {}, tools)
-    problems = []
+    unshare = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if unshare is None:
+        return _Isolation(None, sys.executable, "", "missing program: unshare")
     # as root a user namespace would map the code to uid 0 on the host: root mode only
-    for mode in ("root",) if os.geteuid() == 0 else ("userns",):
-        python = _python_for(mode)
-        if python is None:
-            problems.append(f"{mode}: no Python interpreter the sandbox user can execute")
-            continue
-        iso = _Isolation(mode, python, tools, None)
-        try:
-            res = _run(iso, _PROBE, _Limits(20.0, 512, 16, 8))
-        except OSError as exc:
-            problems.append(f"{mode}: {exc}")
-            continue
-        fields = res.stdout.split()
-        if res.status == "ok" and len(fields) == 3 and fields[1] == "lo" and fields[2] == "/tmp/work":
-            if mode == "userns" or fields[0] != "0":
-                return iso
-        tail = (res.stderr.strip().splitlines() or [res.stdout.strip() or res.status])[-1]
-        problems.append(f"{mode}: {tail}")
-    return _Isolation(None, sys.executable, tools, "; ".join(problems))
+    mode: Literal["root", "userns"] = "root" if os.geteuid() == 0 else "userns"
+    iso = _Isolation(mode, _python(), unshare, None)
+    try:
+        res = _run(iso, _PROBE, _Limits(20.0, 512, 16, 8))
+    except OSError as exc:
+        return _Isolation(None, sys.executable, unshare, f"{mode}: {exc}")
+    fields = res.stdout.split()
+    want = ["lo", "/tmp/work", "unix-refused", "root-ro"]
+    if res.status == "ok" and fields[1:] == want and (mode == "userns" or fields[0] != "0"):
+        return iso
+    tail = (res.stderr.strip().splitlines() or [res.stdout.strip() or res.status])[-1]
+    return _Isolation(None, sys.executable, unshare, f"{mode}: {tail}")
 
 
 def isolation_available() -> bool:
@@ -178,25 +189,19 @@ def isolation_problem() -> str | None:
     return _probe().problem
 
 
-@dataclass(frozen=True)
-class _Limits:
-    timeout_s: float
-    memory_mb: int
-    max_procs: int
-    max_file_mb: int
-
-
 def run_python(code: str, *, timeout_s: float, memory_mb: int, max_procs: int, max_file_mb: int,
-               allow_unsafe: bool = False) -> SandboxResult:
+               allow_unsafe: bool = False, stdin: str = "", stdout_cap: int = OUTPUT_CAP) -> SandboxResult:
     """Run `code` as a Python program in the sandbox and return its outcome.
 
     Args:
         code: Program text (model-written; treated as hostile).
         timeout_s: Wall-clock limit; CPU time is limited to the same (rounded up) + 1 s.
-        memory_mb: Address-space limit (RLIMIT_AS) of every process.
+        memory_mb: Address-space limit (RLIMIT_AS) of every process; also caps SysV shared memory.
         max_procs: Process limit (RLIMIT_NPROC) when the sandbox has its own uid.
-        max_file_mb: Largest file the code may write (RLIMIT_FSIZE); also sizes the tmpfs.
+        max_file_mb: Largest file the code may write (RLIMIT_FSIZE); the tmpfs holds twice that.
         allow_unsafe: Run without namespaces when they are unavailable (explicit opt-in).
+        stdin: The program's standard input (EOF after it).
+        stdout_cap: Bytes of stdout kept (the head; OUTPUT_LIMIT still kills the run).
 
     Returns:
         The status, exit code, capped output and elapsed seconds.
@@ -206,48 +211,49 @@ def run_python(code: str, *, timeout_s: float, memory_mb: int, max_procs: int, m
     """
     limits = _Limits(float(timeout_s), int(memory_mb), int(max_procs), int(max_file_mb))
     if isolation_available():
-        return _run(_probe(), code, limits)
+        return _run(_probe(), code, limits, stdin, stdout_cap)
     if not allow_unsafe:
         reason = isolation_problem() or "namespace isolation is unavailable"
         raise SandboxUnavailableError(UNAVAILABLE_HELP.format(reason=reason))
-    return _run(_Isolation(None, sys.executable, {}, "unsafe"), code, limits)
+    return _run(_Isolation(None, sys.executable, "", "unsafe"), code, limits, stdin, stdout_cap)
 
 
-def _setup_script(iso: _Isolation, limits: _Limits, uid: int | None) -> str:
-    """Shell run as (namespace) root before the code: private tmpfs cwd, hidden dirs, code from stdin."""
-    t, q = iso.tools, shlex.quote
-    lines = ["set -e",
-             f"{q(t['mount'])} -t tmpfs -o size={max(8, 2 * limits.max_file_mb)}m,mode=1777,nosuid,nodev rlft /tmp"]
-    for d in _hidden_dirs():
-        if d != "/tmp" and not d.startswith("/tmp/"):
-            lines.append(f"{q(t['mount'])} -t tmpfs -o size=4k,mode=755,ro,nosuid,nodev,noexec rlft-hidden {q(d)}")
-    lines += [f"{q(t['mkdir'])} -m 700 /tmp/work"]
-    if uid is not None:
-        lines.append(f"{q(t['chown'])} {uid}:{uid} /tmp/work")
-    lines += ["cd /tmp/work", f"{q(t['cat'])} > main.py", "set +e", '"$@" < /dev/null', "exit $?"]
-    return "\n".join(lines)
-
-
-def _command(iso: _Isolation, limits: _Limits) -> tuple[list[str], int | None]:
-    """argv of the sandboxed run and the uid it runs under (None: the trainer's)."""
-    python = [iso.python, "-I", "-S", "main.py"]
-    if iso.mode is None:
-        return python, None
-    t = iso.tools
-    drop = ["--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"]
-    uid = _sandbox_uid() if iso.mode == "root" else None
-    if uid is not None:
-        drop = ["--reuid", str(uid), "--regid", str(uid), "--clear-groups", *drop]
-    ns = ["--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
-    if iso.mode == "userns":
-        ns = ["--user", "--map-root-user", *ns]
-    script = _setup_script(iso, limits, uid)
-    return [t["unshare"], *ns, "--", t["sh"], "-c", script, "sh", t["setpriv"], *drop, "--", *python], uid
-
-
-def _preexec(limits: _Limits, nproc: bool) -> Callable[[], None]:
+def _rlimits(limits: _Limits, nproc: bool) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) for the code's processes."""
     cpu = int(limits.timeout_s) + 1
     mem, fsize = limits.memory_mb * 1024 * 1024, limits.max_file_mb * 1024 * 1024
+    out = [(resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, mem, mem),
+           (resource.RLIMIT_FSIZE, fsize, fsize), (resource.RLIMIT_MSGQUEUE, 1 << 20, 1 << 20)]
+    if nproc:
+        out.append((resource.RLIMIT_NPROC, limits.max_procs, limits.max_procs))
+    return [(res, _clamp(res, soft), _clamp(res, hard)) for res, soft, hard in out]
+
+
+def _clamp(res: int, value: int) -> int:
+    """At most the current hard limit: raising it needs CAP_SYS_RESOURCE, which containers often lack."""
+    hard = resource.getrlimit(res)[1]
+    return value if hard == resource.RLIM_INFINITY else min(value, hard)
+
+
+def _command(iso: _Isolation, limits: _Limits) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """argv of the run and the rlimits the trainer applies itself (namespaced: sandbox_init does)."""
+    python = [iso.python, "-I", "-S", "main.py"]
+    if iso.mode is None:
+        return python, _rlimits(limits, nproc=False)
+    uid = _sandbox_uid() if iso.mode == "root" else None
+    binds = _binds(iso.python)
+    options = ["--tmpfs-mb", str(max(8, 2 * limits.max_file_mb)), "--memory-mb", str(limits.memory_mb)]
+    options += ["--uid", str(uid)] if uid is not None else []
+    options += [x for path in binds for x in ("--bind", path)]
+    options += [x for path in _hidden_dirs(binds) for x in ("--cover", path)]
+    options += [x for r in _rlimits(limits, nproc=uid is not None) for x in ("--rlimit", ":".join(map(str, r)))]
+    ns = ["--mount", "--net", "--pid", "--ipc", "--fork", "--kill-child"]
+    if iso.mode == "userns":
+        ns = ["--user", "--map-root-user", *ns]
+    return [iso.unshare, *ns, "--", iso.python, "-I", "-S", "-B", _INIT, *options, "--", *python], []
+
+
+def _preexec(rlimits: list[tuple[int, int, int]]) -> Callable[[], None]:
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
@@ -256,33 +262,30 @@ def _preexec(limits: _Limits, nproc: bool) -> Callable[[], None]:
     def limit() -> None:  # runs in the forked child before exec: no imports, no locks
         if prctl is not None:
             prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the trainer
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        if nproc:
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_procs, limits.max_procs))
+        for res, soft, hard in rlimits:
+            resource.setrlimit(res, (soft, hard))
 
     return limit
 
 
-def _run(iso: _Isolation, code: str, limits: _Limits) -> SandboxResult:
+def _run(iso: _Isolation, code: str, limits: _Limits, stdin: str = "", stdout_cap: int = OUTPUT_CAP) -> SandboxResult:
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="rlft-sbx-") if iso.mode is None else None
     try:
-        argv, uid = _command(iso, limits)
-        stdin_data = code.encode("utf-8", "surrogateescape")
-        if workdir is not None:  # unsafe mode: a private dir on disk instead of the namespace's tmpfs
-            Path(workdir, "main.py").write_bytes(stdin_data)
-            stdin_data = b""
+        argv, rlimits = _command(iso, limits)
+        program, data = code.encode("utf-8", "surrogateescape"), stdin.encode("utf-8", "surrogateescape")
+        if workdir is None:  # sandbox_init reads `<length>\n<program>` and leaves the rest to the program
+            data = b"%d\n" % len(program) + program + data
+        else:  # unsafe mode: a private dir on disk instead of the namespace's tmpfs
+            Path(workdir, "main.py").write_bytes(program)
         proc = subprocess.Popen(
-            argv, cwd=workdir or "/", env=dict(_ENV), stdin=subprocess.PIPE if stdin_data else subprocess.DEVNULL,
+            argv, cwd=workdir or "/", env=dict(_ENV), stdin=subprocess.PIPE if data else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-            preexec_fn=_preexec(limits, nproc=uid is not None),
+            preexec_fn=_preexec(rlimits),
         )
-        out = _Streams()
+        out = _Streams(stdout_cap)
         try:
-            ended = out.pump(proc, stdin_data, start + limits.timeout_s)
+            ended = out.pump(proc, data, start + limits.timeout_s)
         finally:
             _stop(proc, namespaced=iso.mode is not None)
             for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -297,7 +300,8 @@ def _run(iso: _Isolation, code: str, limits: _Limits) -> SandboxResult:
 class _Streams:
     """Reads stdout/stderr (feeding stdin) with a cap, a total limit and a deadline."""
 
-    def __init__(self) -> None:
+    def __init__(self, stdout_cap: int) -> None:
+        self.caps = {1: stdout_cap, 2: OUTPUT_CAP}
         self.head = {1: bytearray(), 2: bytearray()}
         self.tail = {1: b"", 2: b""}
         self.total = 0
@@ -329,7 +333,7 @@ class _Streams:
                             proc.stdin.close()  # type: ignore[union-attr]
                     elif data := os.read(key.fd, 65536):
                         self.total += len(data)
-                        head, room = self.head[key.data], max(OUTPUT_CAP - len(self.head[key.data]), 0)
+                        head, room = self.head[key.data], max(self.caps[key.data] - len(self.head[key.data]), 0)
                         head += data[:room]
                         self.tail[key.data] = (self.tail[key.data] + data[room:])[-_TAIL:]
                         if self.total > OUTPUT_LIMIT:
@@ -389,6 +393,8 @@ def _result(iso: _Isolation, rc: int, out: _Streams, ended: str, elapsed: float,
         status, code, note = "timeout", None, f"wall-clock limit {limits.timeout_s:g} s"
     elif ended == "output":
         status, code, note = "killed", None, f"wrote more than {OUTPUT_LIMIT} bytes of output"
+    elif iso.mode is not None and rc == _SETUP_FAILED and "rlft sandbox setup failed" in stderr:
+        note = "the sandbox could not be set up; the code did not run"
     elif rc and "MemoryError" in stderr[-2000:]:
         status, note = "oom", f"memory limit {limits.memory_mb} MB"
     elif rc < 0:

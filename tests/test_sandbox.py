@@ -4,37 +4,23 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
-import socket
 import stat
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+import sandbox_battery as battery
+from forkserver import record_result
 
-from rlft import sandbox
+from rlft import sandbox, sandbox_init
 from rlft.rewards import build_rewards
 
 LIMITS = dict(timeout_s=2.0, memory_mb=256, max_procs=8, max_file_mb=4)
 needs_isolation = pytest.mark.skipif(not sandbox.isolation_available(), reason="no namespace isolation here")
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, real uid) of every live process."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if fields.get("State", "").strip().startswith("Z"):
-            continue
-        table[int(entry)] = (int(fields["PPid"]), int(fields["Uid"].split()[0]))
-    return table
 
 
 _BASELINE: set[int] = set()
@@ -48,24 +34,24 @@ def _baseline_processes() -> None:
 
 
 def _leftovers() -> list[int]:
-    """Descendants of this process plus any process running under a sandbox uid, less the baseline."""
-    table = _proc_table()
-    sandbox_uid = lambda uid: any(first <= uid < first + n for first, n in sandbox._UID_RANGES[:2])  # noqa: E731
-    found, frontier = set(), {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in table.items() if ppid in frontier} - found
-        found |= frontier
-    return sorted((found | {pid for pid, (_, uid) in table.items() if sandbox_uid(uid)}) - _BASELINE)
+    return battery.leftover_processes(_BASELINE)
 
 
 def _describe(pids: list[int]) -> list[str]:
     out = []
     for pid in pids:
         try:
-            out.append(f"{pid} {_proc_table()[pid]} {Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r}")
+            out.append(f"{pid} {battery.proc_table()[pid]} {Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r}")
         except (OSError, KeyError):
             out.append(f"{pid} gone")
     return out
+
+
+def _assert_contained(attempts: list[battery.Attempt], test: str) -> None:
+    """Every attempt contained; the figure goes to reliability-results.json."""
+    record_result(test, sum(a.contained for a in attempts), len(attempts),
+                  escaped=[f"{a.name}: {a.detail}" for a in attempts if not a.contained])
+    assert all(a.contained for a in attempts), [f"{a.name}: {a.detail}" for a in attempts if not a.contained]
 
 
 @pytest.fixture
@@ -114,53 +100,90 @@ def test_child_env_has_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_isolation
 def test_sandbox_contains_hostile_code(fake_home: Path) -> None:
-    """RELIABILITY test 17: 9/9 hostile programs contained within limit + 1 s."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
-    token = fake_home / ".cache" / "huggingface" / "token"
-    host_tmp_canary = Path(tempfile.gettempdir()) / f"rlft-canary-{os.getpid()}"
-    battery = {
-        "busy loop": ("while True: pass", {"timeout", "killed"}),
-        "allocate 4 GB": ("b = bytearray(4 * 1024**3)", {"oom", "killed"}),
-        "fork bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
-                      {"timeout", "killed"}),
-        "1 GB stdout": ("import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 2**20)\n", {"killed"}),
-        "write ../../canary": (f"for p in ('../../canary', {str(host_tmp_canary)!r}):\n"
-                               "    try:\n        open(p, 'w').write('x')\n    except OSError:\n        pass\n"
-                               "raise SystemExit('done')", {"error"}),
-        "read HF token": (f"print(open({str(token)!r}).read())", {"error"}),
-        "connect to loopback": (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
-                                {"error"}),
-        "kill the trainer": (f"import os\nos.kill(os.getppid(), 9)\nos.kill({os.getpid()}, 9)", {"error"}),
-        "ignore SIGTERM": ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)",
-                           {"timeout"}),
-    }
-    contained = 0
-    for name, (code, expected) in battery.items():
-        t0 = time.monotonic()
-        res = sandbox.run_python(code, **LIMITS)
-        took = time.monotonic() - t0
-        assert res.isolated
-        assert res.status in expected, f"{name}: {res}"
-        assert took <= LIMITS["timeout_s"] + 1.0, f"{name} took {took:.2f} s"
-        assert "hf_CANARYTOKEN123" not in res.stdout + res.stderr, name
-        assert _leftovers() == [], f"{name} left processes behind: {_describe(_leftovers())}"
-        contained += 1
-    assert contained == 9
-    listener.setblocking(False)
-    with pytest.raises(BlockingIOError):
-        listener.accept()  # 0 connections reached the loopback canary
-    listener.close()
-    assert not Path("/canary").exists() and not host_tmp_canary.exists()
+    """RELIABILITY test 17: 9/9 hostile programs contained within limit + 1 s, no process left, no canary."""
+    attempts = battery.group_containment(fake_home / ".cache" / "huggingface" / "token", _leftovers)
+    assert len(attempts) == 9
+    _assert_contained(attempts, "test_sandbox_contains_hostile_code")
+    assert _leftovers() == [], _describe(_leftovers())
+
+
+@needs_isolation
+def test_no_write_reaches_the_host() -> None:
+    """Every world-writable directory of this host (found now) and a few others: the code cannot
+    write there, only into its private tmpfs, which has a quota; nothing is left after the run."""
+    attempts = battery.group_writes()
+    assert any(a.name == "write into /tmp" for a in attempts) and len(attempts) > 10
+    _assert_contained(attempts, "test_no_write_reaches_the_host")
+
+
+@needs_isolation
+def test_no_connection_to_host_listeners() -> None:
+    """Unix stream and datagram listeners in /run/lock, /tmp, /dev/shm and the working directory,
+    abstract ones and TCP on loopback accept 0 connections; vsock and netlink sockets are refused."""
+    attempts = battery.group_connections()
+    assert sum("socket in" in a.name for a in attempts) >= 4  # /run/lock may be missing on a host
+    _assert_contained(attempts, "test_no_connection_to_host_listeners")
+
+
+@needs_isolation
+def test_ipc_objects_die_with_the_run() -> None:
+    """SysV shm, queues and semaphores and POSIX queues outlive no run, the host's are invisible,
+    and SysV shared memory (which no rlimit counts) stops at the memory limit."""
+    before = battery.sysv_objects()
+    attempts = battery.group_ipc()
+    _assert_contained(attempts, "test_ipc_objects_die_with_the_run")
+    assert battery.sysv_objects() == before
+
+
+@needs_isolation
+def test_code_still_works_inside() -> None:
+    """What honest code needs keeps working: threads, fork, subprocess, multiprocessing, ctypes, /dev/null."""
+    code = ("import ctypes, multiprocessing, os, socket, subprocess, sys, threading\n"
+            "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+            "print(subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True).stdout.strip())\n"
+            "with multiprocessing.Pool(2) as pool: print(pool.map(abs, [-1, -2]))\n"
+            "print(len(socket.socketpair()), open('/dev/null', 'w').write('x'))\n"
+            "print(ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)(41))\n")
+    res = sandbox.run_python(code, **{**LIMITS, "timeout_s": 10.0, "max_procs": 16})
+    assert (res.status, res.stdout.split("\n")) == ("ok", ["thread", "42", "[1, 2]", "2 1", "42", ""]), res
+
+
+@pytest.mark.parametrize("machine, header", [
+    ("x86_64", "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"), ("aarch64", "/usr/include/asm-generic/unistd.h")])
+def test_seccomp_syscall_numbers_match_the_kernel_headers(machine: str, header: str) -> None:
+    if not Path(header).exists():
+        pytest.skip(f"{header} not installed")
+    text = Path(header).read_text()
+    for name, number in sandbox_init.ARCHES[machine][1].items():
+        assert re.search(rf"#define __NR(3264)?_{name}\s+{number}\b", text), (machine, name, number)
+
+
+def test_seccomp_program_jumps_stay_inside_it() -> None:
+    for machine in sandbox_init.ARCHES:
+        prog = sandbox_init.seccomp_program(machine)
+        assert prog[-1] == (sandbox_init.RET, sandbox_init.ALLOW, 0, 0) and len(prog) < 4096
+        for i, (code, _, jt, jf) in enumerate(prog):
+            if code in (sandbox_init.JEQ, sandbox_init.JGE, sandbox_init.JSET):
+                assert i + 1 + max(jt, jf) < len(prog)
+    with pytest.raises(OSError, match="no seccomp filter"):
+        sandbox_init.seccomp_program("sparc64")  # another architecture fails closed
+
+
+def _listing(path: str) -> list[str]:
+    """What /root or /home may show in the sandbox: only the way down to the interpreter's prefix."""
+    prefix = Path(os.path.realpath(sys.base_prefix))
+    return [prefix.relative_to(path).parts[0]] if prefix.is_relative_to(path) else []
 
 
 @needs_isolation
 def test_hides_homes_and_limits_files(fake_home: Path) -> None:
-    assert str(fake_home.resolve()) in sandbox._hidden_dirs() or str(fake_home).startswith("/tmp/")
-    res = sandbox.run_python("import os; print(os.listdir('/root'), os.listdir('/home'), os.getcwd())", **LIMITS)
-    assert res.stdout.strip() == "[] [] /tmp/work"
+    """Homes (and the HF token in them) are absent; the interpreter's own prefix is the only exception."""
+    code = ("import os\nls = lambda d: os.listdir(d) if os.path.isdir(d) else []\n"
+            f"print(ls('/root'), ls('/home'), os.path.exists({str(fake_home)!r}), os.getcwd())")
+    res = sandbox.run_python(code, **LIMITS)
+    assert res.stdout.strip() == f"{_listing('/root')} {_listing('/home')} False /tmp/work"
+    covered = sandbox._hidden_dirs(["/usr", str(fake_home.parent)])
+    assert str(fake_home.resolve()) in covered  # a home inside a bound tree is covered by an empty mount
     res = sandbox.run_python("open('big', 'wb').write(b'x' * 8 * 2**20)", **LIMITS)  # > max_file_mb = 4
     assert res.status == "error" and "File too large" in res.stderr  # Python ignores SIGXFSZ: EFBIG
 
