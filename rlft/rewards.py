@@ -14,11 +14,9 @@ Importing this module imports neither torch nor user code, so the recipe validat
 
 from __future__ import annotations
 
-import ast
 import concurrent.futures
 import math
 import re
-import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,7 +24,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from rlft import sandbox
+from rlft import code_tests, code_verdict, sandbox
 from rlft.errors import UserInputError
 from rlft.reward_runner import (
     FunctionSpec,
@@ -290,77 +288,37 @@ def overlong_penalty(max_len: int, cache_len: int, unit: Literal["tokens", "char
     return overlong_penalty
 
 
-_HARNESS = """\
-import io, sys
-_out = sys.stdout
-def _report(i, ok):
-    _out.write("{marker} %d %d\\n" % (i, ok)); _out.flush()
-_units = {units!r}
-_ns = {{"__name__": "solution"}}
-sys.stdout = sys.stderr = io.StringIO()
-try:
-    exec(compile({code!r}, "solution.py", "exec"), _ns)
-    _setup_ok = True
-except BaseException:
-    _setup_ok = False
-_i = 0
-for _kind, _src in _units:
-    try:
-        if not _setup_ok:
-            raise RuntimeError("solution failed")
-        exec(compile(_src, "tests.py", "exec"), _ns)
-        _ok = 1
-    except BaseException:
-        _ok = 0
-        _setup_ok = _setup_ok and _kind == "test"
-    if _kind == "test":
-        _report(_i, _ok)
-        _i += 1
-"""
-
-
-def _test_units(tests: Any) -> list[tuple[str, str]]:
-    """[(kind, source)]: a list of test snippets, or one source whose top-level asserts are the tests."""
-    if isinstance(tests, (list, tuple)):
-        return [("test", str(t)) for t in tests]
-    source = str(tests)
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as exc:
-        raise ValueError(f"the tests column does not parse as Python: {exc}") from exc
-    return [("test" if isinstance(s, ast.Assert) else "setup", ast.get_source_segment(source, s) or "")
-            for s in tree.body]
-
-
 def code_exec(mode: Literal["fraction", "all"] = "fraction", tests_column: str = "tests", timeout_s: float = 5.0,
               memory_mb: int = 512, max_procs: int = 16, max_file_mb: int = 16, parallel: int = 2,
               allow_unsafe: bool = False) -> RewardFn:
-    """Run the last ```python block of the completion with the row's tests in the sandbox.
+    """Run the last ```python block of the completion against the row's tests in the sandbox.
 
-    The tests column is a list of snippets (each one test) or Python source whose top-level
-    `assert`s are the tests. Reward: passed / total (`fraction`) or 1.0 iff all pass (`all`);
-    0.0 without a code block or when the program times out or crashes (the model's failure,
-    not the reward's). Results are read from lines tagged with a per-run random marker.
+    The tests column is Python source whose top-level `assert`s are the tests, a list of tests
+    (each a snippet of asserts, or `{"input": ..., "output": ...}` for a program reading stdin),
+    or `{"inputs": [...], "outputs": [...]}`. The sandboxed program only computes values; the
+    trainer holds the expected values and judges (rlft/code_tests.py has the rules, e.g. an
+    assert must compare a call of the solution with something the test wrote itself).
+    All assert tests of a row share one run; each input/output test is a run of its own
+    (`timeout_s` each). Reward: passed / total (`fraction`) or 1.0 iff all pass (`all`); 0.0
+    without a code block or when the program times out or crashes (the model's failure, not the
+    reward's). Tests that cannot be judged this way raise ValueError (counted as reward errors).
     """
     _check_choice(mode, "mode", ("fraction", "all"))
     if timeout_s <= 0 or memory_mb < 32 or max_procs < 1 or max_file_mb < 1 or parallel < 1:
         raise ValueError("options need timeout_s > 0, memory_mb >= 32, max_procs, max_file_mb, parallel >= 1")
 
+    def run(program: str, stdin: str) -> sandbox.SandboxResult:
+        return sandbox.run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, max_procs=max_procs,
+                                  max_file_mb=max_file_mb, allow_unsafe=allow_unsafe, stdin=stdin,
+                                  stdout_cap=sandbox.OUTPUT_LIMIT)
+
     def one(completion: str, tests: Any) -> float:
+        plan = code_tests.parse_tests(tests)
         blocks = _CODE_RE.findall(completion)
-        units = _test_units(tests)
-        total = sum(kind == "test" for kind, _ in units)
-        if total == 0:
-            raise ValueError("the row's tests contain no assert")
         if not blocks:
             return 0.0
-        marker = f"RLFT-TEST-{secrets.token_hex(8)}"
-        program = _HARNESS.format(marker=marker, units=units, code=blocks[-1])
-        res = sandbox.run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, max_procs=max_procs,
-                                 max_file_mb=max_file_mb, allow_unsafe=allow_unsafe)
-        passed = {int(i) for i, ok in re.findall(rf"^{marker} (\d+) ([01])$", res.stdout, re.M) if ok == "1"}
-        passed &= set(range(total))
-        return len(passed) / total if mode == "fraction" else float(len(passed) == total)
+        passed = code_verdict.score(plan, blocks[-1], run, stop_at_failure=mode == "all")
+        return passed / plan.total if mode == "fraction" else float(passed == plan.total)
 
     def code_exec(prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]:
         tests = _column(columns, tests_column, "code_exec", len(completions))

@@ -2,7 +2,8 @@
 
 Each group function runs its attacks, checks the host, and returns one Attempt per attack;
 tests/test_sandbox.py asserts that every attempt is contained and records the figures in
-reliability-results.json. `python tests/sandbox_battery.py` runs every group and rewrites the battery table in
+reliability-results.json (tests/reward_hacks.py holds the attacks on code_exec's verdicts).
+`python tests/sandbox_battery.py` runs every group and rewrites the battery table in
 docs/reliability.md from the results.
 """
 
@@ -370,6 +371,7 @@ def group_containment(token_file: Path, leftovers: Callable[[], list[int]]) -> l
 
 GROUPS = {  # group -> (RELIABILITY.md item, test that asserts it)
     "resources and escapes": ("test 17", "tests/test_sandbox.py::test_sandbox_contains_hostile_code"),
+    "reward hacks": ("verdicts", "tests/test_code_exec.py::test_reward_hacks_score_zero"),
     "writes": ("read-only file system", "tests/test_sandbox.py::test_no_write_reaches_the_host"),
     "connections": ("no connection", "tests/test_sandbox.py::test_no_connection_to_host_listeners"),
     "IPC": ("IPC namespace", "tests/test_sandbox.py::test_ipc_objects_die_with_the_run"),
@@ -378,6 +380,8 @@ GROUPS = {  # group -> (RELIABILITY.md item, test that asserts it)
 
 def run_all() -> list[Attempt]:
     """Every group, as the tests run them (test 17 with a HOME holding a token the sandbox must not read)."""
+    import reward_hacks  # it imports Attempt from here
+
     home, old_home = Path(tempfile.mkdtemp(prefix="rlft-home-")), os.environ.get("HOME")
     token = home / ".cache" / "huggingface" / "token"
     token.parent.mkdir(parents=True)
@@ -389,7 +393,7 @@ def run_all() -> list[Attempt]:
     finally:
         os.environ.pop("HOME") if old_home is None else os.environ.update(HOME=old_home)
         shutil.rmtree(home, ignore_errors=True)
-    return first + group_writes() + group_connections() + group_ipc()
+    return first + reward_hacks.group_reward_hacks() + group_writes() + group_connections() + group_ipc()
 
 
 def table(attempts: list[Attempt]) -> str:
