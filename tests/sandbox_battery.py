@@ -402,6 +402,7 @@ def table(attempts: list[Attempt]) -> str:
     for group, (_, test) in GROUPS.items():
         mine = [a for a in attempts if a.group == group]
         names = "; ".join(a.name if a.contained else f"**{a.name} (NOT contained: {a.detail})**" for a in mine)
+        names = names.replace("_", "\\_")  # __eq__ is not bold
         rows.append(f"| {group} | {len(mine)} | {sum(a.contained for a in mine)} | {names} (`{test}`) |")
     machine = f"{os.uname().sysname} {os.uname().release}, {os.uname().machine}"
     mode = "root (own uid)" if os.geteuid() == 0 else "user namespace"

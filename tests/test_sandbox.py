@@ -232,3 +232,16 @@ def test_private_dir_is_private_in_unsafe_mode(monkeypatch: pytest.MonkeyPatch) 
     cwd, mode = res.stdout.split()
     assert not Path(cwd).exists()  # removed afterwards
     assert stat.S_IMODE(int(mode, 8)) == 0o700
+
+
+def test_reliability_doc_lists_the_battery(tmp_path: Path) -> None:
+    """docs/reliability.md's battery table comes from tests/sandbox_battery.py: every group and every
+    reward hack is listed, and every attack tried was contained (regenerate it after adding one)."""
+    import reward_hacks
+
+    block = battery.DOC.read_text().split(battery.BEGIN)[1].split(battery.END)[0]
+    rows = {cells[1].strip(): cells for line in block.splitlines() if line.startswith("| ")
+            and (cells := line.split("|"))[1].strip() not in ("group", "---")}
+    assert set(rows) == set(battery.GROUPS)
+    assert all(int(cells[2]) == int(cells[3]) > 0 for cells in rows.values())
+    assert all(name in rows["reward hacks"][4].replace("\\_", "_") for name in reward_hacks.reward_hacks(tmp_path))
