@@ -250,7 +250,7 @@ def _command(iso: _Isolation, limits: _Limits) -> tuple[list[str], list[tuple[in
     ns = ["--mount", "--net", "--pid", "--ipc", "--fork", "--kill-child"]
     if iso.mode == "userns":
         ns = ["--user", "--map-root-user", *ns]
-    return [iso.unshare, *ns, "--", iso.python, "-I", "-S", "-B", _INIT, *options, "--", *python], []
+    return [iso.unshare, *ns, "--", iso.python, "-I", "-S", "-B", _INIT, *options], []
 
 
 def _preexec(rlimits: list[tuple[int, int, int]]) -> Callable[[], None]:

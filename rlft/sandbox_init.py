@@ -1,9 +1,9 @@
 """Pid 1 of the sandbox: build a read-only root, drop every privilege, filter syscalls, run the code.
 
-rlft/sandbox.py starts it as `python -I -S -B sandbox_init.py OPTIONS -- ARGV` under `unshare
---mount --net --pid --ipc --fork` (plus `--user --map-root-user` when the trainer is not root),
-so it runs as (namespace) root in new mount, network, pid and IPC namespaces. It imports nothing
-from rlft (and little at all: its imports are most of the sandbox's startup time). OPTIONS:
+rlft/sandbox.py starts it as `python -I -S -B sandbox_init.py OPTIONS` under `unshare --mount
+--net --pid --ipc --fork` (plus `--user --map-root-user` when the trainer is not root), so it
+runs as (namespace) root in new mount, network, pid and IPC namespaces. It imports nothing from
+rlft (and little at all: its start-up is most of the sandbox's). OPTIONS:
 --uid N (absent: stay the user-namespace root), --bind PATH and --cover PATH (repeated),
 --tmpfs-mb N, --memory-mb N, --rlimit RESOURCE:SOFT:HARD (repeated). Stdin carries
 `<length>\\n<program><input>`: the program becomes /tmp/work/main.py, the rest stays on stdin.
@@ -21,8 +21,11 @@ checked: if any is still writable, the code does not run (exit 125). Homes, /run
 nor read the tests' expected values from disk. The IPC namespace dies with the run, taking SysV
 segments, queues, semaphores and POSIX queues with it; its shm/msg limits are lowered below.
 
-The payload process then gets its rlimits, its own uid/gid with no groups (root mode), an empty
-capability set (bounding, inheritable, ambient, permitted), no_new_privs, and a seccomp filter:
+The init then forks the payload (it stays pid 1 and reaps orphans). The payload gets its
+rlimits, its own uid/gid with no groups (root mode), an empty capability set (bounding,
+inheritable, ambient, permitted), no_new_privs and a seccomp filter, and only then runs main.py
+in its own interpreter, as `python -I -S main.py` would (a second interpreter start would double
+the sandbox's start-up). The seccomp filter allows:
 - socket() only for AF_INET/AF_INET6, which the empty network namespace contains. A read-only or
   hidden file system does not stop connect() to a Unix socket whose file is visible, socket files
   live in many places (/run, /tmp, homes, project directories) and appear at any time; refusing
@@ -51,7 +54,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4
 _ATIME_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024,
                 "nodiratime": 2048, "relatime": 1 << 21}  # per-mount flags a remount must keep
 MNT_DETACH = 2
-PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAP_AMBIENT = 24, 38, 22, 47
+PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAP_AMBIENT = 4, 24, 38, 22, 47
 SECCOMP_MODE_FILTER = 2
 AF_UNIX, AF_INET, AF_INET6, SOCK_STREAM = 1, 2, 10, 1
 CLONE_NAMESPACES = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
@@ -240,14 +243,29 @@ def _drop_privileges(uid: int | None) -> None:
     _libc.prctl(PR_CAP_AMBIENT, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL; EINVAL before Linux 4.3 (none to clear)
 
 
-def _exec_payload(cfg: dict) -> None:
+def _confine(cfg: dict) -> None:
+    """In the forked child: rlimits, no privileges, the seccomp filter, the working dir."""
     for res, soft, hard in cfg["rlimit"]:
         resource.setrlimit(res, (soft, hard))
     _drop_privileges(cfg["uid"])
+    _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")  # setuid cleared it: /proc/self would be root's
     _install_seccomp()
     os.chdir("/tmp/work")
     os.closerange(3, 65536)
-    os.execve(cfg["argv"][0], cfg["argv"], dict(os.environ))
+
+
+def _run_program() -> None:
+    """Run main.py as `python -I -S main.py` would, in this confined interpreter (no second start-up).
+
+    A fresh `__main__` module, as the interpreter makes for a script (runpy would cost more to
+    import than the rest of the setup). The program's exceptions and exit status are its own.
+    """
+    main = type(sys)("__main__")
+    main.__file__ = "main.py"
+    sys.modules["__main__"], sys.argv = main, ["main.py"]
+    with open("main.py", "rb") as fh:
+        code = compile(fh.read(), "main.py", "exec")  # bytes: a coding cookie or BOM is honoured
+    exec(code, main.__dict__)
 
 
 def _reap(payload: int) -> int:
@@ -259,10 +277,9 @@ def _reap(payload: int) -> int:
 
 
 def parse_args(argv: list[str]) -> dict:
-    """OPTIONS -- ARGV (see the module docstring) as a dict."""
+    """OPTIONS (see the module docstring) as a dict."""
     cfg: dict = {"uid": None, "bind": [], "cover": [], "rlimit": [], "tmpfs_mb": 8, "memory_mb": 512}
-    end = argv.index("--")
-    for key, value in zip(argv[:end:2], argv[1:end:2], strict=True):
+    for key, value in zip(argv[::2], argv[1::2], strict=True):
         name = key[2:].replace("-", "_")
         if name in ("bind", "cover"):
             cfg[name].append(value)
@@ -272,12 +289,11 @@ def parse_args(argv: list[str]) -> dict:
             cfg[name] = int(value)
         else:
             raise ValueError(f"unknown option {key}")
-    cfg["argv"] = argv[end + 1:]
     return cfg
 
 
 def main() -> None:
-    """Set up, fork the payload, wait for it; exit with its status (125: the setup failed)."""
+    """Set up, fork the program, reap until it exits; exit with its status (125: the setup failed)."""
     try:
         cfg = parse_args(sys.argv[1:])
         program = _read_program()
@@ -293,13 +309,14 @@ def main() -> None:
         sys.stderr.write(f"rlft sandbox setup failed: {exc}\n")
         os._exit(EXIT_SETUP)
     pid = os.fork()
-    if pid == 0:
-        try:
-            _exec_payload(cfg)
-        except BaseException as exc:  # noqa: BLE001 - report and never fall back to running unconfined
-            sys.stderr.write(f"rlft sandbox setup failed: {exc}\n")
+    if pid != 0:
+        os._exit(_reap(pid))
+    try:
+        _confine(cfg)
+    except BaseException as exc:  # noqa: BLE001 - report and never fall back to running unconfined
+        sys.stderr.write(f"rlft sandbox setup failed: {exc}\n")
         os._exit(EXIT_SETUP)
-    os._exit(_reap(pid))
+    _run_program()
 
 
 if __name__ == "__main__":
