@@ -1,8 +1,9 @@
 """Run model-written Python in a sandboxed subprocess (RELIABILITY.md S3, S6; tests 17-18).
 
-`run_python` runs `python -I -S main.py` (isolated mode: no site-packages, no PYTHON*
-variables, no script dir on sys.path) under rlft/sandbox_init.py, pid 1 of new mount, network,
-pid and IPC namespaces made by util-linux `unshare` (that file details each measure):
+`run_python` runs the program as `python -I -S main.py` would (isolated mode: no site-packages,
+no PYTHON* variables, no script dir on sys.path), in the confined child of rlft/sandbox_init.py,
+pid 1 of new mount, network, pid and IPC namespaces made by util-linux `unshare` (that file
+details each measure):
 - file system: a read-only view holding only the system directories (/usr, /etc, /lib*, ...)
   and the interpreter's prefix; homes, /run, /var, the host's /tmp, data and run directories
   are absent. The one writable place is a private tmpfs of max(8, 2 * max_file_mb) MB at /tmp
