@@ -7,6 +7,7 @@ import json
 
 import pytest
 import reward_hacks as hacks
+import sandbox_battery as battery
 from forkserver import record_result
 
 from rlft import code_tests, code_verdict, sandbox
@@ -39,12 +40,14 @@ def test_honest_solutions_score_by_tests_passed(form: str) -> None:
 
 @needs_isolation
 def test_reward_hacks_score_zero() -> None:
-    """Every hack of the battery scores 0, and no expected value reaches the sandboxed child."""
+    """Every hack of the battery scores 0, no expected value reaches the sandboxed child, no process is left."""
+    baseline = set(battery.leftover_processes(set()))
     attempts = hacks.group_reward_hacks()
     record_result("test_reward_hacks_score_zero", sum(a.contained for a in attempts), len(attempts),
                   escaped=[f"{a.name}: {a.detail}" for a in attempts if not a.contained])
     assert len(attempts) >= 20
     assert all(a.contained for a in attempts), [f"{a.name}: {a.detail}" for a in attempts if not a.contained]
+    assert battery.leftover_processes(baseline) == []
 
 
 ASSERT_FORMS = """

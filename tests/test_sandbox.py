@@ -48,10 +48,11 @@ def _describe(pids: list[int]) -> list[str]:
 
 
 def _assert_contained(attempts: list[battery.Attempt], test: str) -> None:
-    """Every attempt contained; the figure goes to reliability-results.json."""
+    """Every attempt contained and no process left; the figure goes to reliability-results.json."""
     record_result(test, sum(a.contained for a in attempts), len(attempts),
                   escaped=[f"{a.name}: {a.detail}" for a in attempts if not a.contained])
     assert all(a.contained for a in attempts), [f"{a.name}: {a.detail}" for a in attempts if not a.contained]
+    assert _leftovers() == [], _describe(_leftovers())
 
 
 @pytest.fixture
@@ -104,7 +105,6 @@ def test_sandbox_contains_hostile_code(fake_home: Path) -> None:
     attempts = battery.group_containment(fake_home / ".cache" / "huggingface" / "token", _leftovers)
     assert len(attempts) == 9
     _assert_contained(attempts, "test_sandbox_contains_hostile_code")
-    assert _leftovers() == [], _describe(_leftovers())
 
 
 @needs_isolation
