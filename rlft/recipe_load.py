@@ -11,8 +11,11 @@ YAML rules: see `rlft/recipe_yaml.py` (YAML 1.2 scalars, `0755` is reported as a
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from rlft.errors import Problem, RecipeError
 from rlft.recipe import Recipe
 from rlft.recipe_checks import all_problems
 from rlft.recipe_problems import Locator, dotted, show, validation_problems
-from rlft.recipe_yaml import Path_, parse_scalar_text, parse_yaml
+from rlft.recipe_yaml import MAX_BYTES, Path_, parse_scalar_text, parse_yaml
 
 __all__ = ["LoadedRecipe", "load_recipe", "recipe_sha256"]
 
@@ -94,12 +97,56 @@ def _apply_overrides(raw: dict, overrides: Sequence[str]) -> tuple[set[Path_], l
 
 
 def _read(path: Path) -> bytes:
+    """The recipe's bytes, at most MAX_BYTES + 1 of them, read only from a regular file.
+
+    The file is opened non-blocking and checked with fstat before any read, so a FIFO does not
+    hang, /dev/zero is not read to exhaustion and a directory is named as one.
+    """
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise RecipeError([Problem(str(path), None, None, "", "recipe file not found")]) from None
+        raise _read_error(path, f"recipe file not found{_recipe_hint(path)}") from None
     except OSError as err:
-        raise RecipeError([Problem(str(path), None, None, "", f"cannot read the recipe: {err.strerror}")]) from None
+        raise _read_error(path, f"cannot read the recipe: {err.strerror}") from None
+    try:
+        _check_regular(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read(MAX_BYTES + 1)  # a file that grew since fstat is caught by the parser's check
+        except OSError as err:
+            raise _read_error(path, f"cannot read the recipe: {err.strerror}") from None
+
+
+def _check_regular(path: Path, info: os.stat_result) -> None:
+    """Refuse anything but a regular file of at most MAX_BYTES, saying what `path` is instead."""
+    if stat.S_ISREG(info.st_mode) and info.st_size <= MAX_BYTES:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        raise _read_error(path, f"a directory, not a recipe file{_yaml_files(path)}")
+    if not stat.S_ISREG(info.st_mode):
+        raise _read_error(path, "not a regular file (a pipe, device or socket); give a recipe YAML file")
+    raise _read_error(path, f"recipe is {info.st_size / 1e6:.1f} MB; recipes are limited to 1 MB")
+
+
+def _read_error(path: Path, message: str) -> RecipeError:
+    return RecipeError([Problem(str(path), None, None, "", message)])
+
+
+def _recipe_hint(path: Path) -> str:
+    """A did-you-mean among the YAML files beside a missing recipe."""
+    if not path.parent.is_dir():
+        return f" (directory {path.parent} does not exist)"
+    names = sorted(p.name for p in path.parent.glob("*.y*ml"))
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _yaml_files(directory: Path) -> str:
+    names = sorted(p.name for p in directory.glob("*.y*ml"))
+    return f"; recipes there: {', '.join(names[:8])}" if names else ""
 
 
 def _parse(path: Path) -> tuple[dict, dict, list[Problem]]:

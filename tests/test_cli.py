@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,58 @@ def test_missing_recipe_file_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
 def test_unknown_stage_name_suggests(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stage", "sfx", "--recipe", str(ROOT / "recipes/tiny-sft.yaml")]) == 2
     assert "did you mean 'sft'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the installed console script
+
+RLFT = str(Path(sys.executable).with_name("rlft"))
+
+
+def rlft(*args: str, cwd: Path, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """`rlft ARGS` as a user types it: the installed console script in a subprocess."""
+    return subprocess.run([RLFT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    """Exit `code`, no traceback, and one `error:` line; returns that line."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == code, out
+    assert "Traceback" not in out and "most recent call last" not in out, out
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # an unbounded read fails fast instead of swapping
+
+
+def test_recipe_that_is_not_a_regular_file(tmp_path: Path) -> None:
+    """/dev/zero, a FIFO without a writer and a directory are refused before any byte is read."""
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    assert "/dev/zero  not a regular file" in assert_one_line_error(
+        rlft("validate", "/dev/zero", cwd=tmp_path, preexec_fn=_limit_memory)
+    )
+    assert f"{fifo}  not a regular file" in assert_one_line_error(rlft("validate", str(fifo), cwd=tmp_path, timeout=30))
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "tiny-r1.yaml").write_text((ROOT / "recipes/tiny-r1.yaml").read_text())
+    line = assert_one_line_error(rlft("run", "recipes", cwd=tmp_path))
+    assert "recipes  a directory, not a recipe file; recipes there: tiny-r1.yaml" in line
+
+
+def test_recipe_size_is_checked_before_reading(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as f:
+        f.truncate(4_000_000_000)  # sparse: 4 GB that take no disk, more than the child may allocate
+    assert "recipe is 4000.0 MB; recipes are limited to 1 MB" in assert_one_line_error(
+        rlft("validate", str(big), cwd=tmp_path, preexec_fn=_limit_memory)
+    )
+
+
+def test_missing_recipe_suggests_a_sibling(tmp_path: Path) -> None:
+    (tmp_path / "tiny-r1.yaml").write_text("x: 1\n")
+    line = assert_one_line_error(rlft("run", "tiny-r.yaml", cwd=tmp_path))
+    assert "tiny-r.yaml  recipe file not found (did you mean 'tiny-r1.yaml'?)" in line
