@@ -37,17 +37,24 @@ def resolve_dtype(name: str, dev: torch.device) -> torch.dtype:
 
 
 def prepare_base(spec: ModelSpec, models_dir: Path) -> str:
-    """Where the base model loads from: a tiny:<preset> is built under `models_dir` first."""
+    """Where the base model loads from: a tiny:<preset> is built under `models_dir` first.
+
+    Raises:
+        UserInputError: an unknown tiny preset or bad overrides.
+        WriteError: the tiny model could not be written (disk full).
+    """
     if not spec.name.startswith("tiny:"):
         return spec.name
     from rlft import tiny
+    from rlft.fsio import writing
 
     preset = spec.name.removeprefix("tiny:")
     if preset not in tiny.PRESETS:
         raise UserInputError(f"model.name: unknown tiny preset {preset!r}; choose from {sorted(tiny.PRESETS)}")
     overrides = spec.tiny.model_dump(exclude_none=True) if spec.tiny else {}
     out = models_dir / f"tiny-{preset}-seed{spec.seed}-{_short_hash(overrides)}"
-    return str(tiny.build_tiny_model(out, preset=preset, overrides=overrides, seed=spec.seed))
+    with writing(f"the base model {spec.name}", out):
+        return str(tiny.build_tiny_model(out, preset=preset, overrides=overrides, seed=spec.seed))
 
 
 def _short_hash(obj: Any) -> str:

@@ -3,16 +3,18 @@ stage's final output (`<stage>/final/`) atomically before the pipeline's done ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlft import data
-from rlft.fsio import fsync_dir
+from rlft.fsio import fsync_dir, writing
 from rlft.metrics import fmt, summary_table
 
 
@@ -86,9 +88,10 @@ def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> A
 
     final = ctx.stage_dir / "final"
     staging = new_staging(ctx.stage_dir)
-    save_model(model, tokenizer, staging)
-    (staging / "metrics.json").write_text(json.dumps(output.summary, indent=1, sort_keys=True))
-    commit_dir(staging, final)
+    with writing(f"stage {ctx.stage}'s final model", final), removed_on_error(staging):
+        save_model(model, tokenizer, staging)
+        (staging / "metrics.json").write_text(json.dumps(output.summary, indent=1, sort_keys=True))
+        commit_dir(staging, final)
     summary_table(f"stage {ctx.stage} ({ctx.spec.kind})", [(k, fmt(v)) for k, v in output.summary.items()])
     return Artifact(ctx.stage, ctx.spec.kind, model=str(final / "model"), metrics=output.summary)
 
@@ -98,6 +101,16 @@ def new_staging(stage_dir: Path) -> Path:
     for old in stage_dir.glob(".final-*"):
         shutil.rmtree(old, ignore_errors=True)
     return stage_dir / f".final-{uuid.uuid4().hex}"
+
+
+@contextlib.contextmanager
+def removed_on_error(staging: Path) -> Iterator[None]:
+    """Remove a half-written staging directory when the block fails (it holds the space a full disk needs)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def commit_dir(staging: Path, final: Path) -> None:
