@@ -82,6 +82,29 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2)
     return lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["stage", "grpo", "--resume"], "rlft stage: Missing option '--recipe'"),
+        (["run"], "rlft run: Missing argument"),
+        (["run", "--sett", "x", "r.yaml"], "No such option: --sett (did you mean"),
+        (["stage"], "rlft stage: Missing argument"),
+        (["run", "r.yaml", "--set"], "'--set' requires an argument"),
+        (["valdate", "r.yaml"], "No such command 'valdate'"),
+        (["stage", "sft", "--resume", "--recipe"], "'--recipe' requires an argument"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
+    line = assert_one_line_error(rlft(*args, cwd=tmp_path))
+    assert expected in line, line
+
+
+def test_bare_rlft_prints_the_help(tmp_path: Path) -> None:
+    proc = rlft(cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Usage: rlft" in proc.stdout + proc.stderr
+
+
 def _limit_memory() -> None:
     import resource
 
