@@ -12,7 +12,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -50,9 +50,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(recipe: Path, overrides: list[str] | None):  # noqa: ANN202
-    from rlft.recipe_load import load_recipe
+    from rlft.rundir import load_any
 
-    return load_recipe(recipe, overrides or [])
+    return load_any(recipe, overrides or [])
 
 
 @app.command()
@@ -72,23 +72,24 @@ def run(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="Stage name in the recipe.")],
-    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file.")],
+    name: Annotated[str, typer.Argument(help="Stage name, or a kind (sft, grpo, ...) that one stage of the recipe has.")],
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", "-r", help="Recipe YAML file; default: the recipe saved in the only run under ./runs."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest committed checkpoint.")] = False,
     set_: SetOpt = None, force: ForceOpt = False, restart: RestartOpt = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Run one stage of RECIPE (its parents must have finished)."""
+    """Run one stage of RECIPE (its parents must have finished); a finished stage is left as it is."""
     _setup_logging(verbose)
-    loaded = _load(recipe, set_)
-    if name not in loaded.recipe.stages:
-        import difflib
+    if recipe is None:
+        from rlft.rundir import find_saved_recipe
 
-        close = difflib.get_close_matches(name, list(loaded.recipe.stages), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f"; stages: {', '.join(loaded.recipe.stages)}"
-        raise UserInputError(f"{recipe}: no stage named '{name}'{hint}")
+        recipe = find_saved_recipe()
+    loaded = _load(recipe, set_)
     from rlft.pipeline import run_pipeline
 
-    run_pipeline(loaded, only=name, resume=resume, force=force, restart=restart)
+    run_pipeline(loaded, only=stage_name(loaded, name), resume=resume, force=force, restart=restart)
 
 
 @app.command()
@@ -104,6 +105,27 @@ def explain(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from rlft.explain import explain_recipe
 
     typer.echo(explain_recipe(_load(recipe, set_)))
+
+
+def stage_name(loaded: Any, name: str) -> str:
+    """The stage NAME means: a stage of that name, else the one stage whose kind is NAME.
+
+    Raises:
+        UserInputError: no such stage (with a did-you-mean), or several stages of that kind.
+    """
+    stages = loaded.recipe.stages
+    if name in stages:
+        return name
+    of_kind = [s for s, spec in stages.items() if spec.kind == name]
+    if len(of_kind) == 1:
+        return of_kind[0]
+    if of_kind:
+        raise UserInputError(f"{loaded.path}: {len(of_kind)} stages are {name} stages ({', '.join(of_kind)}); name one")
+    import difflib
+
+    close = difflib.get_close_matches(name, list(stages), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; stages: {', '.join(stages)}"
+    raise UserInputError(f"{loaded.path}: no stage named '{name}'{hint}")
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:

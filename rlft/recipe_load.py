@@ -29,19 +29,30 @@ from rlft.recipe_checks import all_problems
 from rlft.recipe_problems import Locator, dotted, show, validation_problems
 from rlft.recipe_yaml import MAX_BYTES, Path_, parse_scalar_text, parse_yaml
 
-__all__ = ["LoadedRecipe", "load_recipe", "recipe_sha256"]
+__all__ = ["LoadedRecipe", "load_recipe", "recipe_sha256", "resolve_run_dir"]
 
 
 @dataclass(frozen=True)
 class LoadedRecipe:
-    """A validated recipe and where it came from."""
+    """A validated recipe and where it came from.
+
+    `base_dir` and `run_dir` are absolute, fixed when the recipe is loaded: every path the run
+    writes or reads back is built from them, so none is resolved twice against different bases.
+    """
 
     recipe: Recipe
-    path: Path
-    base_dir: Path  # the recipe's directory: relative data and reward files resolve here
+    path: Path  # as the user gave it (messages quote it)
+    base_dir: Path  # the recipe's directory, absolute: relative data and reward files resolve here
     raw: dict  # the merged plain data (file + overrides), as written
     sha256: str  # hash of the resolved recipe (defaults filled in), for resume pinning
     positions: dict[str, tuple[int, int]]  # dotted key -> (line, col) in the file
+    run_dir: Path  # <output_dir>/<run_name>, absolute
+
+
+def resolve_run_dir(recipe: Recipe) -> Path:
+    """`<output_dir>/<run_name>` as an absolute path: `~` expanded, a relative output_dir taken
+    from the working directory (as documented for `output_dir`)."""
+    return Path(recipe.output_dir).expanduser().absolute() / recipe.run_name
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -166,12 +177,17 @@ def _sort_key(problem: Problem) -> tuple:
     return (problem.file == "--set", problem.line or 0, problem.col or 0)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
+def load_recipe(
+    path: str | Path, overrides: Sequence[str] = (), base_dir: Path | None = None, run_dir: Path | None = None
+) -> LoadedRecipe:
     """Read, override and validate a recipe, reporting every problem at once.
 
     Args:
         path: The recipe YAML file.
         overrides: `key.path=value` strings (`--set`); values follow the recipe's YAML rules.
+        base_dir: Where relative data and reward files resolve; default the recipe's directory
+            (a recipe saved in a run directory passes its original directory here).
+        run_dir: The run directory; default `<output_dir>/<run_name>` (`resolve_run_dir`).
 
     Returns:
         The validated recipe with its raw data, positions and sha256.
@@ -180,11 +196,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
         RecipeError: every problem found, each with file:line:col and the dotted key.
     """
     path = Path(path)
+    base_dir = (base_dir or path.parent).absolute()
     raw, positions, problems = _parse(path)
     created, override_problems = _apply_overrides(raw, overrides)
     problems += override_problems
     locator = Locator(str(path), positions, created)
-    problems += all_problems(raw, locator, path.parent)
+    problems += all_problems(raw, locator, base_dir)
     recipe = None
     try:
         recipe = Recipe.model_validate(raw, strict=True)
@@ -195,10 +212,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
         return LoadedRecipe(
             recipe=recipe,
             path=path,
-            base_dir=path.parent,
+            base_dir=base_dir,
             raw=raw,
             sha256=recipe_sha256(recipe),
             positions={dotted(k): v for k, v in positions.items() if k},
+            run_dir=(run_dir or resolve_run_dir(recipe)).absolute(),
         )
     raise RecipeError(sorted(problems, key=_sort_key))
 

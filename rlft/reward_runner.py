@@ -109,7 +109,7 @@ def _parse_name(name: str) -> tuple[Kind, str, str] | str:
 
 def _reward_file(target: str, recipe_dir: Path, extra_dirs: Sequence[Path]) -> Path | str:
     """The resolved reward file, or why it is refused (missing, or outside the allowed dirs)."""
-    path = Path(target) if Path(target).is_absolute() else recipe_dir / target
+    path = recipe_dir / Path(target).expanduser()  # an absolute path replaces recipe_dir
     real = path.resolve()
     allowed = [recipe_dir.resolve(), *(Path(d).resolve() for d in extra_dirs)]
     if not any(real.is_relative_to(a) for a in allowed):

@@ -19,7 +19,7 @@ from rlft.metrics import fmt, summary_table
 
 
 def resolve_data_specs(ctx: Any, specs: list[Any]) -> list[Any]:
-    """Replace a `source:` naming an earlier stage with that stage's data file."""
+    """Replace a `source:` naming an earlier stage with that stage's data file (an absolute path)."""
     out = []
     for spec in specs:
         if spec.source in ctx.recipe.stages:
@@ -31,26 +31,26 @@ def resolve_data_specs(ctx: Any, specs: list[Any]) -> list[Any]:
 def load_data(ctx: Any, specs: list[Any]) -> tuple[list[list[dict]], list[dict], dict[str, str]]:
     """Rows of every data spec (train per spec, held-out pooled) and their fingerprints."""
     train, held_out, prints = [], [], {}
-    for spec in resolve_data_specs(ctx, specs):
+    for named, spec in zip(specs, resolve_data_specs(ctx, specs), strict=True):
         rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
         train.append(rows)
         held_out += eval_rows
-        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
+        # keyed by the name in the recipe, not the resolved file: resume pins survive a moved run dir
+        prints[named.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     return train, held_out, prints
 
 
 def prepare_sft_data(ctx: Any, specs: list[Any], tokenizer: Any) -> tuple[list, list, list[dict], dict[str, str]]:
     """Tokenised train examples (mixed by weight, packed if asked), held-out examples and rows."""
-    specs = resolve_data_specs(ctx, specs)
     per_spec, held_out, prints = [], [], {}
-    for spec in specs:
+    for named, spec in zip(specs, resolve_data_specs(ctx, specs), strict=True):
         rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
         examples = data.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source)
         if spec.packing:
             examples = data.pack(examples, spec.max_length)
         per_spec.append(examples)
         held_out += [(spec, r) for r in eval_rows]
-        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
+        prints[named.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     train = per_spec[0] if len(per_spec) == 1 else data.mix(per_spec, [s.weight for s in specs], ctx.seed)
     eval_rows = [r for _, r in held_out][: ctx.spec.eval_samples]
     eval_ex = []

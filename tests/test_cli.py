@@ -85,7 +85,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2)
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["stage", "grpo", "--resume"], "rlft stage: Missing option '--recipe'"),
+        (["stage", "grpo", "--resume"], "no --recipe given and no run under runs/"),
         (["run"], "rlft run: Missing argument"),
         (["run", "--sett", "x", "r.yaml"], "No such option: --sett (did you mean"),
         (["stage"], "rlft stage: Missing argument"),
@@ -138,3 +138,24 @@ def test_missing_recipe_suggests_a_sibling(tmp_path: Path) -> None:
     (tmp_path / "tiny-r1.yaml").write_text("x: 1\n")
     line = assert_one_line_error(rlft("run", "tiny-r.yaml", cwd=tmp_path))
     assert "tiny-r.yaml  recipe file not found (did you mean 'tiny-r1.yaml'?)" in line
+
+
+def test_stage_kind_names_the_one_stage_of_that_kind(tmp_path: Path) -> None:
+    """`rlft stage grpo` is tiny-r1's `rl`: the error names rl's unfinished parent."""
+    recipe = str(ROOT / "recipes/tiny-r1.yaml")
+    line = assert_one_line_error(rlft("stage", "grpo", "--recipe", recipe, "--set", f"output_dir={tmp_path}", cwd=tmp_path))
+    assert "stage rl needs cold_start to have finished first" in line
+    assert f"rlft stage cold_start --recipe {recipe}" in line
+    line = assert_one_line_error(rlft("stage", "sft", "--recipe", recipe, cwd=tmp_path))
+    assert "3 stages are sft stages (cold_start, retrain, student_baseline); name one" in line
+    line = assert_one_line_error(rlft("stage", "rll", "--recipe", recipe, cwd=tmp_path))
+    assert "no stage named 'rll' (did you mean 'rl'?)" in line
+
+
+def test_stage_without_recipe_lists_the_runs_to_choose_from(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "recipe.yaml").write_text((ROOT / "recipes/tiny-sft.yaml").read_text())
+    line = assert_one_line_error(rlft("stage", "sft", "--resume", cwd=tmp_path))
+    assert "no --recipe given and runs/ holds 2 runs (a, b); pass the recipe, e.g. --recipe runs/a/recipe.yaml" in line
+
