@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlft import hints
 from rlft.errors import UserInputError
 from rlft.fsio import atomic_write_text, writing
 from rlft.recipe import LoraOrFull, ModelSpec
@@ -295,7 +296,8 @@ def run_pipeline(
                 continue
             _check_parents(loaded, stage, artifacts)
             _check_resumable(ctx, only is not None and not resume)
-            artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)
+            with hints.running(loaded.path, stage, only is not None):
+                artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)
             artifacts[stage] = write_done(ctx, artifact, inputs_hash)
         return artifacts
 

@@ -135,7 +135,7 @@ def _check_options(kind: str, target: str, options: dict[str, Any]) -> str | Non
     known = [p for p in params if p not in RESERVED_OPTIONS] + list(RUNNER_OPTIONS)
     for key in own:
         if key in RESERVED_OPTIONS:
-            return f"option {key} cannot be set here; use the stage's allow_unsafe_code_exec (--unsafe-local-exec)"
+            return f"option {key} cannot be set here; set the stage's allow_unsafe_code_exec: true instead"
         if key not in params:
             return f"unknown option '{key}' for {target}{_did_you_mean(key, known)}; options: {', '.join(known)}"
     missing = [p.name for p in params.values() if p.default is inspect.Parameter.empty and p.name not in own]

@@ -159,3 +159,29 @@ def test_stage_without_recipe_lists_the_runs_to_choose_from(tmp_path: Path) -> N
     line = assert_one_line_error(rlft("stage", "sft", "--resume", cwd=tmp_path))
     assert "no --recipe given and runs/ holds 2 runs (a, b); pass the recipe, e.g. --recipe runs/a/recipe.yaml" in line
 
+
+def test_refused_resume_suggests_only_flags_the_command_has(tmp_path: Path) -> None:
+    """`rlft run` has no --resume: a resume refused for changed inputs names `rlft stage ... --restart`
+    and --force, under `rlft run` and `rlft stage` alike."""
+    from helpers import sft_recipe, write_recipe
+
+    recipe = str(write_recipe(tmp_path / "r.yaml", sft_recipe(tmp_path, max_steps=3)))
+    killed = rlft("run", recipe, cwd=tmp_path, env={**os.environ, "RLFT_FAULT": "kill_step:1"}, timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    for args in (["run", recipe], ["stage", "sft", "--recipe", recipe, "--resume"]):
+        proc = rlft(*args, "--set", "stages.sft.lr=0.5", cwd=tmp_path, timeout=600)
+        assert_one_line_error(proc)
+        message = " ".join(proc.stderr.split())
+        assert "stages.sft.lr: 0.01 -> 0.5" in message
+        assert f"start the stage over (`rlft stage sft --recipe {recipe} --restart`)" in message
+        assert "with --force to resume anyway" in message and "--resume" not in message
+
+
+def test_resume_hints_follow_the_running_command() -> None:
+    from rlft import hints
+
+    with hints.running(Path("my recipes/r.yaml"), "rl", single_stage=False):
+        assert hints.resume_command() == "rlft run 'my recipes/r.yaml'"
+        assert hints.restart_command() == "rlft stage rl --recipe 'my recipes/r.yaml' --restart"
+    with hints.running(Path("r.yaml"), "rl", single_stage=True):
+        assert hints.resume_command() == "rlft stage rl --recipe r.yaml --resume"
