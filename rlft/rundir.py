@@ -69,11 +69,18 @@ def load_any(recipe: Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
 
     Raises:
         RecipeError: every problem of the recipe.
-        UserInputError: an unreadable `run.json`.
+        UserInputError: an unreadable `run.json`, or `--set` of output_dir or run_name (the run
+            directory of a saved recipe is the one it is in).
     """
     info = recipe.parent / RUN_INFO
     if recipe.name != SAVED_RECIPE or not info.is_file():
         return load_recipe(recipe, overrides)
+    moving = [o for o in overrides if o.partition("=")[0].strip() in ("output_dir", "run_name")]
+    if moving:
+        raise UserInputError(
+            f"--set {moving[0]}: {recipe} is saved in its run directory, where the run continues; "
+            "pass the original recipe to run elsewhere"
+        )
     try:
         base_dir = Path(json.loads(info.read_text(encoding="utf-8"))["recipe_dir"])
     except (OSError, ValueError, KeyError, TypeError) as err:

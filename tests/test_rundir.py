@@ -222,3 +222,9 @@ def test_local_model_directory_is_looked_up_from_the_recipe_first(tmp_path: Path
     assert local_model_dir("only-here", recipes) == str(work / "only-here")  # as from_pretrained reads it
     assert local_model_dir("~/recipes/models/mine", work) == str(recipes / "models" / "mine")
     assert local_model_dir("Qwen/Qwen2.5-0.5B-Instruct", recipes) is None  # a hub name
+
+
+def test_saved_recipe_stays_in_its_run_directory(copy_run: Path) -> None:
+    line = assert_one_line_error(rlft("stage", "sample", "--set", "output_dir=elsewhere", cwd=copy_run))
+    assert "--set output_dir=elsewhere: runs/mini/recipe.yaml is saved in its run directory" in line
+    assert not (copy_run / "elsewhere").exists()
