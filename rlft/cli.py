@@ -132,8 +132,8 @@ def _usage_error_types() -> tuple[type[Exception], ...]:
     """The classes of the parser's usage errors, whichever click typer runs on.
 
     Recent typer (0.29 here) vendors its own click (`typer.TyperException` is the base of its
-    ClickException); older typer raises click's own. Both are reached through the bases of `typer.BadParameter`;
-    click itself is added when it is installed.
+    ClickException); older typer raises click's own. Both are reached through the bases of
+    `typer.BadParameter`; click itself is added when it is installed.
     """
     types: list[type[Exception]] = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
     if hasattr(typer, "TyperException"):
