@@ -36,7 +36,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from rlft import faults
+from rlft import faults, hints
 from rlft.errors import CheckpointError
 from rlft.manifest import (
     MANIFEST,
@@ -367,7 +367,7 @@ def find_latest(stage_dir: Path, *, strict: bool = False) -> Checkpoint | None:
     if strict and failures:
         raise CheckpointError(
             f"no checkpoint in {stage_dir} verifies:\n  " + "\n  ".join(failures)
-            + "\nRestore the files from a backup, or start the stage again without --resume."
+            + f"\nRestore the files from a backup, or start the stage over: `{hints.restart_command()}`."
         )
     return None
 

@@ -1,20 +1,22 @@
 """The `rlft` command: parse, call the pipeline, map errors to exit codes.
 
-Exit codes: 0 done; 2 bad recipe, data or arguments; 3 no usable checkpoint; 4 training
-stopped (NaN streak, reward failures); 130 interrupted. Errors print without a traceback
-(`--verbose` adds it).
+Exit codes: 0 done; 2 bad recipe, data or arguments (usage errors included); 3 no usable
+checkpoint, or an output could not be written (disk full); 4 training stopped (NaN streak,
+reward failures); 130 interrupted. Errors print as one line without a traceback (`--verbose`
+adds it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from rlft.errors import RlftError
+from rlft.errors import RlftError, UserInputError, WriteError
 
 app = typer.Typer(
     add_completion=False,
@@ -48,9 +50,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(recipe: Path, overrides: list[str] | None):  # noqa: ANN202
-    from rlft.recipe_load import load_recipe
+    from rlft.rundir import load_any
 
-    return load_recipe(recipe, overrides or [])
+    return load_any(recipe, overrides or [])
 
 
 @app.command()
@@ -70,23 +72,24 @@ def run(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="Stage name in the recipe.")],
-    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file.")],
+    name: Annotated[str, typer.Argument(help="Stage name, or a kind (sft, grpo, ...) that one stage of the recipe has.")],
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", "-r", help="Recipe YAML file; default: the recipe saved in the only run under ./runs."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest committed checkpoint.")] = False,
     set_: SetOpt = None, force: ForceOpt = False, restart: RestartOpt = False, verbose: VerboseOpt = False,
 ) -> None:
-    """Run one stage of RECIPE (its parents must have finished)."""
+    """Run one stage of RECIPE (its parents must have finished); a finished stage is left as it is."""
     _setup_logging(verbose)
-    loaded = _load(recipe, set_)
-    if name not in loaded.recipe.stages:
-        import difflib
+    if recipe is None:
+        from rlft.rundir import find_saved_recipe
 
-        close = difflib.get_close_matches(name, list(loaded.recipe.stages), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f"; stages: {', '.join(loaded.recipe.stages)}"
-        raise typer_error(f"{recipe}: no stage named '{name}'{hint}")
+        recipe = find_saved_recipe()
+    loaded = _load(recipe, set_)
     from rlft.pipeline import run_pipeline
 
-    run_pipeline(loaded, only=name, resume=resume, force=force, restart=restart)
+    run_pipeline(loaded, only=stage_name(loaded, name), resume=resume, force=force, restart=restart)
 
 
 @app.command()
@@ -104,37 +107,94 @@ def explain(recipe: RecipeArg, set_: SetOpt = None) -> None:
     typer.echo(explain_recipe(_load(recipe, set_)))
 
 
-def typer_error(message: str) -> RlftError:
-    from rlft.errors import UserInputError
+def stage_name(loaded: Any, name: str) -> str:
+    """The stage NAME means: a stage of that name, else the one stage whose kind is NAME.
 
-    return UserInputError(message)
+    Raises:
+        UserInputError: no such stage (with a did-you-mean), or several stages of that kind.
+    """
+    stages = loaded.recipe.stages
+    if name in stages:
+        return name
+    of_kind = [s for s, spec in stages.items() if spec.kind == name]
+    if len(of_kind) == 1:
+        return of_kind[0]
+    if of_kind:
+        raise UserInputError(f"{loaded.path}: {len(of_kind)} stages are {name} stages ({', '.join(of_kind)}); name one")
+    import difflib
+
+    close = difflib.get_close_matches(name, list(stages), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; stages: {', '.join(stages)}"
+    raise UserInputError(f"{loaded.path}: no stage named '{name}'{hint}")
+
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """The classes of the parser's usage errors, whichever click typer runs on.
+
+    Recent typer (0.29 here) vendors its own click (`typer.TyperException` is the base of its
+    ClickException); older typer raises click's own. Both are reached through the bases of
+    `typer.BadParameter`; click itself is added when it is installed.
+    """
+    types: list[type[Exception]] = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    if hasattr(typer, "TyperException"):
+        types.append(typer.TyperException)
+    with contextlib.suppress(ImportError):
+        import click
+
+        types.append(click.ClickException)
+    return tuple(types) or (typer.BadParameter,)
+
+
+def _usage_line(err: Exception) -> str:
+    """One line for a usage error: the command, what is wrong, where help is."""
+    possibilities = getattr(err, "possibilities", None)
+    if possibilities:  # an unknown option: click's own did-you-mean list
+        message = f"{getattr(err, 'message', err)} (did you mean {' or '.join(sorted(possibilities))}?)"
+    else:
+        message = getattr(err, "format_message", err.__str__)()
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "rlft"
+    return f"{command}: {message.strip()} (see '{command} --help')"
+
+
+def _print_error(message: str) -> None:
+    from rich.text import Text
+
+    from rlft.metrics import console
+
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (also used by tests that fork a run)."""
-    verbose = "--verbose" in (argv or sys.argv) or "-v" in (argv or sys.argv)
+    from rlft.fsio import storage_errno
+
+    args = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in args or "-v" in args
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=args, standalone_mode=False)
     except RlftError as err:
-        from rlft.metrics import console
-
         if verbose:
-            console.print_exception()
-        from rich.text import Text
+            from rlft.metrics import console
 
-        console.print(Text.assemble(("error: ", "bold red"), str(err)), soft_wrap=True)
+            console.print_exception()
+        _print_error(str(err))
         return err.exit_code
     except KeyboardInterrupt:
         return 130
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    except Exception as err:  # click's usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            return 2
-        raise
+    except _usage_error_types() as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `rlft`: the help is the message
+            err.show()  # type: ignore[attr-defined]
+        else:
+            _print_error(_usage_line(err))
+        return UserInputError.exit_code
+    except Exception as err:
+        if storage_errno(err) is None:
+            raise
+        _print_error(f"a write failed: {err}; free disk space and run the same command again")
+        return WriteError.exit_code
     return 0
 
 

@@ -65,6 +65,16 @@ class CheckpointError(RlftError):
     exit_code = 3
 
 
+class WriteError(RlftError):
+    """An output could not be written (disk full, quota, file size limit, I/O error).
+
+    Exit 3 like a checkpoint that could not be saved: what was committed before (finished
+    stages, checkpoints) is intact, and the same command continues once there is space.
+    """
+
+    exit_code = 3
+
+
 class TrainingError(RlftError):
     """Training stopped for a reason the user must look at (NaN streak, reward failures)."""
 

@@ -1,10 +1,25 @@
-"""Durable file writes shared by the pipeline and the stages (checkpoints have their own writer)."""
+"""Durable file writes shared by the pipeline and the stages (checkpoints have their own writer),
+and the one place a failed write (disk full, file size limit, I/O error) becomes a `WriteError`."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+from rlft.errors import WriteError
+
+# Errors that say the storage refused the bytes, not that rlft asked for something wrong.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+_HINTS = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "raise the disk quota or free space",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+}
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,9 +34,51 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so a reader (or a crash) sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def storage_errno(err: BaseException) -> int | None:
+    """The errno of a write the storage refused, or None for any other error.
+
+    safetensors' writer is Rust: it raises `SafetensorError` whose text ends in
+    `(os error N)` instead of an `OSError`, so the errno is read from the text.
+    """
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None and type(err).__name__ == "SafetensorError":
+        match = re.search(r"\(os error (\d+)\)", str(err))
+        code = int(match.group(1)) if match else None
+    return code if code in STORAGE_ERRNOS else None
+
+
+def write_error(what: str, path: Path | str, code: int) -> WriteError:
+    """One line: what was not saved, where, the errno, and what to do."""
+    hint = _HINTS.get(code, "check the disk")
+    return WriteError(
+        f"{what} not saved: {path}: [Errno {code} {errno.errorcode.get(code, '?')}] {os.strerror(code)}; "
+        f"{hint} and run the same command again (finished stages and checkpoints are kept)"
+    )
+
+
+@contextlib.contextmanager
+def writing(what: str, path: Path | str) -> Iterator[None]:
+    """Turn a storage failure inside the block into a `WriteError` naming `what` and `path`.
+
+    Raises:
+        WriteError: the block failed with ENOSPC, EDQUOT, EFBIG or EIO (also inside safetensors).
+    """
+    try:
+        yield
+    except Exception as err:
+        code = storage_errno(err)
+        if code is None:
+            raise
+        raise write_error(what, getattr(err, "filename", None) or path, code) from err

@@ -36,18 +36,39 @@ def resolve_dtype(name: str, dev: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def prepare_base(spec: ModelSpec, models_dir: Path) -> str:
-    """Where the base model loads from: a tiny:<preset> is built under `models_dir` first."""
+def prepare_base(spec: ModelSpec, models_dir: Path, base_dir: Path = Path()) -> str:
+    """Where the base model loads from: a tiny:<preset> is built under `models_dir` first.
+
+    A local directory comes back absolute (`local_model_dir`, relative paths looked up from the
+    recipe's directory `base_dir` first); any other name is a hub name.
+
+    Raises:
+        UserInputError: an unknown tiny preset or bad overrides.
+        WriteError: the tiny model could not be written (disk full).
+    """
     if not spec.name.startswith("tiny:"):
-        return spec.name
+        return local_model_dir(spec.name, base_dir) or spec.name
     from rlft import tiny
+    from rlft.fsio import writing
 
     preset = spec.name.removeprefix("tiny:")
     if preset not in tiny.PRESETS:
         raise UserInputError(f"model.name: unknown tiny preset {preset!r}; choose from {sorted(tiny.PRESETS)}")
     overrides = spec.tiny.model_dump(exclude_none=True) if spec.tiny else {}
     out = models_dir / f"tiny-{preset}-seed{spec.seed}-{_short_hash(overrides)}"
-    return str(tiny.build_tiny_model(out, preset=preset, overrides=overrides, seed=spec.seed))
+    with writing(f"the base model {spec.name}", out):
+        return str(tiny.build_tiny_model(out, preset=preset, overrides=overrides, seed=spec.seed))
+
+
+def local_model_dir(name: str, base_dir: Path) -> str | None:
+    """`name` as an absolute model directory: `~` expanded, a relative path looked up in the
+    recipe's directory `base_dir` first, then in the working directory (where from_pretrained
+    would look); None when neither holds it (a hub name)."""
+    path = Path(name).expanduser()
+    for candidate in (base_dir / path, path):
+        if candidate.is_dir():
+            return str(candidate.absolute())
+    return None
 
 
 def _short_hash(obj: Any) -> str:
@@ -175,10 +196,13 @@ def load_policy(source: str, spec: ModelSpec, lora: LoraSpec | str, seed: int) -
     return model, tokenizer
 
 
-def load_named_policy(spec: ModelSpec, models_dir: Path, lora: LoraSpec | str, seed: int, key: str) -> tuple[Any, Any]:
+def load_named_policy(
+    spec: ModelSpec, models_dir: Path, base_dir: Path, lora: LoraSpec | str, seed: int, key: str
+) -> tuple[Any, Any]:
     """Like `load_policy` for a model a stage names itself (a distillation student, a baseline):
-    a tiny:<preset> is built under `models_dir` first; load errors name the recipe `key`."""
+    a tiny:<preset> is built under `models_dir` first, a local directory is looked up from the
+    recipe's directory `base_dir`; load errors name the recipe `key`."""
     try:
-        return load_policy(prepare_base(spec, models_dir), spec, lora, seed)
+        return load_policy(prepare_base(spec, models_dir, base_dir), spec, lora, seed)
     except UserInputError as err:  # the loaders say `model.name`; here it is the stage's own key
         raise UserInputError(f"{key}.{str(err).removeprefix('model.')}") from None

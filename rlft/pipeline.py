@@ -1,7 +1,7 @@
 """Order stages, resolve `from:` to artifacts, skip finished stages, resume the running one.
 
-Run layout (`<output_dir>/<run_name>/`):
-    recipe.yaml            the resolved recipe of the latest invocation
+Run layout (`<output_dir>/<run_name>/`, absolute from the moment the recipe loads):
+    recipe.yaml, run.json  the resolved recipe of the latest invocation and its directory (rlft/rundir.py)
     models/                tiny base models built locally
     <stage>/step-N/        committed checkpoints (rlft/checkpoint.py)
     <stage>/final/         the stage's output: model/ (merged), adapter/, data.jsonl, metrics
@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from rlft import hints
 from rlft.errors import UserInputError
-from rlft.fsio import atomic_write_text
+from rlft.fsio import atomic_write_text, writing
 from rlft.recipe import LoraOrFull, ModelSpec
 from rlft.recipe_load import LoadedRecipe
 
@@ -46,8 +45,8 @@ class Artifact:
 
     stage: str
     kind: str
-    model: str | None = None  # loadable by from_pretrained: hub name or directory
-    data: str | None = None  # JSONL data set (sample stages)
+    model: str | None = None  # loadable by from_pretrained: hub name or absolute directory
+    data: str | None = None  # JSONL data set (sample stages), absolute
     fingerprint: str = ""  # hash of the outputs, pins later stages' inputs
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -162,10 +161,26 @@ def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str) -> Artifac
         "kind": artifact.kind,
         "inputs_hash": inputs_hash,
         "outputs": outputs,
-        "artifact": {"model": artifact.model, "data": artifact.data, "metrics": artifact.metrics},
+        "artifact": {
+            "model": _in_run_dir(artifact.model, ctx.run_dir),
+            "data": _in_run_dir(artifact.data, ctx.run_dir),
+            "metrics": artifact.metrics,
+        },
     }
-    atomic_write_text(ctx.stage_dir / "stage.done.json", json.dumps(marker, indent=1, sort_keys=True))
+    with writing(f"stage {ctx.stage}'s done marker", ctx.stage_dir / "stage.done.json"):
+        atomic_write_text(ctx.stage_dir / "stage.done.json", json.dumps(marker, indent=1, sort_keys=True))
     return artifact
+
+
+def _in_run_dir(path: str | None, run_dir: Path) -> str | None:
+    """A marker stores output paths relative to the run dir, so a moved run dir still works."""
+    if path is None or not Path(path).is_relative_to(run_dir):
+        return path
+    return str(Path(path).relative_to(run_dir))
+
+
+def _from_run_dir(path: str | None, run_dir: Path) -> str | None:
+    return None if path is None else str(run_dir / path)  # an absolute path stays as it is
 
 
 def read_done(ctx: RunContext, inputs_hash: str) -> Artifact | None:
@@ -186,7 +201,12 @@ def read_done(ctx: RunContext, inputs_hash: str) -> Artifact | None:
         log.warning("stage %s: outputs do not match stage.done.json; running it again", ctx.stage)
         return None
     a = marker["artifact"]
-    return Artifact(ctx.stage, marker["kind"], a["model"], a["data"], fingerprint(outputs), a["metrics"])
+    model, data = _from_run_dir(a["model"], ctx.run_dir), _from_run_dir(a["data"], ctx.run_dir)
+    missing = [p for p in (model, data) if p is not None and not Path(p).exists()]
+    if missing:  # e.g. a marker of an older rlft that stored paths relative to the working directory
+        log.warning("stage %s: its output %s is missing; running it again", ctx.stage, missing[0])
+        return None
+    return Artifact(ctx.stage, marker["kind"], model, data, fingerprint(outputs), a["metrics"])
 
 
 def stage_inputs_hash(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Artifact]) -> str:
@@ -228,13 +248,14 @@ def artifacts_before(loaded: LoadedRecipe, stage: str) -> list[str]:
 
 
 def run_dir_of(loaded: LoadedRecipe) -> Path:
-    return Path(loaded.recipe.output_dir) / loaded.recipe.run_name
+    """The run directory, absolute (fixed when the recipe was loaded)."""
+    return loaded.run_dir
 
 
 def base_artifact(loaded: LoadedRecipe, run_dir: Path) -> Artifact:
     from rlft import models
 
-    source = models.prepare_base(loaded.recipe.model, run_dir / "models")
+    source = models.prepare_base(loaded.recipe.model, run_dir / "models", loaded.base_dir)
     ident = source if not Path(source).is_dir() else fingerprint(hash_tree(Path(source)))
     return Artifact("base", "base", model=source, fingerprint=hashlib.sha256(ident.encode()).hexdigest())
 
@@ -247,12 +268,13 @@ def run_pipeline(
     restart: bool = False,
 ) -> dict[str, Artifact]:
     """Run the recipe's stages in order (or only `only`), skipping those already finished."""
+    from rlft.rundir import prepare_run_dir, save_recipe
     from rlft.runlock import RunLock
 
-    run_dir = run_dir_of(loaded)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = loaded.run_dir
+    prepare_run_dir(run_dir)
     with RunLock(run_dir):
-        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(loaded.raw, sort_keys=False))
+        save_recipe(loaded)
         artifacts = {"base": base_artifact(loaded, run_dir)}
         for stage in loaded.recipe.stages:
             ctx = RunContext(loaded, run_dir, stage, artifacts, resume=resume, force=force)
@@ -268,12 +290,14 @@ def run_pipeline(
                 shutil.rmtree(ctx.stage_dir)
             done = read_done(ctx, inputs_hash)
             if done is not None:
-                log.info("stage %s already finished; skipping", stage)
+                again = f" (`rlft stage {stage} --recipe {loaded.path} --restart` runs it again)" if only else ""
+                log.info("stage %s already finished; skipping%s", stage, again)
                 artifacts[stage] = done
                 continue
             _check_parents(loaded, stage, artifacts)
             _check_resumable(ctx, only is not None and not resume)
-            artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)
+            with hints.running(loaded.path, stage, only is not None):
+                artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)
             artifacts[stage] = write_done(ctx, artifact, inputs_hash)
         return artifacts
 

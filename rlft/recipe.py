@@ -47,8 +47,9 @@ class ModelSpec(Strict):
     """Which causal LM to start from."""
 
     name: str = Field(
-        description="Hub name (Qwen/Qwen2.5-0.5B-Instruct), local directory, or tiny:<preset> "
-        "(nano, small, student, llama-nano) for a model rlft builds locally."
+        description="Hub name (Qwen/Qwen2.5-0.5B-Instruct), local directory (relative to the recipe's "
+        "directory, else the working directory), or tiny:<preset> (nano, small, student, llama-nano) for "
+        "a model rlft builds locally."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -440,7 +441,9 @@ class Recipe(Strict):
     """A recipe: the model to start from, LoRA defaults, and named stages run in order."""
 
     run_name: str = Field("run", description="Run directory name under output_dir.")
-    output_dir: str = Field("runs", description="Where run directories go (relative to the working directory).")
+    output_dir: str = Field(
+        "runs", description="Where run directories go: relative to the working directory; ~ is the home directory."
+    )
     seed: int = Field(0, description="Seed for data order, sampling and dropout.")
     model: ModelSpec = Field(description="The base model.")
     lora: LoraOrFull = Field(default_factory=LoraSpec, description="LoRA defaults for every stage; full = no adapter.")

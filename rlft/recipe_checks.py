@@ -161,7 +161,7 @@ def source_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
                 problems.append(loc.at(path, f"unknown task '{task}'{did_you_mean(task, tasks)}; "
                                        f"built-in tasks: {', '.join(sorted(tasks))}"))
             elif source.lower().endswith(DATA_SUFFIXES) and "://" not in source:
-                file = base_dir / source
+                file = base_dir / Path(source).expanduser()  # an absolute path replaces base_dir
                 if not file.is_file():
                     problems.append(loc.at(path, _missing_file(file, source, DATA_SUFFIXES)))
     return problems
@@ -201,7 +201,7 @@ def reward_file_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Proble
         match = _REWARD_FILE.match(name) if isinstance(name, str) else None
         if not match:
             continue
-        file = (base_dir / match["file"]).resolve()
+        file = (base_dir / Path(match["file"]).expanduser()).resolve()
         if not file.is_relative_to(root):
             why = f"reward files must be inside the recipe's directory ({root}); got {match['file']}"
         elif not file.is_file():

@@ -11,8 +11,11 @@ YAML rules: see `rlft/recipe_yaml.py` (YAML 1.2 scalars, `0755` is reported as a
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +27,32 @@ from rlft.errors import Problem, RecipeError
 from rlft.recipe import Recipe
 from rlft.recipe_checks import all_problems
 from rlft.recipe_problems import Locator, dotted, show, validation_problems
-from rlft.recipe_yaml import Path_, parse_scalar_text, parse_yaml
+from rlft.recipe_yaml import MAX_BYTES, Path_, parse_scalar_text, parse_yaml
 
-__all__ = ["LoadedRecipe", "load_recipe", "recipe_sha256"]
+__all__ = ["LoadedRecipe", "load_recipe", "recipe_sha256", "resolve_run_dir"]
 
 
 @dataclass(frozen=True)
 class LoadedRecipe:
-    """A validated recipe and where it came from."""
+    """A validated recipe and where it came from.
+
+    `base_dir` and `run_dir` are absolute, fixed when the recipe is loaded: every path the run
+    writes or reads back is built from them, so none is resolved twice against different bases.
+    """
 
     recipe: Recipe
-    path: Path
-    base_dir: Path  # the recipe's directory: relative data and reward files resolve here
+    path: Path  # as the user gave it (messages quote it)
+    base_dir: Path  # the recipe's directory, absolute: relative data and reward files resolve here
     raw: dict  # the merged plain data (file + overrides), as written
     sha256: str  # hash of the resolved recipe (defaults filled in), for resume pinning
     positions: dict[str, tuple[int, int]]  # dotted key -> (line, col) in the file
+    run_dir: Path  # <output_dir>/<run_name>, absolute
+
+
+def resolve_run_dir(recipe: Recipe) -> Path:
+    """`<output_dir>/<run_name>` as an absolute path: `~` expanded, a relative output_dir taken
+    from the working directory (as documented for `output_dir`)."""
+    return Path(recipe.output_dir).expanduser().absolute() / recipe.run_name
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -94,12 +108,56 @@ def _apply_overrides(raw: dict, overrides: Sequence[str]) -> tuple[set[Path_], l
 
 
 def _read(path: Path) -> bytes:
+    """The recipe's bytes, at most MAX_BYTES + 1 of them, read only from a regular file.
+
+    The file is opened non-blocking and checked with fstat before any read, so a FIFO does not
+    hang, /dev/zero is not read to exhaustion and a directory is named as one.
+    """
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise RecipeError([Problem(str(path), None, None, "", "recipe file not found")]) from None
+        raise _read_error(path, f"recipe file not found{_recipe_hint(path)}") from None
     except OSError as err:
-        raise RecipeError([Problem(str(path), None, None, "", f"cannot read the recipe: {err.strerror}")]) from None
+        raise _read_error(path, f"cannot read the recipe: {err.strerror}") from None
+    try:
+        _check_regular(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read(MAX_BYTES + 1)  # a file that grew since fstat is caught by the parser's check
+        except OSError as err:
+            raise _read_error(path, f"cannot read the recipe: {err.strerror}") from None
+
+
+def _check_regular(path: Path, info: os.stat_result) -> None:
+    """Refuse anything but a regular file of at most MAX_BYTES, saying what `path` is instead."""
+    if stat.S_ISREG(info.st_mode) and info.st_size <= MAX_BYTES:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        raise _read_error(path, f"a directory, not a recipe file{_yaml_files(path)}")
+    if not stat.S_ISREG(info.st_mode):
+        raise _read_error(path, "not a regular file (a pipe, device or socket); give a recipe YAML file")
+    raise _read_error(path, f"recipe is {info.st_size / 1e6:.1f} MB; recipes are limited to 1 MB")
+
+
+def _read_error(path: Path, message: str) -> RecipeError:
+    return RecipeError([Problem(str(path), None, None, "", message)])
+
+
+def _recipe_hint(path: Path) -> str:
+    """A did-you-mean among the YAML files beside a missing recipe."""
+    if not path.parent.is_dir():
+        return f" (directory {path.parent} does not exist)"
+    names = sorted(p.name for p in path.parent.glob("*.y*ml"))
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _yaml_files(directory: Path) -> str:
+    names = sorted(p.name for p in directory.glob("*.y*ml"))
+    return f"; recipes there: {', '.join(names[:8])}" if names else ""
 
 
 def _parse(path: Path) -> tuple[dict, dict, list[Problem]]:
@@ -119,12 +177,17 @@ def _sort_key(problem: Problem) -> tuple:
     return (problem.file == "--set", problem.line or 0, problem.col or 0)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
+def load_recipe(
+    path: str | Path, overrides: Sequence[str] = (), base_dir: Path | None = None, run_dir: Path | None = None
+) -> LoadedRecipe:
     """Read, override and validate a recipe, reporting every problem at once.
 
     Args:
         path: The recipe YAML file.
         overrides: `key.path=value` strings (`--set`); values follow the recipe's YAML rules.
+        base_dir: Where relative data and reward files resolve; default the recipe's directory
+            (a recipe saved in a run directory passes its original directory here).
+        run_dir: The run directory; default `<output_dir>/<run_name>` (`resolve_run_dir`).
 
     Returns:
         The validated recipe with its raw data, positions and sha256.
@@ -133,11 +196,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
         RecipeError: every problem found, each with file:line:col and the dotted key.
     """
     path = Path(path)
+    base_dir = (base_dir or path.parent).absolute()
     raw, positions, problems = _parse(path)
     created, override_problems = _apply_overrides(raw, overrides)
     problems += override_problems
     locator = Locator(str(path), positions, created)
-    problems += all_problems(raw, locator, path.parent)
+    problems += all_problems(raw, locator, base_dir)
     recipe = None
     try:
         recipe = Recipe.model_validate(raw, strict=True)
@@ -148,10 +212,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
         return LoadedRecipe(
             recipe=recipe,
             path=path,
-            base_dir=path.parent,
+            base_dir=base_dir,
             raw=raw,
             sha256=recipe_sha256(recipe),
             positions={dotted(k): v for k, v in positions.items() if k},
+            run_dir=(run_dir or resolve_run_dir(recipe)).absolute(),
         )
     raise RecipeError(sorted(problems, key=_sort_key))
 

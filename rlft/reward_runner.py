@@ -109,7 +109,7 @@ def _parse_name(name: str) -> tuple[Kind, str, str] | str:
 
 def _reward_file(target: str, recipe_dir: Path, extra_dirs: Sequence[Path]) -> Path | str:
     """The resolved reward file, or why it is refused (missing, or outside the allowed dirs)."""
-    path = Path(target) if Path(target).is_absolute() else recipe_dir / target
+    path = recipe_dir / Path(target).expanduser()  # an absolute path replaces recipe_dir
     real = path.resolve()
     allowed = [recipe_dir.resolve(), *(Path(d).resolve() for d in extra_dirs)]
     if not any(real.is_relative_to(a) for a in allowed):
@@ -135,7 +135,7 @@ def _check_options(kind: str, target: str, options: dict[str, Any]) -> str | Non
     known = [p for p in params if p not in RESERVED_OPTIONS] + list(RUNNER_OPTIONS)
     for key in own:
         if key in RESERVED_OPTIONS:
-            return f"option {key} cannot be set here; use the stage's allow_unsafe_code_exec (--unsafe-local-exec)"
+            return f"option {key} cannot be set here; set the stage's allow_unsafe_code_exec: true instead"
         if key not in params:
             return f"unknown option '{key}' for {target}{_did_you_mean(key, known)}; options: {', '.join(known)}"
     missing = [p.name for p in params.values() if p.default is inspect.Parameter.empty and p.name not in own]

@@ -63,7 +63,8 @@ UNAVAILABLE_HELP = (
     "namespaces and seccomp (run as root, or `sysctl kernel.unprivileged_userns_clone=1` / "
     "`user.max_user_namespaces > 0`; in Docker add `--cap-add SYS_ADMIN` or use a runtime that "
     "allows user namespaces). Or opt in to running the code without isolation with "
-    "`allow_unsafe_code_exec: true` in the stage (or --unsafe-local-exec); the run manifest records it."
+    "`allow_unsafe_code_exec: true` in the stage (or --set stages.<stage>.allow_unsafe_code_exec=true); "
+    "the run manifest records it."
 )
 
 

@@ -3,21 +3,23 @@ stage's final output (`<stage>/final/`) atomically before the pipeline's done ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlft import data
-from rlft.fsio import fsync_dir
+from rlft.fsio import fsync_dir, writing
 from rlft.metrics import fmt, summary_table
 
 
 def resolve_data_specs(ctx: Any, specs: list[Any]) -> list[Any]:
-    """Replace a `source:` naming an earlier stage with that stage's data file."""
+    """Replace a `source:` naming an earlier stage with that stage's data file (an absolute path)."""
     out = []
     for spec in specs:
         if spec.source in ctx.recipe.stages:
@@ -29,26 +31,26 @@ def resolve_data_specs(ctx: Any, specs: list[Any]) -> list[Any]:
 def load_data(ctx: Any, specs: list[Any]) -> tuple[list[list[dict]], list[dict], dict[str, str]]:
     """Rows of every data spec (train per spec, held-out pooled) and their fingerprints."""
     train, held_out, prints = [], [], {}
-    for spec in resolve_data_specs(ctx, specs):
+    for named, spec in zip(specs, resolve_data_specs(ctx, specs), strict=True):
         rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
         train.append(rows)
         held_out += eval_rows
-        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
+        # keyed by the name in the recipe, not the resolved file: resume pins survive a moved run dir
+        prints[named.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     return train, held_out, prints
 
 
 def prepare_sft_data(ctx: Any, specs: list[Any], tokenizer: Any) -> tuple[list, list, list[dict], dict[str, str]]:
     """Tokenised train examples (mixed by weight, packed if asked), held-out examples and rows."""
-    specs = resolve_data_specs(ctx, specs)
     per_spec, held_out, prints = [], [], {}
-    for spec in specs:
+    for named, spec in zip(specs, resolve_data_specs(ctx, specs), strict=True):
         rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
         examples = data.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source)
         if spec.packing:
             examples = data.pack(examples, spec.max_length)
         per_spec.append(examples)
         held_out += [(spec, r) for r in eval_rows]
-        prints[spec.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
+        prints[named.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     train = per_spec[0] if len(per_spec) == 1 else data.mix(per_spec, [s.weight for s in specs], ctx.seed)
     eval_rows = [r for _, r in held_out][: ctx.spec.eval_samples]
     eval_ex = []
@@ -86,9 +88,10 @@ def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> A
 
     final = ctx.stage_dir / "final"
     staging = new_staging(ctx.stage_dir)
-    save_model(model, tokenizer, staging)
-    (staging / "metrics.json").write_text(json.dumps(output.summary, indent=1, sort_keys=True))
-    commit_dir(staging, final)
+    with writing(f"stage {ctx.stage}'s final model", final), removed_on_error(staging):
+        save_model(model, tokenizer, staging)
+        (staging / "metrics.json").write_text(json.dumps(output.summary, indent=1, sort_keys=True))
+        commit_dir(staging, final)
     summary_table(f"stage {ctx.stage} ({ctx.spec.kind})", [(k, fmt(v)) for k, v in output.summary.items()])
     return Artifact(ctx.stage, ctx.spec.kind, model=str(final / "model"), metrics=output.summary)
 
@@ -98,6 +101,16 @@ def new_staging(stage_dir: Path) -> Path:
     for old in stage_dir.glob(".final-*"):
         shutil.rmtree(old, ignore_errors=True)
     return stage_dir / f".final-{uuid.uuid4().hex}"
+
+
+@contextlib.contextmanager
+def removed_on_error(staging: Path) -> Iterator[None]:
+    """Remove a half-written staging directory when the block fails (it holds the space a full disk needs)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def commit_dir(staging: Path, final: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
+from rlft import hints
 from rlft.errors import CheckpointError, UserInputError
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,8 @@ def check_inputs(
     if changed and not force:
         raise UserInputError(
             "resume refused: inputs changed since the checkpoint was saved:\n  " + "\n  ".join(changed)
-            + "\nRestore them, start the stage without --resume, or pass --force to resume anyway"
-            " (the override is recorded in the manifest)."
+            + f"\nRestore them, start the stage over (`{hints.restart_command()}`), or run the same command"
+            " with --force to resume anyway (the override is recorded in the manifest)."
         )
     for line in changed:
         log.warning("--force: resuming although %s", line)
@@ -317,5 +318,6 @@ class GracefulExit:
         """Restore the handlers and exit with 128 + signal number (the shell's convention)."""
         self.close()
         code = 128 + (self.received or 0)
-        log.warning("stopped by %s after saving a checkpoint; resume with --resume", self.reason or "request")
+        log.warning("stopped by %s after saving a checkpoint; resume with `%s`", self.reason or "request",
+                    hints.resume_command())
         raise SystemExit(code)

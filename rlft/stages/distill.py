@@ -91,7 +91,7 @@ def run(ctx: Any) -> Any:
 def load_student(ctx: Any) -> tuple[Any, Any]:
     """The student (a tiny:<preset> is built first) with LoRA or full fine-tuning per `ctx.lora()`."""
     key = f"stages.{ctx.stage}.student"
-    return load_named_policy(ctx.spec.student, ctx.run_dir / "models", ctx.lora(), ctx.seed, key)
+    return load_named_policy(ctx.spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
 
 
 def logit_teacher(ctx: Any, student: Any, tokenizer: Any) -> Any:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from rlft import data, rejection, rollout
-from rlft.fsio import atomic_write_text
+from rlft.fsio import atomic_write_text, writing
 from rlft.metrics import fmt, progress, summary_table
 from rlft.models import load_model, load_tokenizer
 from rlft.rewards import build_rewards
-from rlft.stage_io import commit_dir, load_data, new_staging
+from rlft.stage_io import commit_dir, load_data, new_staging, removed_on_error
 
 
 def run(ctx: Any) -> Any:
@@ -100,10 +100,11 @@ def _finish(ctx: Any, shard_dir: Path, n_shards: int, artifact_cls: Any) -> Any:
         "pass_rate_hist": {f"{b / 10:.1f}": sum(int(r * 10) == b for r in rates) for b in range(11)},
     }
     staging = new_staging(ctx.stage_dir)
-    staging.mkdir(parents=True)
-    (staging / "data.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
-    commit_dir(staging, ctx.stage_dir / "final")
+    with writing(f"stage {ctx.stage}'s data set", ctx.stage_dir / "final"), removed_on_error(staging):
+        staging.mkdir(parents=True)
+        (staging / "data.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
+        commit_dir(staging, ctx.stage_dir / "final")
     summary = {k: v for k, v in stats.items() if k != "pass_rate_hist"}
     summary_table(f"stage {ctx.stage} (sample)", [(k, fmt(v)) for k, v in summary.items()])
     return artifact_cls(ctx.stage, "sample", data=str(ctx.stage_dir / "final" / "data.jsonl"), metrics=summary)

@@ -29,7 +29,7 @@ def run(ctx: Any) -> Any:
     spec = ctx.spec
     if spec.student is not None:  # a model of its own, e.g. a small student's baseline
         key = f"stages.{ctx.stage}.student"
-        policy, tokenizer = load_named_policy(spec.student, ctx.run_dir / "models", ctx.lora(), ctx.seed, key)
+        policy, tokenizer = load_named_policy(spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
     else:
         policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
     train_ex, eval_ex, eval_rows, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
