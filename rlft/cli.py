@@ -97,8 +97,20 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def explain(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Show the resolved recipe with defaults, the stage graph and the batch arithmetic."""
+def explain(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file.", show_default=False)] = None,
+    set_: SetOpt = None,
+    run: Annotated[Path | None, typer.Option("--run", help="A run directory: show what fed what.")] = None,
+) -> None:
+    """Show RECIPE resolved (defaults, stage graph, batch arithmetic), or with --run a run's lineage."""
+    if (recipe is None) == (run is None) or (run is not None and set_):
+        raise typer_error("explain takes either a recipe (rlft explain RECIPE [--set k=v]) or a run directory "
+                          "(rlft explain --run runs/NAME)")
+    if run is not None:
+        from rlft.explain_run import explain_run
+
+        typer.echo(explain_run(run))
+        return
     from rlft.explain import explain_recipe
 
     typer.echo(explain_recipe(_load(recipe, set_)))

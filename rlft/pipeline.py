@@ -24,6 +24,7 @@ import yaml
 
 from rlft.errors import UserInputError
 from rlft.fsio import atomic_write_text
+from rlft.lineage import StageRecord, stage_lineage
 from rlft.recipe import LoraOrFull, ModelSpec
 from rlft.recipe_load import LoadedRecipe
 
@@ -62,6 +63,7 @@ class RunContext:
     artifacts: dict[str, Artifact]
     resume: bool = True
     force: bool = False
+    record: StageRecord = field(default_factory=StageRecord)  # inputs as the stage loads them
 
     @property
     def recipe(self) -> Any:
@@ -146,8 +148,12 @@ def fingerprint(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
 
-def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str) -> Artifact:
-    """Hash the stage's final outputs and write `stage.done.json` last, atomically."""
+def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str, lineage: dict[str, Any] | None = None) -> Artifact:
+    """Hash the stage's final outputs and write `stage.done.json` last, atomically.
+
+    `lineage` (rlft/lineage.py) describes what fed the stage; skip and verify read only
+    `inputs_hash` and `outputs`.
+    """
     outputs = hash_tree(ctx.stage_dir / "final")
     artifact = Artifact(
         stage=artifact.stage,
@@ -164,6 +170,8 @@ def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str) -> Artifac
         "outputs": outputs,
         "artifact": {"model": artifact.model, "data": artifact.data, "metrics": artifact.metrics},
     }
+    if lineage is not None:
+        marker["lineage"] = lineage
     atomic_write_text(ctx.stage_dir / "stage.done.json", json.dumps(marker, indent=1, sort_keys=True))
     return artifact
 
@@ -274,7 +282,8 @@ def run_pipeline(
             _check_parents(loaded, stage, artifacts)
             _check_resumable(ctx, only is not None and not resume)
             artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)
-            artifacts[stage] = write_done(ctx, artifact, inputs_hash)
+            lineage = stage_lineage(ctx, _refs(loaded, stage))
+            artifacts[stage] = write_done(ctx, artifact, inputs_hash, lineage)
         return artifacts
 
 

@@ -185,6 +185,7 @@ def resume_stage(
         meta["forced_overrides"] = []
         return 0, {}, {}
     start, state, tensors, meta["forced_overrides"] = restored
+    ctx.record.resumed_from_step = start
     loader.load_state_dict(state["loader"])
     guard.load_state_dict(state["guard"])
     return start, state, tensors
