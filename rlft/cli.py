@@ -1,7 +1,7 @@
 """The `rlft` command: parse, call the pipeline, map errors to exit codes.
 
 Exit codes: 0 done; 2 bad recipe, data or arguments; 3 no usable checkpoint; 4 training
-stopped (NaN streak, reward failures); 130 interrupted. Errors print without a traceback
+stopped (NaN streak, reward failures, a failed gate); 130 interrupted. Errors print without a traceback
 (`--verbose` adds it).
 """
 

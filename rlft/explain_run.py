@@ -2,8 +2,8 @@
 
 Per stage: its inputs (parent stages and their fingerprints, data sets with row counts), its
 outputs and metrics, its gate, wall time and the library versions it ran with. Stages are listed
-in the order of the run's `recipe.yaml` (the latest invocation's); markers written before rlft
-recorded lineage show their outputs and metrics only.
+in the order of the run's `recipe.yaml` (the latest invocation's), whose gates judge the recorded
+metrics; markers written before rlft recorded lineage show their outputs and metrics only.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
+from rlft import gates
 from rlft.errors import UserInputError
 from rlft.metrics import fmt
+from rlft.recipe import GateSpec
 from rlft.report import with_intervals
 
 SHORT = 12  # hex digits of a fingerprint shown; enough to tell artifacts apart by eye
@@ -27,30 +30,40 @@ def explain_run(run_dir: Path) -> str:
     Raises:
         UserInputError: `run_dir` is not a run directory (no recipe.yaml and no stage markers).
     """
-    order, kinds = _stage_order(run_dir)
+    order, kinds, gate_specs = _stage_order(run_dir)
     markers = {stage: _read_marker(run_dir / stage / "stage.done.json") for stage in order}
     models = [m["lineage"]["model"] for m in markers.values() if m and (m.get("lineage") or {}).get("model")]
     lines = [f"# run {run_dir}  (stage.done.json of each finished stage; order from recipe.yaml)"]
     if models:
         lines.append(f"base model {_model(models[0])}")
     for stage in order:
-        lines += render_stage(stage, kinds.get(stage, "?"), markers[stage], run_dir, models[0] if models else None)
+        marker = markers[stage]
+        if marker is not None and stage in gate_specs:  # judged by the latest invocation's gate
+            metrics = (marker.get("artifact") or {}).get("metrics") or {}
+            marker = marker | {"gate": gates.evaluate(kinds[stage], gate_specs[stage], metrics)}
+        lines += render_stage(stage, kinds.get(stage, "?"), marker, run_dir, models[0] if models else None)
     return "\n".join(lines)
 
 
-def _stage_order(run_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """Stage names in run order and their kinds: from recipe.yaml, else from the markers found."""
+def _stage_order(run_dir: Path) -> tuple[list[str], dict[str, str], dict[str, GateSpec]]:
+    """Stage names in run order, their kinds and gates: from recipe.yaml, else from the markers found."""
     try:
         raw = yaml.safe_load((run_dir / "recipe.yaml").read_text())
         stages = raw["stages"] if isinstance(raw, dict) and isinstance(raw.get("stages"), dict) else {}
     except (OSError, yaml.YAMLError):
         stages = {}
     kinds = {name: str(s.get("kind", "?")) for name, s in stages.items() if isinstance(s, dict)}
+    gate_specs = {}
+    for name, spec in stages.items():
+        try:  # the file was validated when it was written; a hand edit just falls back to the marker
+            gate_specs[name] = GateSpec.model_validate(spec["gate"])
+        except (TypeError, KeyError, ValidationError):
+            continue
     found = sorted(p.parent.name for p in run_dir.glob("*/stage.done.json")) if run_dir.is_dir() else []
     order = list(kinds) + [s for s in found if s not in kinds]
     if not order:
         raise UserInputError(f"{run_dir}: not a run directory (no recipe.yaml and no <stage>/stage.done.json)")
-    return order, kinds
+    return order, kinds, gate_specs
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:
@@ -140,8 +153,7 @@ def _metric_text(values: dict[str, Any]) -> str:
 
 def gate_text(gate: dict[str, Any]) -> str:
     """`eval/accuracy >= 0.5: passed (0.62)`, or the values that failed it."""
-    bounds = [f">= {fmt(gate['min'])}"] * (gate.get("min") is not None)
-    bounds += [f"<= {fmt(gate['max'])}"] * (gate.get("max") is not None)
+    bounds = [f"{op} {fmt(gate[key])}" for key, op in (("min", ">="), ("max", "<=")) if gate.get(key) is not None]
     values = ", ".join(f"{k} {fmt(v)}" for k, v in gate.get("values", {}).items())
     return f"{gate['metric']} {' and '.join(bounds)}: {'passed' if gate.get('passed') else 'FAILED'} ({values})"
 

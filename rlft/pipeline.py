@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from rlft import gates
 from rlft.errors import UserInputError
 from rlft.fsio import atomic_write_text
 from rlft.lineage import StageRecord, stage_lineage
@@ -101,7 +102,8 @@ class RunContext:
         lora = self.lora()
         inputs = _flatten(
             {
-                f"stages.{self.stage}": self.spec.model_dump(mode="json", by_alias=True),
+                # the gate judges the result, it does not change it: not an input
+                f"stages.{self.stage}": self.spec.model_dump(mode="json", by_alias=True, exclude={"gate"}),
                 "model": self.recipe.model.model_dump(mode="json"),
                 "lora": lora if isinstance(lora, str) else lora.model_dump(mode="json"),
             }
@@ -148,11 +150,11 @@ def fingerprint(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
 
-def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str, lineage: dict[str, Any] | None = None) -> Artifact:
+def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str, record: dict[str, Any] | None = None) -> Artifact:
     """Hash the stage's final outputs and write `stage.done.json` last, atomically.
 
-    `lineage` (rlft/lineage.py) describes what fed the stage; skip and verify read only
-    `inputs_hash` and `outputs`.
+    `record` adds what describes the stage: `lineage` (rlft/lineage.py), the `gate` verdict
+    (rlft/gates.py). Skip and verify read only `inputs_hash` and `outputs`.
     """
     outputs = hash_tree(ctx.stage_dir / "final")
     artifact = Artifact(
@@ -170,8 +172,7 @@ def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str, lineage: d
         "outputs": outputs,
         "artifact": {"model": artifact.model, "data": artifact.data, "metrics": artifact.metrics},
     }
-    if lineage is not None:
-        marker["lineage"] = lineage
+    marker |= {k: v for k, v in (record or {}).items() if v is not None and k not in marker}
     atomic_write_text(ctx.stage_dir / "stage.done.json", json.dumps(marker, indent=1, sort_keys=True))
     return artifact
 
@@ -202,7 +203,7 @@ def stage_inputs_hash(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Art
     spec = loaded.recipe.stages[stage]
     parents = [r for r in _refs(loaded, stage) if r in artifacts]
     blob = {
-        "stage": loaded.raw["stages"][stage],
+        "stage": {k: v for k, v in loaded.raw["stages"][stage].items() if k != "gate"},  # not an input
         "model": loaded.raw["model"],
         "lora": loaded.raw.get("lora"),
         "seed": loaded.recipe.seed,
@@ -271,6 +272,8 @@ def run_pipeline(
                     artifacts[stage] = done
                 if list(loaded.recipe.stages).index(stage) > list(loaded.recipe.stages).index(only):
                     break
+                if done is not None:
+                    _enforce_gate(ctx, _verdict(ctx, done), only)
                 continue
             if restart and ctx.stage_dir.exists():
                 shutil.rmtree(ctx.stage_dir)
@@ -278,13 +281,27 @@ def run_pipeline(
             if done is not None:
                 log.info("stage %s already finished; skipping", stage)
                 artifacts[stage] = done
+                _enforce_gate(ctx, _verdict(ctx, done), only)
                 continue
             _check_parents(loaded, stage, artifacts)
             _check_resumable(ctx, only is not None and not resume)
             artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)
-            lineage = stage_lineage(ctx, _refs(loaded, stage))
-            artifacts[stage] = write_done(ctx, artifact, inputs_hash, lineage)
+            verdict = _verdict(ctx, artifact)
+            record = {"lineage": stage_lineage(ctx, _refs(loaded, stage)), "gate": verdict}
+            artifacts[stage] = write_done(ctx, artifact, inputs_hash, record)
+            _enforce_gate(ctx, verdict, only)  # after the marker: the stage's outputs stay committed
         return artifacts
+
+
+def _verdict(ctx: RunContext, artifact: Artifact) -> dict[str, Any] | None:
+    return gates.evaluate(ctx.spec.kind, getattr(ctx.spec, "gate", None), artifact.metrics)
+
+
+def _enforce_gate(ctx: RunContext, verdict: dict[str, Any] | None, only: str | None) -> None:
+    """GateError (exit 4) naming the stages that will not run when the stage's gate failed."""
+    order = list(ctx.recipe.stages)
+    later = order[order.index(ctx.stage) + 1 :] if only is None else [only] if only != ctx.stage else []
+    gates.enforce(ctx.stage, verdict, later)
 
 
 def _check_parents(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Artifact]) -> None:

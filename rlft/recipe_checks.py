@@ -5,7 +5,8 @@
 - the stage graph: `from:`, `teacher:` and eval `models:` name an earlier stage that produces a
   model (or `base`); a data `source` that names a stage names an earlier `sample` stage;
 - `tiny:<task>` names a known task; local data files and `file.py:function` rewards exist, and
-  reward files live inside the recipe's directory (RELIABILITY S4).
+  reward files live inside the recipe's directory (RELIABILITY S4);
+- a gate's metric is one the stage reports (rlft/gates.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rlft.errors import Problem
+from rlft.gates import gate_problems
 from rlft.recipe import RESERVED_STAGE_NAMES, SAFE_NAME
 from rlft.recipe_problems import Locator, closest, did_you_mean, dotted
 from rlft.recipe_secrets import secret_problems
@@ -242,5 +244,6 @@ def all_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
         + source_problems(raw, loc, base_dir)
         + model_problems(raw, loc)
         + reward_file_problems(raw, loc, base_dir)
+        + gate_problems(raw, loc)
     )
     return problems + reward_name_problems(raw, loc, base_dir, {p.path for p in problems})
