@@ -103,14 +103,14 @@ def explain(
     run: Annotated[Path | None, typer.Option("--run", help="A run directory: show what fed what.")] = None,
 ) -> None:
     """Show RECIPE resolved (defaults, stage graph, batch arithmetic), or with --run a run's lineage."""
-    if (recipe is None) == (run is None) or (run is not None and set_):
-        raise typer_error("explain takes either a recipe (rlft explain RECIPE [--set k=v]) or a run directory "
-                          "(rlft explain --run runs/NAME)")
-    if run is not None:
+    if run is not None and recipe is None and not set_:
         from rlft.explain_run import explain_run
 
         typer.echo(explain_run(run))
         return
+    if recipe is None or run is not None:
+        raise typer_error("explain takes either a recipe (rlft explain RECIPE [--set k=v]) or a run directory "
+                          "(rlft explain --run runs/NAME)")
     from rlft.explain import explain_recipe
 
     typer.echo(explain_recipe(_load(recipe, set_)))

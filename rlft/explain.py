@@ -26,10 +26,11 @@ def explain_recipe(loaded: Any) -> str:
         student = getattr(spec, "student", None)
         if student is not None:
             refs["student"] = [student.name]
-        refs = [f"{k}={','.join(v)}" for k, v in refs.items()]  # type: ignore[assignment]
+        parts = [f"{k}={','.join(v)}" for k, v in refs.items()]
         data = [d.source for d in getattr(spec, "data", [])]
-        gate = [f"gate={describe(spec.gate)}"] if getattr(spec, "gate", None) else []
-        lines.append(f"  {name:<14} {spec.kind:<8} " + "  ".join(refs + [f"data={','.join(data)}"] * bool(data) + gate))
+        parts += [f"data={','.join(data)}"] if data else []
+        parts += [f"gate={describe(spec.gate)}"] if getattr(spec, "gate", None) else []
+        lines.append(f"  {name:<14} {spec.kind:<8} " + "  ".join(parts))
     lines.append("\n# batch arithmetic (per optimizer step)")
     for name, spec in recipe.stages.items():
         lines.append(f"  {name}: {batch_arithmetic(spec)}")

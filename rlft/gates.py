@@ -38,7 +38,9 @@ def gate_metrics(kind: str, k: int = 4, greedy: bool = True) -> list[str]:
 
 def gate_problems(raw: dict, loc: Locator) -> list[Problem]:
     """Unknown gate metrics (with did-you-mean) and gate `models` the eval stage does not score."""
-    stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+    stages = raw.get("stages")
+    if not isinstance(stages, dict):
+        return []
     problems = []
     for name, spec in stages.items():
         gate = spec.get("gate") if isinstance(spec, dict) else None
@@ -64,9 +66,10 @@ def _model_problems(
     path = ("stages", name, "gate", "models")
     if spec["kind"] != "eval":
         return [loc.at(path, "only an eval stage scores several models; drop `models:` from this gate")]
-    scored = spec.get("models") if isinstance(spec.get("models"), list) and spec.get("models") else [
-        s for s in order[: order.index(name)] if isinstance(stages[s], dict) and stages[s].get("kind") in MODEL_KINDS
-    ]
+    scored = spec.get("models")
+    if not isinstance(scored, list) or not scored:  # default: every earlier model stage
+        earlier = order[: order.index(name)]
+        scored = [s for s in earlier if isinstance(stages[s], dict) and stages[s].get("kind") in MODEL_KINDS]
     return [
         loc.at(path + (i,), f"'{m}' is not scored by stage {name}{did_you_mean(m, scored)}; it scores: "
                f"{', '.join(map(str, scored)) or 'nothing'}")

@@ -47,6 +47,7 @@ class StageRecord:
 
 
 def utc_now() -> str:
+    """Now, in UTC, as `2025-01-31T12:00:00Z`."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
