@@ -1,8 +1,8 @@
 """The `rlft` command: parse, call the pipeline, map errors to exit codes.
 
 Exit codes: 0 done; 2 bad recipe, data or arguments; 3 no usable checkpoint; 4 training
-stopped (NaN streak, reward failures, a failed gate); 130 interrupted. Errors print without a traceback
-(`--verbose` adds it).
+stopped (NaN streak, reward failures, a failed gate); 130 interrupted. Errors print without a
+traceback (`--verbose` adds it).
 """
 
 from __future__ import annotations
