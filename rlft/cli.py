@@ -2,8 +2,8 @@
 
 Exit codes: 0 done; 2 bad recipe, data or arguments (usage errors included); 3 no usable
 checkpoint, or an output could not be written (disk full); 4 training stopped (NaN streak,
-reward failures); 130 interrupted. Errors print as one line without a traceback (`--verbose`
-adds it).
+reward failures, a failed gate); 130 interrupted. Errors print as one line without a
+traceback (`--verbose` adds it).
 """
 
 from __future__ import annotations
@@ -100,8 +100,20 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def explain(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Show the resolved recipe with defaults, the stage graph and the batch arithmetic."""
+def explain(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file.", show_default=False)] = None,
+    set_: SetOpt = None,
+    run: Annotated[Path | None, typer.Option("--run", help="A run directory: show what fed what.")] = None,
+) -> None:
+    """Show RECIPE resolved (defaults, stage graph, batch arithmetic), or with --run a run's lineage."""
+    if run is not None and recipe is None and not set_:
+        from rlft.explain_run import explain_run
+
+        typer.echo(explain_run(run))
+        return
+    if recipe is None or run is not None:
+        raise UserInputError("explain takes either a recipe (rlft explain RECIPE [--set k=v]) or a run directory "
+                              "(rlft explain --run runs/NAME)")
     from rlft.explain import explain_recipe
 
     typer.echo(explain_recipe(_load(recipe, set_)))

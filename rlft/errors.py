@@ -76,6 +76,6 @@ class WriteError(RlftError):
 
 
 class TrainingError(RlftError):
-    """Training stopped for a reason the user must look at (NaN streak, reward failures)."""
+    """Training stopped for a reason the user must look at (NaN streak, reward failures, a failed gate)."""
 
     exit_code = 4

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from rlft.gates import describe
 from rlft.recipe import stage_refs
 
 
@@ -25,9 +26,11 @@ def explain_recipe(loaded: Any) -> str:
         student = getattr(spec, "student", None)
         if student is not None:
             refs["student"] = [student.name]
-        refs = [f"{k}={','.join(v)}" for k, v in refs.items()]  # type: ignore[assignment]
+        parts = [f"{k}={','.join(v)}" for k, v in refs.items()]
         data = [d.source for d in getattr(spec, "data", [])]
-        lines.append(f"  {name:<14} {spec.kind:<8} " + "  ".join(refs + [f"data={','.join(data)}"] * bool(data)))
+        parts += [f"data={','.join(data)}"] if data else []
+        parts += [f"gate={describe(spec.gate)}"] if getattr(spec, "gate", None) else []
+        lines.append(f"  {name:<14} {spec.kind:<8} " + "  ".join(parts))
     lines.append("\n# batch arithmetic (per optimizer step)")
     for name, spec in recipe.stages.items():
         lines.append(f"  {name}: {batch_arithmetic(spec)}")

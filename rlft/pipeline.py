@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlft import hints
+from rlft import gates, hints
 from rlft.errors import UserInputError
 from rlft.fsio import atomic_write_text, writing
+from rlft.lineage import StageRecord, stage_lineage
 from rlft.recipe import LoraOrFull, ModelSpec
 from rlft.recipe_load import LoadedRecipe
 
@@ -61,6 +62,7 @@ class RunContext:
     artifacts: dict[str, Artifact]
     resume: bool = True
     force: bool = False
+    record: StageRecord = field(default_factory=StageRecord)  # inputs as the stage loads them
 
     @property
     def recipe(self) -> Any:
@@ -98,7 +100,8 @@ class RunContext:
         lora = self.lora()
         inputs = _flatten(
             {
-                f"stages.{self.stage}": self.spec.model_dump(mode="json", by_alias=True),
+                # the gate judges the result, it does not change it: not an input
+                f"stages.{self.stage}": self.spec.model_dump(mode="json", by_alias=True, exclude={"gate"}),
                 "model": self.recipe.model.model_dump(mode="json"),
                 "lora": lora if isinstance(lora, str) else lora.model_dump(mode="json"),
             }
@@ -145,8 +148,12 @@ def fingerprint(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
 
-def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str) -> Artifact:
-    """Hash the stage's final outputs and write `stage.done.json` last, atomically."""
+def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str, record: dict[str, Any] | None = None) -> Artifact:
+    """Hash the stage's final outputs and write `stage.done.json` last, atomically.
+
+    `record` adds what describes the stage: `lineage` (rlft/lineage.py), the `gate` verdict
+    (rlft/gates.py). Skip and verify read only `inputs_hash` and `outputs`.
+    """
     outputs = hash_tree(ctx.stage_dir / "final")
     artifact = Artifact(
         stage=artifact.stage,
@@ -167,6 +174,7 @@ def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str) -> Artifac
             "metrics": artifact.metrics,
         },
     }
+    marker |= {k: v for k, v in (record or {}).items() if v is not None and k not in marker}
     with writing(f"stage {ctx.stage}'s done marker", ctx.stage_dir / "stage.done.json"):
         atomic_write_text(ctx.stage_dir / "stage.done.json", json.dumps(marker, indent=1, sort_keys=True))
     return artifact
@@ -214,7 +222,7 @@ def stage_inputs_hash(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Art
     spec = loaded.recipe.stages[stage]
     parents = [r for r in _refs(loaded, stage) if r in artifacts]
     blob = {
-        "stage": loaded.raw["stages"][stage],
+        "stage": {k: v for k, v in loaded.raw["stages"][stage].items() if k != "gate"},  # not an input
         "model": loaded.raw["model"],
         "lora": loaded.raw.get("lora"),
         "seed": loaded.recipe.seed,
@@ -285,6 +293,8 @@ def run_pipeline(
                     artifacts[stage] = done
                 if list(loaded.recipe.stages).index(stage) > list(loaded.recipe.stages).index(only):
                     break
+                if done is not None:
+                    _enforce_gate(ctx, _verdict(ctx, done), only)
                 continue
             if restart and ctx.stage_dir.exists():
                 shutil.rmtree(ctx.stage_dir)
@@ -293,13 +303,28 @@ def run_pipeline(
                 again = f" (`rlft stage {stage} --recipe {loaded.path} --restart` runs it again)" if only else ""
                 log.info("stage %s already finished; skipping%s", stage, again)
                 artifacts[stage] = done
+                _enforce_gate(ctx, _verdict(ctx, done), only)
                 continue
             _check_parents(loaded, stage, artifacts)
             _check_resumable(ctx, only is not None and not resume)
             with hints.running(loaded.path, stage, only is not None):
                 artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)
-            artifacts[stage] = write_done(ctx, artifact, inputs_hash)
+            verdict = _verdict(ctx, artifact)
+            record = {"lineage": stage_lineage(ctx, _refs(loaded, stage)), "gate": verdict}
+            artifacts[stage] = write_done(ctx, artifact, inputs_hash, record)
+            _enforce_gate(ctx, verdict, only)  # after the marker: the stage's outputs stay committed
         return artifacts
+
+
+def _verdict(ctx: RunContext, artifact: Artifact) -> dict[str, Any] | None:
+    return gates.evaluate(ctx.spec.kind, getattr(ctx.spec, "gate", None), artifact.metrics)
+
+
+def _enforce_gate(ctx: RunContext, verdict: dict[str, Any] | None, only: str | None) -> None:
+    """GateError (exit 4) naming the stages that will not run when the stage's gate failed."""
+    order = list(ctx.recipe.stages)
+    later = order[order.index(ctx.stage) + 1 :] if only is None else [only] if only != ctx.stage else []
+    gates.enforce(ctx.stage, verdict, later)
 
 
 def _check_parents(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Artifact]) -> None:

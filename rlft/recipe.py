@@ -141,6 +141,30 @@ class SamplingSpec(Strict):
     stop: list[str] = Field(default_factory=list, description="Stop strings (kept in the completion).")
 
 
+class GateSpec(Strict):
+    """A bound a stage's final held-out metric must meet for later stages to run (exit 4 otherwise)."""
+
+    metric: str = Field(
+        description="eval stages: greedy, greedy_ci_low, greedy_ci_high, avg@<k>, pass@<k>; sft and distill: "
+        "eval/accuracy or eval/loss; grpo and ppo: eval/accuracy (the stage's last held-out eval)."
+    )
+    min: float | None = Field(None, description="Stop the pipeline when the metric is below this.")
+    max: float | None = Field(None, description="Stop the pipeline when the metric is above this (e.g. eval/loss).")
+    models: list[str] = Field(
+        default_factory=list, description="eval stages: the scored stages the gate applies to; empty = every one."
+    )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> GateSpec:
+        if self.min is None and self.max is None:
+            raise ValueError("needs min or max (a gate without a bound checks nothing), e.g. `gate: {metric: greedy, min: 0.5}`")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min must be <= max {self.max}, got {self.min}: no value could pass")
+        return self
+
+
+GATE_DESCRIPTION = "Stop the pipeline (exit 4) when this stage's final metric is out of bounds; null = no gate."
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -168,6 +192,7 @@ class TrainSpec(StageBase):
     log_every: int = Field(1, ge=1, description="Log metrics every this many steps.")
     eval_every: int = Field(0, ge=0, description="Held-out eval every this many steps; 0 = at start and end.")
     eval_samples: int = Field(64, ge=1, description="Held-out rows used per eval.")
+    gate: GateSpec | None = Field(None, description=GATE_DESCRIPTION)
 
     # YAML gives a list; strict validation (as the loader runs it) accepts only a tuple.
     _betas_tuple = field_validator("adam_betas", mode="before")(lambda v: tuple(v) if isinstance(v, list) else v)
@@ -414,6 +439,7 @@ class EvalSpec(Strict):
         default_factory=lambda: [RewardEntry(name="math_answer")], description="Verifier; correct = reward >= 1."
     )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling for avg@k/pass@k.")
+    gate: GateSpec | None = Field(None, description=GATE_DESCRIPTION)
 
     _coerce_data = field_validator("data", mode="before")(
         lambda v: [_source_from_string(x) for x in v] if isinstance(v, list) else [_source_from_string(v)]

@@ -5,7 +5,8 @@
 - the stage graph: `from:`, `teacher:` and eval `models:` name an earlier stage that produces a
   model (or `base`); a data `source` that names a stage names an earlier `sample` stage;
 - `tiny:<task>` names a known task; local data files and `file.py:function` rewards exist, and
-  reward files live inside the recipe's directory (RELIABILITY S4).
+  reward files live inside the recipe's directory (RELIABILITY S4);
+- a gate's metric is one the stage reports (rlft/gates.py).
 """
 
 from __future__ import annotations
@@ -16,20 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from rlft.errors import Problem
+from rlft.gates import gate_problems
 from rlft.recipe import RESERVED_STAGE_NAMES, SAFE_NAME
 from rlft.recipe_problems import Locator, closest, did_you_mean, dotted
+from rlft.recipe_secrets import secret_problems
 from rlft.recipe_yaml import Path_
 
 MODEL_KINDS = ("sft", "grpo", "ppo", "distill")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-_SECRET_KEY = re.compile(
-    r"(?i)(?:^|[_-])(?:token|api[_-]?key|secret|password|passwd|access[_-]?key|private[_-]?key|credentials?)(?:$|[_-])"
-)
-_SECRET_VALUE = re.compile(
-    r"\b(?:hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{20,}"
-    r"|xox[abpr]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})"
-)
-SECRET_MESSAGE = "do not put secrets in recipes; set the environment variable instead (HF_TOKEN, WANDB_API_KEY, ...)"
 _REWARD_FILE = re.compile(r"^(?P<file>.+\.py):(?P<fn>[^:]*)$")
 
 
@@ -41,18 +36,13 @@ def _walk(value: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
 
 
 def data_problems(raw: dict, loc: Locator) -> list[Problem]:
-    """`_component_`/`_target_` keys and secrets anywhere in the recipe."""
+    """`_component_`/`_target_` keys and secrets (rlft/recipe_secrets.py) anywhere in the recipe."""
     problems = []
-    for path, value in _walk(raw):
-        key = path[-1] if path else None
-        if key in ("_component_", "_target_"):
+    for path, _ in _walk(raw):
+        if path and path[-1] in ("_component_", "_target_"):
             problems.append(loc.at(path, "recipes are data: rlft does not instantiate classes from recipes; "
                                    "use a stage `kind:` or a reward name"))
-        elif isinstance(key, str) and _SECRET_KEY.search(key) and isinstance(value, str) and value.strip():
-            problems.append(loc.at(path, SECRET_MESSAGE))
-        elif isinstance(value, str) and _SECRET_VALUE.search(value):
-            problems.append(loc.at(path, SECRET_MESSAGE))
-    return problems
+    return problems + secret_problems(raw, loc)
 
 
 def _stages(raw: dict) -> dict[str, Any]:
@@ -254,5 +244,6 @@ def all_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
         + source_problems(raw, loc, base_dir)
         + model_problems(raw, loc)
         + reward_file_problems(raw, loc, base_dir)
+        + gate_problems(raw, loc)
     )
     return problems + reward_name_problems(raw, loc, base_dir, {p.path for p in problems})

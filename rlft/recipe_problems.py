@@ -142,6 +142,9 @@ def model_at(loc: tuple) -> type[BaseModel] | None:
         if tp is None:
             return None
     tp = strip_annotated(tp)
+    if get_origin(tp) in (Union, UnionType):  # an optional mapping (`tiny:`, `student:`, `gate:`)
+        members = [strip_annotated(a) for a in get_args(tp) if a is not type(None)]
+        tp = members[0] if len(members) == 1 else None
     return tp if is_model(tp) else None
 
 

@@ -19,11 +19,11 @@ def run_rows(loaded: Any, artifacts: dict[str, Any]) -> list[tuple[str, str, str
             continue
         per_model = artifact.metrics if artifact.kind == "eval" else {name: artifact.metrics}
         for model, values in per_model.items():
-            rows += [(name, model, key, value) for key, value in _with_intervals(values)]
+            rows += [(name, model, key, value) for key, value in with_intervals(values)]
     return rows
 
 
-def _with_intervals(values: dict[str, Any]) -> list[tuple[str, str]]:
+def with_intervals(values: dict[str, Any]) -> list[tuple[str, str]]:
     """Metric rows with their 95% intervals folded in: `0.42 [0.36, 0.48]`, `0.40 ± 0.03`."""
     out = []
     for key, value in sorted(values.items()):

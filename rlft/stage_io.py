@@ -28,29 +28,40 @@ def resolve_data_specs(ctx: Any, specs: list[Any]) -> list[Any]:
     return out
 
 
-def load_data(ctx: Any, specs: list[Any]) -> tuple[list[list[dict]], list[dict], dict[str, str]]:
-    """Rows of every data spec (train per spec, held-out pooled) and their fingerprints."""
+def load_data(ctx: Any, specs: list[Any], role: str = "data") -> tuple[list[list[dict]], list[dict], dict[str, str]]:
+    """Rows of every data spec (train per spec, held-out pooled) and their fingerprints.
+
+    Each data set's row counts go into the stage's lineage record under `role` (data, mix).
+    """
     train, held_out, prints = [], [], {}
     for named, spec in zip(specs, resolve_data_specs(ctx, specs), strict=True):
-        rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
+        # keyed by the name in the recipe, not the resolved file: resume pins survive a moved run dir
+        rows, eval_rows, prints[named.source] = _load_rows(ctx, named, spec, role)
         train.append(rows)
         held_out += eval_rows
-        # keyed by the name in the recipe, not the resolved file: resume pins survive a moved run dir
-        prints[named.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     return train, held_out, prints
+
+
+def _load_rows(ctx: Any, named: Any, spec: Any, role: str) -> tuple[list[dict], list[dict], str]:
+    """Train and held-out rows of one resolved data spec and its fingerprint, recorded for the
+    stage's lineage (`named` is the spec as the recipe writes it, `spec` with a stage resolved)."""
+    rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
+    fingerprint = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
+    ctx.record.add_data(role, named.source, spec.source, fingerprint, len(rows), len(eval_rows))
+    return rows, eval_rows, fingerprint
 
 
 def prepare_sft_data(ctx: Any, specs: list[Any], tokenizer: Any) -> tuple[list, list, list[dict], dict[str, str]]:
     """Tokenised train examples (mixed by weight, packed if asked), held-out examples and rows."""
+    named_specs, specs = specs, resolve_data_specs(ctx, specs)
     per_spec, held_out, prints = [], [], {}
-    for named, spec in zip(specs, resolve_data_specs(ctx, specs), strict=True):
-        rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
+    for named, spec in zip(named_specs, specs, strict=True):
+        rows, eval_rows, prints[named.source] = _load_rows(ctx, named, spec, "data")
         examples = data.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source)
         if spec.packing:
             examples = data.pack(examples, spec.max_length)
         per_spec.append(examples)
         held_out += [(spec, r) for r in eval_rows]
-        prints[named.source] = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     train = per_spec[0] if len(per_spec) == 1 else data.mix(per_spec, [s.weight for s in specs], ctx.seed)
     eval_rows = [r for _, r in held_out][: ctx.spec.eval_samples]
     eval_ex = []

@@ -141,9 +141,11 @@ def restore_state(
     """Load the newest verified checkpoint into `model` and `optimizer`; None when there is none.
 
     Returns (step, the stage's JSON state, every tensor group, input changes accepted with --force).
-    Raises UserInputError when the recipe, data, model or seed changed and `force` is off.
+    Raises UserInputError when the recipe, data, model or seed changed and `force` is off, and
+    CheckpointError (exit 3) when the stage has checkpoints but none verifies: starting over
+    would silently discard the work they hold, so that takes an explicit --restart.
     """
-    ckpt = checkpoint.find_latest(stage_dir)
+    ckpt = checkpoint.find_latest(stage_dir, strict=True)
     if ckpt is None:
         return None
     tensors, full_state, saved_meta = checkpoint.load_checkpoint(ckpt)
@@ -183,6 +185,7 @@ def resume_stage(
         meta["forced_overrides"] = []
         return 0, {}, {}
     start, state, tensors, meta["forced_overrides"] = restored
+    ctx.record.resumed_from_step = start
     loader.load_state_dict(state["loader"])
     guard.load_state_dict(state["guard"])
     return start, state, tensors

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +65,14 @@ def newest_checkpoint_tensors(stage_dir: Path) -> dict[str, str]:
     """sha256 of each tensor file of the newest committed checkpoint (params, optimizer, rng)."""
     newest = sorted(stage_dir.glob("step-*"))[-1]
     return {f.name: sha(f) for f in sorted(newest.glob("*.safetensors"))}
+
+
+def rlft(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The installed `rlft` console script in a fresh process (offline, one thread)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"} | (env or {})
+    script = Path(sys.executable).parent / "rlft"
+    return subprocess.run([str(script), *args], env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def done_marker(stage_dir: Path) -> dict[str, Any]:
+    return json.loads((stage_dir / "stage.done.json").read_text())

@@ -393,3 +393,15 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 def test_shipped_recipe_validates(path: Path) -> None:
     loaded = load_recipe(path)
     assert loaded.recipe.stages and len(loaded.sha256) == 64
+
+
+def test_unknown_keys_in_optional_mappings_suggest_the_right_key(tmp_path: Path) -> None:
+    """`tiny:`, `student:` and `gate:` are optional mappings; a typo inside one names the key it meant."""
+    path = _write(tmp_path, 'model: {name: "tiny:nano", tiny: {hiden_size: 8}}\nstages:\n'
+                  "  a: {kind: sft, data: 'tiny:arith', student: {nmae: x}, gate: {metric: eval/loss, mx: 1}}\n")
+    problems = {(p.line, p.path): p.message for p in _errors(path).problems}
+    assert problems == {
+        (1, "model.tiny.hiden_size"): "unknown key (did you mean 'hidden_size'?)",
+        (3, "stages.a.student.nmae"): "unknown key (did you mean 'name'?)",
+        (3, "stages.a.gate.mx"): "unknown key (did you mean 'max'?)",
+    }, problems

@@ -175,3 +175,34 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path: Path, capsys: pyt
     child.wait()
     # the holder died: its lock is stale and the next run takes it over
     assert main(["run", str(recipe), "--set", "stages.sft.max_steps=2"]) == 0
+
+
+def _rlft(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script in a fresh process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(Path(sys.executable).parent / "rlft"), *args], env=env, capture_output=True, text=True)
+
+
+def test_no_verifiable_checkpoint_is_exit_3_not_a_silent_restart(tmp_path: Path) -> None:
+    """Every checkpoint of a stage corrupt: `rlft stage --resume` and `rlft run` both exit 3
+    naming the stage dir and what is wrong with each checkpoint, and touch nothing; --restart
+    starts the stage over."""
+    recipe = _recipe(tmp_path, "bad")
+    assert get_server().start(main, (["run", str(recipe)],), env={"RLFT_FAULT": "kill_step:4"}).wait().returncode
+    stage = tmp_path / "bad" / "t" / "sft"
+    older, newest = sorted(stage.glob("step-*"))  # keep_last: 2
+    params = older / "params.safetensors"
+    params.write_bytes(params.read_bytes()[:-8])  # truncated
+    (newest / "state.json").write_text("{}\n")  # rewritten
+    before = {p: p.stat().st_mtime_ns for p in stage.rglob("*")}
+    for args in (["stage", "sft", "--recipe", str(recipe), "--resume"], ["run", str(recipe)]):
+        proc = _rlft(*args)
+        assert proc.returncode == 3, (args, proc.stderr)
+        err = " ".join(proc.stderr.split())  # undo the console's line wrapping
+        assert "Traceback" not in err and f"no checkpoint in {stage} verifies" in err, err
+        for ckpt, file in ((older, "params.safetensors"), (newest, "state.json")):
+            assert f"{ckpt} failed verification: {file}: size" in err, err
+        assert {p: p.stat().st_mtime_ns for p in stage.rglob("*")} == before, args
+    proc = _rlft("stage", "sft", "--recipe", str(recipe), "--restart")
+    assert proc.returncode == 0, proc.stderr
+    assert (stage / "stage.done.json").exists() and step_losses(stage)[0][0] == 1

@@ -92,7 +92,7 @@ def _finish(ctx: Any, shard_dir: Path, n_shards: int, artifact_cls: Any) -> Any:
                 rows.append({"messages": messages, "prompt_id": rec["prompt_id"], "sample_id": j, **rec["columns"]})
     sampled = len(rows)
     if spec.mix:
-        mixed = [rows] + [_as_messages(r) for r in load_data(ctx, spec.mix)[0]]
+        mixed = [rows] + [_as_messages(r) for r in load_data(ctx, spec.mix, "mix")[0]]
         rows = data.mix(mixed, [1.0] + [m.weight for m in spec.mix], ctx.seed)
     stats = {
         "prompts": len(rates), "prompts_with_kept": kept_prompts, "rows_sampled": sampled, "rows_total": len(rows),
