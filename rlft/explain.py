@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from rlft.data_check import data_sources
 from rlft.recipe import stage_refs
 
 
@@ -28,6 +29,8 @@ def explain_recipe(loaded: Any) -> str:
         refs = [f"{k}={','.join(v)}" for k, v in refs.items()]  # type: ignore[assignment]
         data = [d.source for d in getattr(spec, "data", [])]
         lines.append(f"  {name:<14} {spec.kind:<8} " + "  ".join(refs + [f"data={','.join(data)}"] * bool(data)))
+    lines.append("\n# data files (relative to the recipe's directory; -> where symlinks lead)")
+    lines += [f"  {source.key}: {source.shown()}" for source in data_sources(loaded)]
     lines.append("\n# batch arithmetic (per optimizer step)")
     for name, spec in recipe.stages.items():
         lines.append(f"  {name}: {batch_arithmetic(spec)}")

@@ -113,6 +113,10 @@ class DataSpec(Strict):
     long_rows: Literal["error", "drop", "truncate"] = Field(
         "error", description="What to do with a row longer than max_length."
     )
+    max_row_bytes: int = Field(
+        1_000_000, ge=1, description="Largest row in bytes (as a JSON Lines line); larger rows are refused "
+        "before tokenising."
+    )
     packing: bool = Field(False, description="Pack several short rows into one sequence (SFT).")
     weight: float = Field(1.0, gt=0, description="Mixing weight when a stage lists several data sets.")
 
@@ -442,6 +446,11 @@ class Recipe(Strict):
     run_name: str = Field("run", description="Run directory name under output_dir.")
     output_dir: str = Field("runs", description="Where run directories go (relative to the working directory).")
     seed: int = Field(0, description="Seed for data order, sampling and dropout.")
+    data_root: str | None = Field(
+        None, description="Confine local data files to this directory (relative to the recipe's; `.` = the "
+        "recipe's directory): a file that resolves outside it, symlinks followed, is refused. Unset: data "
+        "files may be anywhere."
+    )
     model: ModelSpec = Field(description="The base model.")
     lora: LoraOrFull = Field(default_factory=LoraSpec, description="LoRA defaults for every stage; full = no adapter.")
     stages: dict[str, StageSpec] = Field(min_length=1, description="Named stages, run in the order written.")
