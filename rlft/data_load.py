@@ -8,7 +8,9 @@ A canonical row is one of
 plus any other columns of the source (`answer`, `task`, ...). The format of a row follows from
 its keys in that order of precedence (`row_format`). Keys starting with `_` are rlft's
 bookkeeping: `_source` (the file's absolute path, or the source name) and `_row` (1-based row
-in it), so later errors (a row too long once tokenised) can still name the row.
+in it), so later errors (a row too long once tokenised) can still name the row, and `_system`
+(the data set's `system_prompt`, when it has one), so every stage renders the row's prompt the
+same way wherever the row travels (`rlft.data.prompt_messages`).
 
 Row numbers: JSON Lines row N is line N of the file; JSON arrays, CSV (header not counted),
 Parquet and hub data sets count rows from 1.
@@ -151,8 +153,8 @@ def canonicalize(rows: list[tuple[int, dict]], spec: Any, name: str) -> list[dic
 class RowChecker:
     """Canonical form of one source's rows, one row at a time; the first row fixes the format.
 
-    `checker(r, row)` renames columns, checks the row's types and adds `_source` and `_row`; it
-    raises DataError naming row r (a format that cannot be detected names no row:
+    `checker(r, row)` renames columns, checks the row's types and adds `_source`, `_row` and
+    `_system`; it raises DataError naming row r (a format that cannot be detected names no row:
     it is a problem with the whole source).
     """
 
@@ -164,7 +166,10 @@ class RowChecker:
         row = _rename(row, self.spec.columns, self.name, r)
         if self.fmt is None:
             self.fmt = _detect_format(row, self.spec.format, self.name)
-        return _check_row(row, self.fmt, self.name, r)
+        out = _check_row(row, self.fmt, self.name, r)
+        if self.spec.system_prompt is not None:
+            out["_system"] = self.spec.system_prompt
+        return out
 
 
 def _rename(row: dict, columns: dict[str, str], name: str, r: int) -> dict:

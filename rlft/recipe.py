@@ -108,10 +108,13 @@ class DataSpec(Strict):
     )
     num_examples: int | None = Field(None, ge=1, description="Cap on rows (tiny:* tasks: rows generated).")
     columns: dict[str, str] = Field(default_factory=dict, description="Rename columns: {source_name: canonical}.")
-    system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
-    max_length: int = Field(512, ge=8, description="Longest tokenised row.")
+    system_prompt: str | None = Field(
+        None, description="System message of every row's prompt, in every stage (a row's own system message wins)."
+    )
+    max_length: int = Field(512, ge=8, description="Longest tokenised row, and longest prompt.")
     long_rows: Literal["error", "drop", "truncate"] = Field(
-        "error", description="What to do with a row longer than max_length."
+        "error", description="What to do with a row (held-out rows too) or prompt longer than max_length; a "
+        "prompt is never cut (docs/data.md)."
     )
     max_row_bytes: int = Field(
         1_000_000, ge=1, description="Largest row in bytes (as a JSON Lines line); larger rows are refused "

@@ -8,7 +8,9 @@
   reward files live inside the recipe's directory (RELIABILITY S4);
 - data files may live anywhere (users keep data elsewhere) unless the recipe sets `data_root`:
   then each must resolve, symlinks followed, inside it. Reward files are code, so their rule is
-  always the strict one.
+  always the strict one;
+- stages that only generate from prompts (grpo, ppo, sample, eval) refuse `long_rows: truncate`:
+  a cut prompt asks another question than the one its answer belongs to.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rlft.recipe_problems import Locator, closest, did_you_mean, dotted
 from rlft.recipe_yaml import Path_
 
 MODEL_KINDS = ("sft", "grpo", "ppo", "distill")
+PROMPT_KINDS = ("grpo", "ppo", "sample", "eval")
 _SECRET_KEY = re.compile(
     r"(?i)(?:^|[_-])(?:token|api[_-]?key|secret|password|passwd|access[_-]?key|private[_-]?key|credentials?)(?:$|[_-])"
 )
@@ -206,6 +209,22 @@ def _file_problem(source: str, base_dir: Path, root: Path | None, must_exist: bo
     return None, True
 
 
+def prompt_length_problems(raw: dict, loc: Locator) -> list[Problem]:
+    """Stages that only generate from prompts refuse `long_rows: truncate` (a prompt is never cut)."""
+    problems = []
+    for name, spec in _stages(raw).items():
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in PROMPT_KINDS:
+            continue
+        for path, _ in _data_entries(name, spec):
+            entry = _entry(raw, path) if path[-1] == "source" else None
+            if path[2] == "data" and entry is not None and entry.get("long_rows") == "truncate":
+                problems.append(loc.at(path[:-1] + ("long_rows",), f"a {kind} stage generates from prompts and a "
+                                       "prompt is never cut (it would ask another question than the one its "
+                                       "answer belongs to); use long_rows: error or drop"))
+    return problems
+
+
 def model_problems(raw: dict, loc: Locator) -> list[Problem]:
     """`tiny:<preset>` model names (the recipe's model and stages' students) name a known preset."""
     from rlft.tiny import PRESETS  # no torch import: presets are plain dataclasses
@@ -291,6 +310,7 @@ def all_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
         + name_problems(raw, loc)
         + graph_problems(raw, loc)
         + source_problems(raw, loc, base_dir)
+        + prompt_length_problems(raw, loc)
         + model_problems(raw, loc)
         + reward_file_problems(raw, loc, base_dir)
     )

@@ -18,7 +18,7 @@ from rlft.fsio import atomic_write_text
 from rlft.metrics import fmt, progress, summary_table
 from rlft.models import load_model, load_tokenizer
 from rlft.rewards import build_rewards
-from rlft.stage_io import commit_dir, load_data, new_staging
+from rlft.stage_io import commit_dir, load_data, load_prompts, new_staging
 
 
 def run(ctx: Any) -> Any:
@@ -29,9 +29,8 @@ def run(ctx: Any) -> Any:
     source = ctx.parent().model
     tokenizer = load_tokenizer(source, ctx.model_spec())
     model = load_model(source, ctx.model_spec(), _device()).eval()
-    train_rows, _, prints = load_data(ctx, spec.data)
-    rows = [r for rows in train_rows for r in rows]
-    prompts = data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt)
+    train, _, prints = load_prompts(ctx, spec.data, tokenizer)
+    prompts = [p for spec_prompts in train for p in spec_prompts]  # every prompt once, in data order
     score = build_rewards(
         [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_unsafe_code_exec,
         timeout_s=spec.reward_timeout_s, max_error_rate=spec.max_reward_error_rate,
@@ -50,7 +49,7 @@ def run(ctx: Any) -> Any:
         out = sample_shard(model, tokenizer, prompts[lo : lo + spec.shard_size], lo, score, sampling, rules, spec, ctx.seed)
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in out))
     score.close()
-    return _finish(ctx, shard_dir, n_shards, Artifact)
+    return _finish(ctx, shard_dir, n_shards, prompts, Artifact)
 
 
 def sample_shard(
@@ -78,8 +77,9 @@ def sample_shard(
     return out
 
 
-def _finish(ctx: Any, shard_dir: Path, n_shards: int, artifact_cls: Any) -> Any:
-    """Join the shards into `final/data.jsonl` (chat messages) plus mixed-in data; write stats."""
+def _finish(ctx: Any, shard_dir: Path, n_shards: int, prompts: list[data.PromptExample], artifact_cls: Any) -> Any:
+    """Join the shards into `final/data.jsonl` (each kept completion after its prompt's chat, system
+    message included) plus mixed-in data; write stats."""
     spec = ctx.spec
     rows, rates, kept_prompts = [], [], 0
     for shard in range(n_shards):
@@ -88,7 +88,7 @@ def _finish(ctx: Any, shard_dir: Path, n_shards: int, artifact_cls: Any) -> Any:
             rates.append(rec["pass_rate"])
             kept_prompts += bool(rec["kept"])
             for j, text in enumerate(rec["kept"]):
-                messages = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": text}]
+                messages = [*prompts[rec["prompt_id"]].messages, {"role": "assistant", "content": text}]
                 rows.append({"messages": messages, "prompt_id": rec["prompt_id"], "sample_id": j, **rec["columns"]})
     sampled = len(rows)
     if spec.mix:
