@@ -38,6 +38,7 @@ class DataSource:
     usage: Usage
     path: Path | None
     note: str = ""
+    hint: str = ""  # added to a row that does not suit the stage: what the stage could do instead
 
     def shown(self) -> str:
         """The source as logged: the file (and where its symlinks lead) or the source's kind."""
@@ -79,12 +80,17 @@ def data_sources(loaded: Any, stages: Iterable[str] | None = None) -> Iterator[D
         for field, d in entries:
             key = f"stages.{name}.{field}"
             needs: Usage = "chat" if field.startswith("mix.") else usage
-            yield _source(key, d, needs, loaded.base_dir, set(recipe.stages))
+            hint = LOGITS_HINT if spec.kind == "distill" and spec.mode == "logits" else ""
+            yield _source(key, d, needs, loaded.base_dir, set(recipe.stages), hint)
             if d.eval_split and not d.source.startswith("tiny:") and d.source not in recipe.stages:
                 path = local_path(d.source, loaded.base_dir)
                 if path is not None:  # a local source's eval_split is a file; a hub one's a split name
                     split = local_path(d.eval_split, loaded.base_dir, must_exist=True)
-                    yield DataSource(f"{key}.eval_split", d, needs, split)
+                    yield DataSource(f"{key}.eval_split", d, needs, split, hint=hint)
+
+
+LOGITS_HINT = ("distill mode logits scores the data's own completions: give prompt + completion or messages rows, "
+               "or use `mode: on_policy` (the student writes the completions) or `mode: sequence` (the teacher does)")
 
 
 def _usage(spec: Any) -> Usage:
@@ -93,13 +99,13 @@ def _usage(spec: Any) -> Usage:
     return USAGE_BY_KIND[spec.kind]
 
 
-def _source(key: str, d: Any, usage: Usage, base_dir: Path, stages: set[str]) -> DataSource:
+def _source(key: str, d: Any, usage: Usage, base_dir: Path, stages: set[str], hint: str) -> DataSource:
     if d.source in stages:
         return DataSource(key, d, usage, None, f"output of stage '{d.source}': not read until this stage runs")
     if d.source.startswith("tiny:"):
         return DataSource(key, d, usage, None, "built-in task: generated, nothing to read")
     path = local_path(d.source, base_dir)
-    return DataSource(key, d, usage, path, "" if path else "hub data set: not read until this stage runs")
+    return DataSource(key, d, usage, path, "" if path else "hub data set: not read until this stage runs", hint)
 
 
 def check_data(loaded: Any, stages: Iterable[str] | None = None) -> list[SourceCheck]:
@@ -138,7 +144,7 @@ def _read(source: DataSource) -> SourceCheck:
     check, rows, problems, hidden = RowChecker(spec, name), 0, [], 0
     try:
         for r, item in iter_local(source.path, spec.max_row_bytes):
-            problem = item if isinstance(item, DataError) else _row_problem(check, r, item, source.usage, name)
+            problem = item if isinstance(item, DataError) else _row_problem(check, r, item, source)
             if problem is None:
                 rows += 1
                 continue
@@ -160,12 +166,15 @@ def _read(source: DataSource) -> SourceCheck:
     return SourceCheck(source, rows, tuple(problems))
 
 
-def _row_problem(check: RowChecker, r: int, row: dict, usage: Usage, name: str) -> DataError | None:
+def _row_problem(check: RowChecker, r: int, row: dict, source: DataSource) -> DataError | None:
     try:
         canonical = check(r, row)
     except DataError as err:
         return err
-    return usage_problem(canonical, usage, (name, r))
+    problem = usage_problem(canonical, source.usage, (str(source.path), r))
+    if problem is None or not source.hint:
+        return problem
+    return DataError(problem.file, f"{problem.message}; {source.hint}", problem.row, problem.column)
 
 
 def summary(check: SourceCheck) -> str:
