@@ -12,11 +12,14 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from rlft.errors import RlftError, UserInputError, WriteError
+
+if TYPE_CHECKING:
+    from rlft.recipe_load import LoadedRecipe
 
 app = typer.Typer(
     add_completion=False,
@@ -55,6 +58,17 @@ def _load(recipe: Path, overrides: list[str] | None):  # noqa: ANN202
     return load_any(recipe, overrides or [])
 
 
+def _check_data(loaded: LoadedRecipe, stages: list[str] | None = None) -> None:
+    """Read the stages' local data files before any model loads; log where each one is."""
+    from rlft.data_check import check_data, raise_problems
+
+    checks = check_data(loaded, stages)
+    raise_problems(checks)
+    for check in checks:
+        if check.source.path is not None:
+            logging.getLogger("rlft").info("data %s: %s (%d rows)", check.source.key, check.source.shown(), check.rows)
+
+
 @app.command()
 def run(
     recipe: RecipeArg, set_: SetOpt = None, force: ForceOpt = False, restart: RestartOpt = False,
@@ -63,6 +77,7 @@ def run(
     """Run every stage of RECIPE in order; finished stages are skipped, an interrupted one resumes."""
     _setup_logging(verbose)
     loaded = _load(recipe, set_)
+    _check_data(loaded)
     from rlft.pipeline import run_pipeline
     from rlft.report import print_run_table
 
@@ -87,6 +102,7 @@ def stage(
 
         recipe = find_saved_recipe()
     loaded = _load(recipe, set_)
+    _check_data(loaded, [stage_name(loaded, name)])
     from rlft.pipeline import run_pipeline
 
     run_pipeline(loaded, only=stage_name(loaded, name), resume=resume, force=force, restart=restart)
@@ -94,9 +110,16 @@ def stage(
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Check RECIPE without loading any model; report every problem at once (exit 2)."""
+    """Check RECIPE and read its local data files without loading any model; report every
+    problem at once (exit 2)."""
+    from rlft.data_check import check_data, raise_problems, summary
+
     loaded = _load(recipe, set_)
+    checks = check_data(loaded)
+    raise_problems(checks)
     typer.echo(f"{recipe}: ok ({len(loaded.recipe.stages)} stages: {', '.join(loaded.recipe.stages)})")
+    for check in checks:
+        typer.echo(f"  data {summary(check)}")
 
 
 @app.command()

@@ -4,6 +4,11 @@ Loading, checking and mixing rows live in `rlft.data_load`, file reading in `rlf
 batching (packing, collation, resumable loaders) in `rlft.data_batch`; this module re-exports
 them so a stage only needs `from rlft import data`.
 
+The prompt of a row is built in one place for every stage (`prompt_messages`, `prompt_ids`):
+the data set's system prompt (the row's `_system`) unless the row has its own system message,
+the user turn(s), and the template's generation prompt. SFT's prompt part, GRPO/PPO rollouts,
+held-out accuracy, rejection sampling, distillation and eval all render these same ids.
+
 Loss masks (1 = the token is a target of the next-token loss):
 - messages: assistant content and its end-of-turn marker (the tokenizer's eos) of every
   assistant turn; template glue after the marker (Qwen's "\\n") is not trained.
@@ -32,13 +37,13 @@ from rlft.data_batch import (
     pack,
     token_count,
 )
-from rlft.data_load import CANONICAL_COLUMNS, data_fingerprint, load_rows, mix, row_format
+from rlft.data_load import CANONICAL_COLUMNS, data_fingerprint, load_rows, mix, row_format, usage_problem
 from rlft.errors import DataError, UserInputError
 
 __all__ = [
-    "PromptExample", "PromptLoader", "SFTExample", "SFTLoader", "collate", "data_fingerprint", "load_rows",
-    "mix", "model_inputs", "pack", "prompt_examples", "render_prompt_ids", "row_format", "token_count",
-    "tokenize_sft",
+    "PromptExample", "PromptLoader", "SFTExample", "SFTLoader", "collate", "conversation", "data_fingerprint",
+    "load_rows", "mix", "model_inputs", "pack", "prompt_examples", "prompt_ids", "prompt_messages",
+    "render_prompt_ids", "row_format", "token_count", "tokenize_sft",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,12 +52,14 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 @dataclass(frozen=True)
 class PromptExample:
-    """One RL prompt: chat-templated ids ending with the generation prompt, the raw user text,
-    and the row's other columns (answer, task, ...) for the reward functions."""
+    """One prompt: `prompt_ids(row)`, the last user message, the row's other columns (answer,
+    task, ...) for rewards and verifiers, and the chat the ids render (`prompt_messages(row)`)."""
 
     prompt_ids: list[int]
     prompt_text: str
     columns: dict
+    messages: list[dict]
+    row: dict  # the canonical row it was built from
 
 
 def tokenize_sft(
@@ -61,28 +68,32 @@ def tokenize_sft(
     max_length: int,
     long_rows: Literal["error", "drop", "truncate"],
     source_name: str,
-    system_prompt: str | None = None,
+    required: bool = True,
 ) -> list[SFTExample]:
     """Token ids and loss masks of canonical rows (see the module docstring for the masks).
 
     Args:
-        rows: Canonical rows (`load_rows`, `mix`); `_source`/`_row` name rows in errors.
+        rows: Canonical rows (`load_rows`, `mix`); `_source`/`_row` name rows in errors and
+            `_system` is their data set's system prompt.
         tokenizer: A Hugging Face tokenizer; its chat template renders messages/prompts.
         max_length: Longest allowed sequence in tokens.
         long_rows: Longer rows are an error, dropped, or cut to `max_length` (a cut row left
             without any target token is dropped).
         source_name: Name for errors about rows that carry no `_source`.
-        system_prompt: System message put first when a row has none.
+        required: Every row dropped is an error (training rows); False leaves no examples
+            (held-out rows, which follow the same `long_rows` rule).
 
     Raises:
-        DataError: a row with nothing to train on, a long row under "error", or every row dropped.
+        DataError: a row with nothing to train on, a long row under "error", or every row
+            dropped when `required`.
     """
     _require_eos(tokenizer)
     out, dropped = [], 0
+    name = rows[0].get("_source", source_name) if rows else source_name
     for i, row in enumerate(rows):
         where = (row.get("_source", source_name), row.get("_row", i + 1))
         try:
-            ids, mask = _encode_row(row, tokenizer, system_prompt, where)
+            ids, mask = _encode_row(row, tokenizer, where)
         except TemplateError as err:
             raise _template_error(err, where) from None
         mask[0] = 0
@@ -102,11 +113,11 @@ def tokenize_sft(
             raise DataError(where[0], "has no tokens to train on (no assistant turn or empty completion)",
                             row=where[1])
         out.append(SFTExample(input_ids=ids, loss_mask=mask))
-    if not out:
-        raise DataError(source_name, f"all {len(rows)} rows were dropped as longer than max_length {max_length} "
+    if not out and rows and required:
+        raise DataError(name, f"all {len(rows)} rows were dropped as longer than max_length {max_length} "
                         f"(long_rows={long_rows}); raise max_length")
     if dropped:
-        log.warning("%s: dropped %d of %d rows longer than max_length %d", source_name, dropped, len(rows), max_length)
+        log.warning("%s: dropped %d of %d rows longer than max_length %d", name, dropped, len(rows), max_length)
     return out
 
 
@@ -120,25 +131,73 @@ def _require_eos(tokenizer: Any) -> None:
                              "use a tokenizer with eos_token set")
 
 
-def _encode_row(row: dict, tokenizer: Any, system_prompt: str | None, where: tuple) -> tuple[list[int], list[int]]:
+def _encode_row(row: dict, tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
+    problem = usage_problem(row, "reply", where)
+    if problem is not None:
+        raise problem
     fmt = row_format(row)
     if fmt == "messages":
-        return _encode_messages(_with_system(row["messages"], system_prompt), tokenizer, where)
+        return _encode_messages(conversation(row), tokenizer, where)
     if fmt == "prompt_completion":
-        prompt = render_prompt_ids(tokenizer, _with_system([{"role": "user", "content": row["prompt"]}], system_prompt))
+        prompt = prompt_ids(row, tokenizer)
         completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return prompt + completion, [0] * len(prompt) + [1] * len(completion)
-    if fmt == "text":
-        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-        return ids, [1] * len(ids)
-    raise DataError(where[0], "has only a prompt; SFT needs 'messages', 'prompt' + 'completion', or 'text'",
-                    row=where[1])
+    ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    return ids, [1] * len(ids)
 
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     if system_prompt is None or messages[0]["role"] == "system":
         return messages
     return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    """The chat a row's reply follows: system message, user turn(s), no reply.
+
+    The system message is the row's own (a messages row starting with one), else its data
+    set's `system_prompt` (`_system`), else none. A prompt / prompt_completion row is one user
+    turn; a messages row keeps its turns up to (not including) its final assistant turn(s).
+
+    Raises:
+        DataError: a text row, or a conversation without a user turn.
+    """
+    where = (row.get("_source", "data"), row.get("_row"))
+    problem = usage_problem(row, "prompt", where)
+    if problem is not None:
+        raise problem
+    if row_format(row) != "messages":
+        return _with_system([{"role": "user", "content": row["prompt"]}], row.get("_system"))
+    messages = list(row["messages"])
+    while messages[-1]["role"] == "assistant":
+        messages.pop()
+    return _with_system(messages, row.get("_system"))
+
+
+def conversation(row: dict) -> list[dict]:
+    """The whole chat of a row with a reply: `prompt_messages(row)` followed by the reply (a
+    messages row keeps every turn, with the data set's system message put first if it has none)."""
+    if row_format(row) == "messages":
+        return _with_system(row["messages"], row.get("_system"))
+    return [*prompt_messages(row), {"role": "assistant", "content": row["completion"]}]
+
+
+def prompt_ids(row: dict, tokenizer: Any) -> list[int]:
+    """The prompt ids of a row, as every stage renders them: `prompt_messages(row)` through the
+    chat template with the generation prompt (`render_prompt_ids`).
+
+    Raises:
+        DataError: see `prompt_messages`, or the chat template rejects the row.
+    """
+    return _render_prompt(row, tokenizer)[1]
+
+
+def _render_prompt(row: dict, tokenizer: Any) -> tuple[list[dict], list[int]]:
+    messages = prompt_messages(row)
+    try:
+        return messages, render_prompt_ids(tokenizer, messages)
+    except TemplateError as err:
+        raise _template_error(err, (row.get("_source", "data"), row.get("_row"))) from None
 
 
 def _template(tokenizer: Any) -> str | None:
@@ -151,8 +210,6 @@ def _encode_messages(messages: list[dict], tokenizer: Any, where: tuple) -> tupl
     if template is None:
         raise DataError(where[0], "has chat messages but the tokenizer has no chat template; use an instruct "
                         "model's tokenizer or prompt/completion rows", row=where[1])
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(where[0], "has no assistant message to train on", row=where[1], column="messages")
     if _GENERATION_TAG.search(template):
         enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
@@ -203,41 +260,38 @@ def render_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 
 
 def prompt_examples(
-    rows: list[dict], tokenizer: Any, system_prompt: str | None = None, max_length: int | None = None
+    rows: list[dict], tokenizer: Any, max_length: int | None = None,
+    long_rows: Literal["error", "drop", "truncate"] = "error", required: bool = True,
 ) -> list[PromptExample]:
-    """RL prompts from canonical rows.
+    """Prompts (`prompt_ids`) of canonical rows, for generation: rollouts, sampling, eval.
 
-    A prompt/prompt_completion row becomes one user turn; a messages row keeps its turns up to
-    (not including) a final assistant turn. `prompt_text` is the last user message.
+    A prompt longer than `max_length` tokens is an error naming the file and row under
+    `long_rows: error`, and is left out (counted in a warning) under `drop`. A prompt is never
+    cut: it would ask another question than the one its answer belongs to, so under `truncate`
+    (which cuts SFT rows) a long prompt is left out too; stages that only generate refuse
+    `truncate` when the recipe is validated. With `required`, every prompt left out is an error
+    (training prompts); held-out prompts pass False.
 
     Raises:
-        DataError: text rows, a conversation with no user turn, or a prompt over `max_length`.
+        DataError: text rows, a conversation with no user turn, a long prompt under "error", or
+            every prompt left out when `required`.
     """
-    out = []
-    for i, row in enumerate(rows):
-        where = (row.get("_source", "data"), row.get("_row", i + 1))
-        messages = _prompt_messages(row, where)
-        try:
-            ids = render_prompt_ids(tokenizer, _with_system(messages, system_prompt))
-        except TemplateError as err:
-            raise _template_error(err, where) from None
+    out, dropped = [], 0
+    for row in rows:
+        messages, ids = _render_prompt(row, tokenizer)
         if max_length is not None and len(ids) > max_length:
-            raise DataError(where[0], f"prompt is {len(ids)} tokens, longer than {max_length}", row=where[1])
+            if long_rows == "error":
+                raise DataError(row.get("_source", "data"), f"the prompt is {len(ids)} tokens, longer than "
+                                f"max_length {max_length}; raise max_length or set long_rows: drop", row=row.get("_row"))
+            dropped += 1
+            continue
         text = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         columns = {k: v for k, v in row.items() if k not in CANONICAL_COLUMNS and not k.startswith("_")}
-        out.append(PromptExample(prompt_ids=ids, prompt_text=text, columns=columns))
+        out.append(PromptExample(prompt_ids=ids, prompt_text=text, columns=columns, messages=messages, row=row))
+    name = rows[0].get("_source", "data") if rows else "data"
+    if not out and rows and required:
+        raise DataError(name, f"all {len(rows)} prompts are longer than max_length {max_length} "
+                        f"(long_rows={long_rows}); raise max_length")
+    if dropped:
+        log.warning("%s: left out %d of %d prompts longer than max_length %d", name, dropped, len(rows), max_length)
     return out
-
-
-def _prompt_messages(row: dict, where: tuple) -> list[dict]:
-    fmt = row_format(row)
-    if fmt == "text":
-        raise DataError(where[0], "is a text row; RL prompts need 'prompt' or 'messages'", row=where[1])
-    if fmt != "messages":
-        return [{"role": "user", "content": row["prompt"]}]
-    messages = list(row["messages"])
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    if not any(m["role"] == "user" for m in messages):
-        raise DataError(where[0], "has no user message to use as a prompt", row=where[1], column="messages")
-    return messages

@@ -7,8 +7,10 @@ A canonical row is one of
     {"prompt": str}                                prompt only (RL prompts, e.g. with an `answer`)
 plus any other columns of the source (`answer`, `task`, ...). The format of a row follows from
 its keys in that order of precedence (`row_format`). Keys starting with `_` are rlft's
-bookkeeping: `_source` (file or source name) and `_row` (1-based row in it), so later errors
-(a row too long once tokenised) can still name the row.
+bookkeeping: `_source` (the file's absolute path, or the source name) and `_row` (1-based row
+in it), so later errors (a row too long once tokenised) can still name the row, and `_system`
+(the data set's `system_prompt`, when it has one), so every stage renders the row's prompt the
+same way wherever the row travels (`rlft.data.prompt_messages`).
 
 Row numbers: JSON Lines row N is line N of the file; JSON arrays, CSV (header not counted),
 Parquet and hub data sets count rows from 1.
@@ -22,12 +24,13 @@ import inspect
 import json
 import random
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from rlft import tasks
-from rlft.data_read import TABLE_SUFFIXES, read_hub, read_local
+from rlft.data_read import TABLE_SUFFIXES, check_file, read_hub, read_local
 from rlft.errors import DataError, UserInputError
 
+T = TypeVar("T")
 RowFormat = Literal["messages", "prompt_completion", "text", "prompt"]
 # Detection order for format "auto": the first whose columns are all present wins.
 FORMAT_COLUMNS: dict[RowFormat, tuple[str, ...]] = {
@@ -66,22 +69,22 @@ def load_rows(spec: Any, base_dir: Path, seed: int) -> tuple[list[dict], list[di
     """
     if spec.source.startswith("tiny:"):
         return _load_tiny(spec, seed)
-    path = _local_path(spec.source, Path(base_dir))
+    path = local_path(spec.source, Path(base_dir))
     if path is None:
         hint = Path(base_dir) / spec.source
-        train = canonicalize(read_hub(spec.source, spec.split, hint, getattr(spec, "subset", None)), spec, spec.source)
-        heldout = read_hub(spec.source, spec.eval_split, hint, getattr(spec, "subset", None)) if spec.eval_split else None
+        train = canonicalize(read_hub(spec.source, spec.split, hint, spec.subset, spec.max_row_bytes), spec, spec.source)
+        heldout = read_hub(spec.source, spec.eval_split, hint, spec.subset, spec.max_row_bytes) if spec.eval_split else None
         heldout_name = f"{spec.source}[{spec.eval_split}]"
     else:
-        train = canonicalize(read_local(path), spec, str(path))
-        heldout_path = _local_path(spec.eval_split, Path(base_dir), must_exist=True) if spec.eval_split else None
-        heldout = read_local(heldout_path) if heldout_path else None
+        train = canonicalize(read_local(path, spec.max_row_bytes), spec, str(path))
+        heldout_path = local_path(spec.eval_split, Path(base_dir), must_exist=True) if spec.eval_split else None
+        heldout = read_local(heldout_path, spec.max_row_bytes) if heldout_path else None
         heldout_name = str(heldout_path)
     if spec.num_examples is not None:
         train = train[: spec.num_examples]
     if heldout is not None:
         return train, canonicalize(heldout, spec, heldout_name)
-    return split_heldout(train, spec.eval_size, seed, spec.source)
+    return split_heldout(train, spec.eval_size, seed, str(path or spec.source))
 
 
 def _load_tiny(spec: Any, seed: int) -> tuple[list[dict], list[dict]]:
@@ -102,13 +105,17 @@ def _tiny_rows(rows: list[dict], task_name: str) -> list[tuple[int, dict]]:
     return [(i, {**row, "completion": row["solution"], "task": task_name}) for i, row in enumerate(rows, 1)]
 
 
-def _local_path(source: str, base_dir: Path, must_exist: bool = False) -> Path | None:
-    """The file `source` names, or None when it reads as a hub data set name."""
+def local_path(source: str, base_dir: Path, must_exist: bool = False) -> Path | None:
+    """The absolute path of the file `source` names (relative to `base_dir`; symlinks are not
+    resolved), or None when it reads as a hub data set name.
+
+    Raises:
+        DataError: it looks like (or `must_exist` says it is) a file, and is no readable data file.
+    """
     path = Path(source).expanduser()
-    path = path if path.is_absolute() else base_dir / path
-    if path.is_dir():
-        raise DataError(str(path), "is a directory; give a .jsonl, .json, .parquet or .csv file")
-    if path.is_file():
+    path = (path if path.is_absolute() else base_dir / path).absolute()
+    if path.exists():
+        check_file(path)
         return path
     looks_local = path.suffix.lower() in TABLE_SUFFIXES or source.startswith((".", "/", "~"))
     if not (looks_local or must_exist):
@@ -139,9 +146,30 @@ def canonicalize(rows: list[tuple[int, dict]], spec: Any, name: str) -> list[dic
     """
     if not rows:
         raise DataError(name, "has no rows")
-    rows = [(r, _rename(row, spec.columns, name, r)) for r, row in rows]
-    fmt = _detect_format(rows[0][1], spec.format, name)
-    return [_check_row(row, fmt, name, r) for r, row in rows]
+    check = RowChecker(spec, name)
+    return [check(r, row) for r, row in rows]
+
+
+class RowChecker:
+    """Canonical form of one source's rows, one row at a time; the first row fixes the format.
+
+    `checker(r, row)` renames columns, checks the row's types and adds `_source`, `_row` and
+    `_system`; it raises DataError naming row r (a format that cannot be detected names no row:
+    it is a problem with the whole source).
+    """
+
+    def __init__(self, spec: Any, name: str):
+        self.spec, self.name = spec, name
+        self.fmt: RowFormat | None = None
+
+    def __call__(self, r: int, row: dict) -> dict:
+        row = _rename(row, self.spec.columns, self.name, r)
+        if self.fmt is None:
+            self.fmt = _detect_format(row, self.spec.format, self.name)
+        out = _check_row(row, self.fmt, self.name, r)
+        if self.spec.system_prompt is not None:
+            out["_system"] = self.spec.system_prompt
+        return out
 
 
 def _rename(row: dict, columns: dict[str, str], name: str, r: int) -> dict:
@@ -229,6 +257,30 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+Usage = Literal["reply", "prompt", "chat"]
+
+
+def usage_problem(row: dict, needs: Usage, where: tuple[str, int | None]) -> DataError | None:
+    """Why a canonical row cannot serve as training text ("reply": SFT, logit distillation), as a
+    prompt to generate from ("prompt": GRPO/PPO, sampling, eval), or as a conversation with a
+    reply ("chat": a sample stage's `mix:` rows), or None; `where` = (file, row)."""
+    fmt = row_format(row)
+    if needs == "chat" and fmt not in ("messages", "prompt_completion"):
+        return DataError(where[0], "sample.mix rows become chat rows: give 'messages' or 'prompt' + 'completion' "
+                         "rows", row=where[1])
+    if needs in ("reply", "chat"):
+        if fmt == "prompt":
+            return DataError(where[0], "has only a prompt; SFT needs 'messages', 'prompt' + 'completion', or "
+                             "'text'", row=where[1])
+        if fmt == "messages" and not any(m["role"] == "assistant" for m in row["messages"]):
+            return DataError(where[0], "has no assistant message to train on", row=where[1], column="messages")
+    elif fmt == "text":
+        return DataError(where[0], "is a text row; prompts need 'prompt' or 'messages'", row=where[1])
+    elif fmt == "messages" and not any(m["role"] == "user" for m in row["messages"]):
+        return DataError(where[0], "has no user message to use as a prompt", row=where[1], column="messages")
+    return None
+
+
 def heldout_count(n: int, eval_size: float | int, name: str) -> int:
     """Rows to hold out of `n`: a float < 1 is a fraction, else a count.
 
@@ -262,7 +314,7 @@ def _content_key(row: dict) -> str:
     return json.dumps({c: row[c] for c in ("messages", "prompt", "text") if c in row}, sort_keys=True)
 
 
-def mix(rows_per_spec: list[list[dict]], weights: list[float], seed: int, size: int | None = None) -> list[dict]:
+def mix(rows_per_spec: list[list[T]], weights: list[float], seed: int, size: int | None = None) -> list[T]:
     """Deterministic weighted mixture of several row lists.
 
     `weights[i] / sum(weights)` is the share of the output drawn from list i. The output has
@@ -280,7 +332,7 @@ def mix(rows_per_spec: list[list[dict]], weights: list[float], seed: int, size: 
     total = sum(len(rows) for rows in rows_per_spec) if size is None else size
     counts = _apportion(total, weights)
     rng = random.Random(f"mix/{seed}")
-    out: list[dict] = []
+    out: list[T] = []
     for rows, count in zip(rows_per_spec, counts, strict=True):
         if count and not rows:
             raise ValueError("a data set with a positive weight has no rows")
@@ -312,11 +364,11 @@ def data_fingerprint(spec: Any, base_dir: Path, seed: int | None = None) -> str:
                  "eval_size": spec.eval_size, "seed": seed}
         digest.update(json.dumps(ident, sort_keys=True).encode())
         return digest.hexdigest()
-    path = _local_path(spec.source, Path(base_dir))
+    path = local_path(spec.source, Path(base_dir))
     if path is None:
         digest.update(json.dumps({"hub": spec.source, "split": spec.split, "eval_split": spec.eval_split}).encode())
         return digest.hexdigest()
-    files = [path, _local_path(spec.eval_split, Path(base_dir), must_exist=True) if spec.eval_split else None]
+    files = [path, local_path(spec.eval_split, Path(base_dir), must_exist=True) if spec.eval_split else None]
     for file in filter(None, files):
         with open(file, "rb") as fh:
             while block := fh.read(1 << 20):

@@ -219,7 +219,7 @@ def student_batch(
 
 def teacher_completions(
     teacher: Any, tokenizer: Any, rows: list[dict], sampling: rollout.SamplingParams, seed: int,
-    batch_size: int, system_prompt: str | None,
+    batch_size: int,
 ) -> tuple[list[dict], dict[str, float]]:
     """One teacher completion per row, as SFT rows (the row's reply replaced by the teacher's).
 
@@ -227,7 +227,7 @@ def teacher_completions(
     prompts are batched. Returns the rows and statistics (truncated share, and the teacher's
     accuracy on rows that carry an answer).
     """
-    prompts = data.prompt_examples(rows, tokenizer, system_prompt)
+    prompts = data.prompt_examples(rows, tokenizer)
     out_rows, truncated = [], 0
     starts = range(0, len(prompts), batch_size)
     for lo in progress(starts, len(starts), "teacher completions"):
@@ -245,8 +245,10 @@ def teacher_completions(
 
 def with_completion(row: dict, text: str) -> dict:
     """`row` with its reply replaced by `text`: a messages row keeps its turns up to the last
-    user turn; any other row becomes prompt + completion. Other columns stay, `_` keys go."""
-    columns = {k: v for k, v in row.items() if k not in data.CANONICAL_COLUMNS and not k.startswith("_")}
+    user turn; any other row becomes prompt + completion. Other columns stay, and `_system` (the
+    data set's system prompt, so the student's prompt is the teacher's); other `_` keys go."""
+    columns = {k: v for k, v in row.items()
+               if k == "_system" or k not in data.CANONICAL_COLUMNS and not k.startswith("_")}
     if "messages" in row:
         turns = list(row["messages"])
         while turns and turns[-1]["role"] == "assistant":

@@ -53,7 +53,7 @@ class DataError(UserInputError):
     """A data file problem, named by file, 1-based row and column."""
 
     def __init__(self, file: str, message: str, row: int | None = None, column: str | None = None):
-        self.file, self.row, self.column = file, row, column
+        self.file, self.message, self.row, self.column = file, message, row, column
         where = file + (f":row {row}" if row is not None else "")
         col = f"  column '{column}'" if column else ""
         super().__init__(f"{where}{col}: {message}")

@@ -35,24 +35,22 @@ def heldout_loss(model: Any, examples: list[Any], micro_batch_size: int, pad_id:
     return total / max(count, 1.0)
 
 
-def is_correct(row: dict[str, Any], completion: str) -> bool:
-    """The row's verifier on one completion: the built-in task's checker, else the answer
-    compared with math-verify (exact match first)."""
-    if "task" in row:
-        return tasks.get_task(row["task"]).check(completion, str(row["answer"]))
-    return rewards.answer_is_correct(completion, row["answer"])
+def is_correct(columns: dict[str, Any], completion: str) -> bool:
+    """The verifier of a row (its columns) on one completion: the built-in task's checker, else
+    the answer compared with math-verify (exact match first)."""
+    if "task" in columns:
+        return tasks.get_task(columns["task"]).check(completion, str(columns["answer"]))
+    return rewards.answer_is_correct(completion, columns["answer"])
 
 
 @torch.no_grad()
 def task_accuracy(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 32,
-    system_prompt: str | None = None,
+    model: Any, tokenizer: Any, prompts: list[data.PromptExample], max_new_tokens: int, batch_size: int = 32,
 ) -> float | None:
-    """Greedy accuracy on held-out rows that carry an answer; None when none do."""
-    rows = [r for r in rows if "answer" in r]
-    if not rows:
+    """Greedy accuracy on held-out prompts whose row carries an answer; None when none do."""
+    prompts = [p for p in prompts if "answer" in p.columns]
+    if not prompts:
         return None
-    prompts = data.prompt_examples(rows, tokenizer, system_prompt)
     sampling = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     correct = 0
     for i in range(0, len(prompts), batch_size):
@@ -61,5 +59,5 @@ def task_accuracy(
             model, tokenizer, [p.prompt_ids for p in chunk], sampling, group_size=1,
             generator=rollout.seed_generator(0),
         )
-        correct += sum(is_correct(r, t) for r, t in zip(rows[i : i + batch_size], out.texts, strict=True))
-    return correct / len(rows)
+        correct += sum(is_correct(p.columns, t) for p, t in zip(chunk, out.texts, strict=True))
+    return correct / len(prompts)

@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from rlft.data_check import data_sources
 from rlft.gates import describe
 from rlft.recipe import stage_refs
 
@@ -31,6 +32,8 @@ def explain_recipe(loaded: Any) -> str:
         parts += [f"data={','.join(data)}"] if data else []
         parts += [f"gate={describe(spec.gate)}"] if getattr(spec, "gate", None) else []
         lines.append(f"  {name:<14} {spec.kind:<8} " + "  ".join(parts))
+    lines.append("\n# data files (relative to the recipe's directory; -> where symlinks lead)")
+    lines += [f"  {source.key}: {source.shown()}" for source in data_sources(loaded)]
     lines.append("\n# batch arithmetic (per optimizer step)")
     for name, spec in recipe.stages.items():
         lines.append(f"  {name}: {batch_arithmetic(spec)}")

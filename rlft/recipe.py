@@ -109,10 +109,17 @@ class DataSpec(Strict):
     )
     num_examples: int | None = Field(None, ge=1, description="Cap on rows (tiny:* tasks: rows generated).")
     columns: dict[str, str] = Field(default_factory=dict, description="Rename columns: {source_name: canonical}.")
-    system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
-    max_length: int = Field(512, ge=8, description="Longest tokenised row.")
+    system_prompt: str | None = Field(
+        None, description="System message of every row's prompt, in every stage (a row's own system message wins)."
+    )
+    max_length: int = Field(512, ge=8, description="Longest tokenised row, and longest prompt.")
     long_rows: Literal["error", "drop", "truncate"] = Field(
-        "error", description="What to do with a row longer than max_length."
+        "error", description="What to do with a row (held-out rows too) or prompt longer than max_length; a "
+        "prompt is never cut (docs/data.md)."
+    )
+    max_row_bytes: int = Field(
+        1_000_000, ge=1, description="Largest row in bytes (as a JSON Lines line); larger rows are refused "
+        "before tokenising."
     )
     packing: bool = Field(False, description="Pack several short rows into one sequence (SFT).")
     weight: float = Field(1.0, gt=0, description="Mixing weight when a stage lists several data sets.")
@@ -471,6 +478,11 @@ class Recipe(Strict):
         "runs", description="Where run directories go: relative to the working directory; ~ is the home directory."
     )
     seed: int = Field(0, description="Seed for data order, sampling and dropout.")
+    data_root: str | None = Field(
+        None, description="Confine local data files to this directory (relative to the recipe's; `.` = the "
+        "recipe's directory): a file that resolves outside it, symlinks followed, is refused. Unset: data "
+        "files may be anywhere."
+    )
     model: ModelSpec = Field(description="The base model.")
     lora: LoraOrFull = Field(default_factory=LoraSpec, description="LoRA defaults for every stage; full = no adapter.")
     stages: dict[str, StageSpec] = Field(min_length=1, description="Named stages, run in the order written.")

@@ -6,7 +6,12 @@
   model (or `base`); a data `source` that names a stage names an earlier `sample` stage;
 - `tiny:<task>` names a known task; local data files and `file.py:function` rewards exist, and
   reward files live inside the recipe's directory (RELIABILITY S4);
-- a gate's metric is one the stage reports (rlft/gates.py).
+- a gate's metric is one the stage reports (rlft/gates.py);
+- data files may live anywhere (users keep data elsewhere) unless the recipe sets `data_root`:
+  then each must resolve, symlinks followed, inside it. Reward files are code, so their rule is
+  always the strict one;
+- stages that only generate from prompts (grpo, ppo, sample, eval) refuse `long_rows: truncate`:
+  a cut prompt asks another question than the one its answer belongs to.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlft.errors import Problem
+from rlft.data_load import local_path
+from rlft.errors import DataError, Problem
 from rlft.gates import gate_problems
 from rlft.recipe import RESERVED_STAGE_NAMES, SAFE_NAME
 from rlft.recipe_problems import Locator, closest, did_you_mean, dotted
@@ -24,7 +30,7 @@ from rlft.recipe_secrets import secret_problems
 from rlft.recipe_yaml import Path_
 
 MODEL_KINDS = ("sft", "grpo", "ppo", "distill")
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+PROMPT_KINDS = ("grpo", "ppo", "sample", "eval")
 _REWARD_FILE = re.compile(r"^(?P<file>.+\.py):(?P<fn>[^:]*)$")
 
 
@@ -137,23 +143,75 @@ def _missing_file(file: Path, shown: str, suffixes: tuple[str, ...]) -> str:
     return f"file not found: {shown} (looked in {file.parent}){hint}"
 
 
+def data_root(raw: dict, base_dir: Path) -> Path | None:
+    """The resolved `data_root` directory (relative to the recipe's directory), or None when unset."""
+    root = raw.get("data_root")
+    return (base_dir / Path(root).expanduser()).resolve() if isinstance(root, str) else None
+
+
 def source_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
-    """`tiny:<task>` names a task; a local data file (relative to the recipe) exists."""
+    """`tiny:<task>` names a task; a local data file (and a local source's eval_split file) is a
+    readable data file, inside `data_root` when the recipe sets one."""
     problems, tasks = [], _tasks()
-    for name, spec in _stages(raw).items():
+    stages, root = _stages(raw), data_root(raw, base_dir)
+    if root is not None and not root.is_dir():
+        problems.append(loc.at(("data_root",), f"directory not found: {root}"))
+        root = None
+    for name, spec in stages.items():
         if not isinstance(spec, dict):
             continue
         for path, source in _data_entries(name, spec):
-            if not isinstance(source, str):
+            if not isinstance(source, str) or source in stages or "://" in source:
                 continue
-            if source.startswith("tiny:") and tasks is not None and source[5:] not in tasks:
-                task = source[5:]
-                problems.append(loc.at(path, f"unknown task '{task}'{did_you_mean(task, tasks)}; "
-                                       f"built-in tasks: {', '.join(sorted(tasks))}"))
-            elif source.lower().endswith(DATA_SUFFIXES) and "://" not in source:
-                file = base_dir / Path(source).expanduser()  # an absolute path replaces base_dir
-                if not file.is_file():
-                    problems.append(loc.at(path, _missing_file(file, source, DATA_SUFFIXES)))
+            if source.startswith("tiny:"):
+                if tasks is not None and source[5:] not in tasks:
+                    task = source[5:]
+                    problems.append(loc.at(path, f"unknown task '{task}'{did_you_mean(task, tasks)}; "
+                                           f"built-in tasks: {', '.join(sorted(tasks))}"))
+                continue
+            why, is_file = _file_problem(source, base_dir, root, must_exist=False)
+            split = _entry(raw, path).get("eval_split") if path[-1] == "source" else None
+            if why is None and is_file and isinstance(split, str):
+                path, (why, _) = path[:-1] + ("eval_split",), _file_problem(split, base_dir, root, must_exist=True)
+            problems += [loc.at(path, why)] if why else []
+    return problems
+
+
+def _entry(raw: dict, path: Path_) -> dict:
+    """The data entry (a mapping) whose `source` is at `path`."""
+    node: Any = raw
+    for key in path[:-1]:
+        node = node[key]
+    return node
+
+
+def _file_problem(source: str, base_dir: Path, root: Path | None, must_exist: bool) -> tuple[str | None, bool]:
+    """(why `source` is not a usable data file, or None; whether it names a local file)."""
+    try:
+        file = local_path(source, base_dir, must_exist)
+    except DataError as err:
+        return str(err), True
+    if file is None:
+        return None, False
+    resolved = file.resolve()
+    if root is not None and not resolved.is_relative_to(root):
+        return f"{source} resolves to {resolved} (symlinks followed), outside data_root {root}", True
+    return None, True
+
+
+def prompt_length_problems(raw: dict, loc: Locator) -> list[Problem]:
+    """Stages that only generate from prompts refuse `long_rows: truncate` (a prompt is never cut)."""
+    problems = []
+    for name, spec in _stages(raw).items():
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in PROMPT_KINDS:
+            continue
+        for path, _ in _data_entries(name, spec):
+            entry = _entry(raw, path) if path[-1] == "source" else None
+            if path[2] == "data" and entry is not None and entry.get("long_rows") == "truncate":
+                problems.append(loc.at(path[:-1] + ("long_rows",), f"a {kind} stage generates from prompts and a "
+                                       "prompt is never cut (it would ask another question than the one its "
+                                       "answer belongs to); use long_rows: error or drop"))
     return problems
 
 
@@ -242,6 +300,7 @@ def all_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
         + name_problems(raw, loc)
         + graph_problems(raw, loc)
         + source_problems(raw, loc, base_dir)
+        + prompt_length_problems(raw, loc)
         + model_problems(raw, loc)
         + reward_file_problems(raw, loc, base_dir)
         + gate_problems(raw, loc)

@@ -21,7 +21,7 @@ from rlft import advantages, data, losses, rollout
 from rlft.faults import fault_active, fault_point
 from rlft.models import load_model, reference_mode, trainable_named_params
 from rlft.rewards import build_rewards
-from rlft.stage_io import load_data
+from rlft.stage_io import load_prompts
 from rlft.training import NanGuard, apply_step, lr_at, set_lr
 
 
@@ -343,13 +343,12 @@ def token_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Ten
     return kl_part + torch.where(last, rewards[:, None].to(kl.dtype), 0.0)
 
 
-def prompt_data(ctx: Any, tokenizer: Any) -> tuple[data.PromptLoader, list[dict], dict[str, str]]:
-    """The stage's prompt loader (data sets mixed by weight), its held-out rows and data fingerprints."""
+def prompt_data(ctx: Any, tokenizer: Any) -> tuple[data.PromptLoader, list[data.PromptExample], dict[str, str]]:
+    """The stage's prompt loader (data sets mixed by weight), its held-out prompts and data fingerprints."""
     spec = ctx.spec
-    train_rows, eval_rows, prints = load_data(ctx, spec.data)
-    rows = train_rows[0] if len(train_rows) == 1 else data.mix(train_rows, [d.weight for d in spec.data], ctx.seed)
-    examples = data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt)
-    return data.PromptLoader(examples, spec.prompts_per_step, ctx.seed), eval_rows, prints
+    train, held_out, prints = load_prompts(ctx, spec.data, tokenizer)
+    examples = train[0] if len(train) == 1 else data.mix(train, [d.weight for d in spec.data], ctx.seed)
+    return data.PromptLoader(examples, spec.prompts_per_step, ctx.seed), held_out, prints
 
 
 def reward_scorer(ctx: Any) -> Any:
@@ -366,14 +365,14 @@ class RoundLog:
     accuracy at the start, every `eval_every` rounds and at the end. On a resume both files are
     cut back to the checkpoint's round."""
 
-    def __init__(self, ctx: Any, policy: Any, tokenizer: Any, eval_rows: list[dict], start: int):
+    def __init__(self, ctx: Any, policy: Any, tokenizer: Any, eval_prompts: list[data.PromptExample], start: int):
         from rlft.metrics import MetricsLog
 
         spec = ctx.spec
         self.spec, self.policy, self.tokenizer = spec, policy, tokenizer
         self.metrics = MetricsLog(ctx.stage_dir, start)
         self.samples = MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
-        self.held_out, self.system = eval_rows[: spec.eval_samples], spec.data[0].system_prompt
+        self.held_out = eval_prompts[: spec.eval_samples]
         self.max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
         if start == 0:
             self.metrics.log(0, {"eval/accuracy": self.accuracy()})
@@ -381,8 +380,7 @@ class RoundLog:
     def accuracy(self) -> float | None:
         from rlft import evaluate
 
-        return evaluate.task_accuracy(self.policy, self.tokenizer, self.held_out, self.max_new,
-                                      system_prompt=self.system)
+        return evaluate.task_accuracy(self.policy, self.tokenizer, self.held_out, self.max_new)
 
     def log(self, step: int, stats: dict[str, Any], rows: list[Any], texts: list[str]) -> None:
         """Record 0-based round `step` (logged as step + 1), with the first samples of the round."""

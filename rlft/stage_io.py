@@ -51,8 +51,35 @@ def _load_rows(ctx: Any, named: Any, spec: Any, role: str) -> tuple[list[dict], 
     return rows, eval_rows, fingerprint
 
 
-def prepare_sft_data(ctx: Any, specs: list[Any], tokenizer: Any) -> tuple[list, list, list[dict], dict[str, str]]:
-    """Tokenised train examples (mixed by weight, packed if asked), held-out examples and rows."""
+
+def load_prompts(
+    ctx: Any, specs: list[Any], tokenizer: Any
+) -> tuple[list[list[data.PromptExample]], list[data.PromptExample], dict[str, str]]:
+    """Prompts of every data spec (training prompts per spec, held-out prompts pooled) and
+    fingerprints; each spec's prompts, held-out ones included, follow its max_length/long_rows.
+
+    Raises:
+        DataError: a long prompt under `long_rows: error`, or every training prompt of a spec left out.
+    """
+    train, held_out, prints = [], [], {}
+    for spec in specs:
+        (rows,), eval_rows, spec_prints = load_data(ctx, [spec])
+        train.append(data.prompt_examples(rows, tokenizer, spec.max_length, spec.long_rows))
+        held_out += data.prompt_examples(eval_rows, tokenizer, spec.max_length, spec.long_rows, required=False)
+        prints |= spec_prints
+    return train, held_out, prints
+
+
+def prepare_sft_data(
+    ctx: Any, specs: list[Any], tokenizer: Any
+) -> tuple[list, list, list[data.PromptExample], dict[str, str]]:
+    """Tokenised train examples (mixed by weight, packed if asked), held-out examples (for the
+    loss) and held-out prompts (for accuracy), and fingerprints.
+
+    Held-out rows are the first `eval_samples` of the pooled held-out rows; each follows its
+    data set's max_length/long_rows like the training rows (a long one is an error naming the
+    file and row, or is left out).
+    """
     named_specs, specs = specs, resolve_data_specs(ctx, specs)
     per_spec, held_out, prints = [], [], {}
     for named, spec in zip(named_specs, specs, strict=True):
@@ -61,13 +88,15 @@ def prepare_sft_data(ctx: Any, specs: list[Any], tokenizer: Any) -> tuple[list, 
         if spec.packing:
             examples = data.pack(examples, spec.max_length)
         per_spec.append(examples)
-        held_out += [(spec, r) for r in eval_rows]
+        held_out.append((spec, eval_rows))
     train = per_spec[0] if len(per_spec) == 1 else data.mix(per_spec, [s.weight for s in specs], ctx.seed)
-    eval_rows = [r for _, r in held_out][: ctx.spec.eval_samples]
-    eval_ex = []
-    for spec, row in held_out[: ctx.spec.eval_samples]:
-        eval_ex += data.tokenize_sft([row], tokenizer, spec.max_length, "drop", spec.source)
-    return train, eval_ex, eval_rows, prints
+    eval_ex, eval_prompts, budget = [], [], ctx.spec.eval_samples
+    for spec, rows in held_out:
+        rows, budget = rows[:budget], budget - len(rows[:budget])
+        eval_ex += data.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source, required=False)
+        graded = [r for r in rows if "answer" in r]
+        eval_prompts += data.prompt_examples(graded, tokenizer, spec.max_length, spec.long_rows, required=False)
+    return train, eval_ex, eval_prompts, prints
 
 
 @dataclass(frozen=True)

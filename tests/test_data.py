@@ -82,9 +82,10 @@ def test_text_rows_train_every_token_but_the_first(tok) -> None:
 
 
 def test_system_prompt(tok) -> None:
-    (ex,) = data.tokenize_sft([{"prompt": "hi", "completion": "yo"}], tok, 512, "error", "mem", system_prompt="S")
+    """A data set's system prompt travels with its rows (`_system`) into SFT and prompt ids."""
+    (ex,) = data.tokenize_sft([{"prompt": "hi", "completion": "yo", "_system": "S"}], tok, 512, "error", "mem")
     assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi")
-    (p,) = data.prompt_examples([{"messages": CHAT}], tok, system_prompt="ignored: the row has one")
+    (p,) = data.prompt_examples([{"messages": CHAT, "_system": "ignored: the row has one"}], tok)
     assert tok.decode(p.prompt_ids) == tok.apply_chat_template(CHAT[:4], tokenize=False, add_generation_prompt=True)
     assert p.prompt_text == "And\n4+4?"
 

@@ -18,7 +18,8 @@ from rlft.errors import DataError
 def spec(source: str, **kw: Any) -> SimpleNamespace:
     """An object with DataSpec's fields and defaults."""
     base = dict(source=source, format="auto", split="train", eval_split=None, eval_size=0.1, num_examples=None,
-                columns={}, system_prompt=None, max_length=512, long_rows="error", packing=False, weight=1.0)
+                columns={}, system_prompt=None, max_length=512, long_rows="error", packing=False, weight=1.0,
+                subset=None, max_row_bytes=1_000_000)
     return SimpleNamespace(**(base | kw))
 
 

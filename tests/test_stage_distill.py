@@ -149,10 +149,10 @@ def test_logit_modes_refuse_a_different_tokenizer_sequence_accepts_it(
     prompts.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
                                for i in range(20)))
     only_prompts = ["--set", "stages.d.student.name=tiny:student", "--set", f"stages.d.data={prompts}"]
-    assert main(["run", str(recipe), *only_prompts]) == 2
+    assert main(["run", str(recipe), *only_prompts]) == 2  # found by the data check, before any model loads
     err = capsys.readouterr().err
-    assert f"stages.d.mode: logits scores the data's own completions, but {prompts} row" in err, err
-    assert "mode: on_policy" in err
+    assert f"{prompts}:row 1: has only a prompt; SFT needs" in err, err
+    assert "distill mode logits scores the data's own completions" in err and "`mode: on_policy`" in err
     assert main(["run", str(recipe), "--set", "stages.d.mode=sequence"]) == 0
     assert (tmp_path / "t/d/final/adapter/adapter_model.safetensors").exists()  # a LoRA student
 

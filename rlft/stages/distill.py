@@ -5,7 +5,9 @@ Modes (`mode:`):
    (`sampling:`, temperature 0 = greedy; prompt i draws from its own generator seeded by
    (stage seed, i)), stored once in `<stage>/teacher_data.jsonl` (pinned to the teacher, data,
    sampling and seed by `teacher_data.json`) and reused on resume; the student learns them with
-   SFT's `train_step`, under the first data set's max_length/long_rows. Rows that already carry
+   SFT's `train_step`, under the first data set's max_length/long_rows (a prompt longer than
+   max_length in student tokens is an error under `error`, else not sent to the teacher: it
+   would leave no room for a completion). Rows that already carry
    a reply are asked again: the data's replies are not the teacher's, and a data set of teacher
    text is just `kind: sft`.
 2. logits: per-token divergence of the student from the teacher (`loss:` forward_kl,
@@ -23,30 +25,28 @@ from `student:`). Held-out rows give eval/loss (those with a reply) and eval/acc
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 from rlft import data, distill, evaluate, rollout, training
 from rlft.checkpoint import GracefulExit
-from rlft.errors import DataError, UserInputError
+from rlft.errors import UserInputError
 from rlft.faults import fault_point
 from rlft.metrics import MetricsLog, progress
 from rlft.models import device, load_named_policy, load_tokenizer
 from rlft.stage_io import StageOutput, finish_model, load_data
 from rlft.stages.sft import train_step
 
-log = logging.getLogger(__name__)
-# data keys that only affect how the student tokenises the teacher's text, not what the teacher writes
-TOKENIZING_KEYS = {"max_length", "long_rows", "packing"}
+# data keys that do not change which prompts the teacher answers (max_row_bytes only refuses rows)
+TOKENIZING_KEYS = {"packing", "max_row_bytes"}
 
 
 def run(ctx: Any) -> Any:
     """Train the student of `ctx.spec` (a DistillSpec) and return the stage's Artifact."""
     spec = ctx.spec
     student, tokenizer = load_student(ctx)
-    loader, eval_ex, eval_rows, prints, info = PREPARE[spec.mode](ctx, tokenizer)
+    loader, eval_ex, eval_prompts, prints, info = PREPARE[spec.mode](ctx, tokenizer)
     teacher = None if spec.mode == "sequence" else logit_teacher(ctx, student, tokenizer)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
     optimizer = training.make_optimizer(student, spec)
@@ -62,8 +62,7 @@ def run(ctx: Any) -> Any:
         if eval_ex:
             mbs = spec.micro_batch_size or spec.batch_size
             values["eval/loss"] = evaluate.heldout_loss(student, eval_ex, mbs, tokenizer.pad_token_id)
-        acc = evaluate.task_accuracy(student, tokenizer, eval_rows, spec.eval_max_new_tokens,
-                                     system_prompt=spec.data[0].system_prompt)
+        acc = evaluate.task_accuracy(student, tokenizer, eval_prompts, spec.eval_max_new_tokens)
         if acc is not None:
             values["eval/accuracy"] = acc
         metrics.log(at, values)
@@ -124,13 +123,15 @@ def step_function(
 
 
 # --------------------------------------------------------------------------- data per mode
-# Each returns (loader, held-out examples, held-out rows, data fingerprints, step-0 metrics).
+# Each returns (loader, held-out examples, held-out prompts, data fingerprints, step-0 metrics).
+Prepared = tuple[Any, list[data.SFTExample], list[data.PromptExample], dict[str, str], dict[str, float]]
 
 
-def sequence_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict[str, str], dict[str, float]]:
+def sequence_data(ctx: Any, tokenizer: Any) -> Prepared:
     """SFT batches of the teacher's completions, generated once (or read back on resume)."""
-    spec = ctx.spec
+    spec, d = ctx.spec, ctx.spec.data[0]
     rows, eval_rows, prints = _rows(ctx)
+    rows = [p.row for p in data.prompt_examples(rows, tokenizer, d.max_length, d.long_rows)]
     sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
     key = distill.data_key({
         "teacher": ctx.artifacts[spec.teacher].fingerprint, "data": prints, "sampling": spec.sampling.model_dump(),
@@ -142,17 +143,18 @@ def sequence_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict
         source = ctx.artifacts[spec.teacher].model
         teacher = distill.load_teacher(source, ctx.model_spec(), device())
         out, stats = distill.teacher_completions(teacher, load_tokenizer(source, ctx.model_spec()), rows, sampling,
-                                                 ctx.seed, spec.batch_size, spec.data[0].system_prompt)
+                                                 ctx.seed, spec.batch_size)
         del teacher
         distill.write_teacher_data(ctx.stage_dir, key, out, stats)
         found = distill.read_teacher_data(ctx.stage_dir, key)
         assert found is not None
     teacher_rows, info = found
     loader = _sft_loader(ctx, teacher_rows, tokenizer, str(ctx.stage_dir / distill.TEACHER_DATA))
-    return loader, heldout_examples(ctx, eval_rows, tokenizer), eval_rows, prints, info
+    eval_ex, eval_prompts = heldout(ctx, eval_rows, tokenizer)
+    return loader, eval_ex, eval_prompts, prints, info
 
 
-def logits_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict[str, str], dict[str, float]]:
+def logits_data(ctx: Any, tokenizer: Any) -> Prepared:
     """SFT batches of the data's own sequences, for the teacher and student to score."""
     rows, eval_rows, prints = _rows(ctx)
     bare = next((r for r in rows if not _has_reply(r)), None)
@@ -163,16 +165,18 @@ def logits_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict[s
             "(the student writes the completions) or `mode: sequence` (the teacher does)"
         )
     loader = _sft_loader(ctx, rows, tokenizer, ctx.spec.data[0].source)
-    return loader, heldout_examples(ctx, eval_rows, tokenizer), eval_rows, prints, {}
+    eval_ex, eval_prompts = heldout(ctx, eval_rows, tokenizer)
+    return loader, eval_ex, eval_prompts, prints, {}
 
 
-def on_policy_data(ctx: Any, tokenizer: Any) -> tuple[Any, list, list[dict], dict[str, str], dict[str, float]]:
+def on_policy_data(ctx: Any, tokenizer: Any) -> Prepared:
     """Batches of `batch_size` prompts; the student completes them at each step."""
-    spec = ctx.spec
+    spec, d = ctx.spec, ctx.spec.data[0]
     rows, eval_rows, prints = _rows(ctx)
-    prompts = data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt)
+    prompts = data.prompt_examples(rows, tokenizer, d.max_length, d.long_rows)
     loader = data.PromptLoader(prompts, spec.batch_size, ctx.seed)
-    return loader, heldout_examples(ctx, eval_rows, tokenizer), eval_rows, prints, {}
+    eval_ex, eval_prompts = heldout(ctx, eval_rows, tokenizer)
+    return loader, eval_ex, eval_prompts, prints, {}
 
 
 PREPARE = {"sequence": sequence_data, "logits": logits_data, "on_policy": on_policy_data}
@@ -188,7 +192,7 @@ def _rows(ctx: Any) -> tuple[list[dict], list[dict], dict[str, str]]:
 
 def _sft_loader(ctx: Any, rows: list[dict], tokenizer: Any, name: str) -> data.SFTLoader:
     spec, d = ctx.spec, ctx.spec.data[0]
-    examples = data.tokenize_sft(rows, tokenizer, d.max_length, d.long_rows, name, d.system_prompt)
+    examples = data.tokenize_sft(rows, tokenizer, d.max_length, d.long_rows, name)
     if d.packing:
         examples = data.pack(examples, d.max_length)
     mbs = spec.micro_batch_size or spec.batch_size
@@ -200,14 +204,11 @@ def _has_reply(row: dict) -> bool:
     return fmt != "prompt" and (fmt != "messages" or any(m["role"] == "assistant" for m in row["messages"]))
 
 
-def heldout_examples(ctx: Any, rows: list[dict], tokenizer: Any) -> list[data.SFTExample]:
-    """Tokenised held-out rows that carry a reply (for eval/loss); rows over max_length are left out."""
+def heldout(ctx: Any, rows: list[dict], tokenizer: Any) -> tuple[list[data.SFTExample], list[data.PromptExample]]:
+    """Held-out examples of rows that carry a reply (eval/loss) and prompts of rows that carry an
+    answer (eval/accuracy), under the first data set's max_length/long_rows like the training rows."""
     d = ctx.spec.data[0]
-    rows = [r for r in rows if _has_reply(r)]
-    if not rows:
-        return []
-    try:
-        return data.tokenize_sft(rows, tokenizer, d.max_length, "drop", d.source, d.system_prompt)
-    except DataError as err:  # every held-out row too long: no eval/loss, training is unaffected
-        log.warning("stage %s: no held-out loss: %s", ctx.stage, err)
-        return []
+    replies = [r for r in rows if _has_reply(r)]
+    examples = data.tokenize_sft(replies, tokenizer, d.max_length, d.long_rows, d.source, required=False)
+    graded = [r for r in rows if "answer" in r]
+    return examples, data.prompt_examples(graded, tokenizer, d.max_length, d.long_rows, required=False)

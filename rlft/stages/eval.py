@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from rlft import data, rollout, scoring
+from rlft.errors import UserInputError
 from rlft.metrics import console, fmt
 from rlft.models import device, load_model, load_tokenizer
 from rlft.rewards import build_rewards
@@ -19,15 +20,15 @@ def run(ctx: Any) -> Any:
 
     spec = ctx.spec
     names = spec.models or artifacts_before(ctx.loaded, ctx.stage)
-    _, held_out, _ = load_data(ctx, spec.data)
-    rows = held_out[: spec.num_prompts] if spec.num_prompts else held_out
+    held_out = [(d, load_data(ctx, [d])[1]) for d in spec.data]
     score = build_rewards([e.model_dump() for e in spec.rewards], ctx.data_base_dir())
     results = {}
     for name in names:
         source = ctx.artifacts[name].model
         tokenizer = load_tokenizer(source, ctx.model_spec())
+        prompts = heldout_prompts(held_out, tokenizer, spec.num_prompts, ctx.stage)
         model = load_model(source, ctx.model_spec(), device()).eval()
-        results[name] = evaluate_model(model, tokenizer, rows, score, spec, ctx.seed)
+        results[name] = evaluate_model(model, tokenizer, prompts, score, spec, ctx.seed)
         console.print(f"eval {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in results[name].items()))
     score.close()
     staging = new_staging(ctx.stage_dir)
@@ -37,9 +38,26 @@ def run(ctx: Any) -> Any:
     return Artifact(ctx.stage, "eval", metrics=results)
 
 
-def evaluate_model(model: Any, tokenizer: Any, rows: list[dict], score: Any, spec: Any, seed: int) -> dict[str, float]:
+def heldout_prompts(
+    held_out: list[tuple[Any, list[dict]]], tokenizer: Any, num_prompts: int | None, stage: str
+) -> list[data.PromptExample]:
+    """The first `num_prompts` held-out prompts in a model's tokenizer, each data set's rows under
+    its own max_length/long_rows (`data.prompt_examples`, the prompts every stage renders).
+
+    Raises:
+        UserInputError: there is no held-out prompt to score.
+    """
+    prompts = [p for d, rows in held_out
+               for p in data.prompt_examples(rows, tokenizer, d.max_length, d.long_rows, required=False)]
+    if not prompts:
+        raise UserInputError(f"stages.{stage}.data: no held-out prompts to score; set eval_size or eval_split")
+    return prompts[:num_prompts] if num_prompts else prompts
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, prompts: list[data.PromptExample], score: Any, spec: Any, seed: int
+) -> dict[str, float]:
     """Greedy accuracy and avg@k / pass@k (k samples per prompt) with 95% intervals."""
-    prompts = data.prompt_examples(rows, tokenizer)
     out: dict[str, float] = {"prompts": len(prompts)}
     if spec.greedy:
         correct = _correct(model, tokenizer, prompts, score, rollout.SamplingParams(

@@ -5,6 +5,12 @@ Exactness (RELIABILITY.md test 6): every prompt samples from its own generator, 
 (stage seed, prompt index), so the output does not depend on the batch size; prompts are
 processed in shards, each committed atomically (`shards/shard-NNNNN.jsonl`), so a kill loses
 at most the shard being written and a rerun continues with the next one.
+
+Output (`final/data.jsonl`), one schema for every row: `messages` (the prompt exactly as it was
+sampled, system message included, then the kept completion), `prompt_id` and `sample_id` (null
+for rows of `mix:` data), and the union of the other columns of the prompt and mix data (null
+where a row has none). Keeping nothing is a failed stage (exit 4), also with `mix:`: the output
+would silently be the mix data alone.
 """
 
 from __future__ import annotations
@@ -14,24 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from rlft import data, rejection, rollout
+from rlft.data_load import usage_problem
+from rlft.data_read import json_type
+from rlft.errors import DataError, TrainingError
 from rlft.fsio import atomic_write_text, writing
 from rlft.metrics import fmt, progress, summary_table
 from rlft.models import load_model, load_tokenizer
 from rlft.rewards import build_rewards
-from rlft.stage_io import commit_dir, load_data, new_staging, removed_on_error
+from rlft.stage_io import commit_dir, load_data, load_prompts, new_staging, removed_on_error
 
 
 def run(ctx: Any) -> Any:
     """Generate, score and filter; write `final/data.jsonl` and `final/stats.json`."""
-    from rlft.pipeline import Artifact
-
     spec = ctx.spec
     source = ctx.parent().model
     tokenizer = load_tokenizer(source, ctx.model_spec())
+    train, _, prints = load_prompts(ctx, spec.data, tokenizer)
+    prompts = [p for spec_prompts in train for p in spec_prompts]  # every prompt once, in data order
+    mixed = mix_rows(ctx, prompts)  # before the model loads: bad mix data fails fast
     model = load_model(source, ctx.model_spec(), _device()).eval()
-    train_rows, _, prints = load_data(ctx, spec.data)
-    rows = [r for rows in train_rows for r in rows]
-    prompts = data.prompt_examples(rows, tokenizer, spec.data[0].system_prompt)
     score = build_rewards(
         [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_unsafe_code_exec,
         timeout_s=spec.reward_timeout_s, max_error_rate=spec.max_reward_error_rate,
@@ -50,7 +57,7 @@ def run(ctx: Any) -> Any:
         out = sample_shard(model, tokenizer, prompts[lo : lo + spec.shard_size], lo, score, sampling, rules, spec, ctx.seed)
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in out))
     score.close()
-    return _finish(ctx, shard_dir, n_shards, Artifact)
+    return _finish(ctx, shard_dir, n_shards, prompts, mixed)
 
 
 def sample_shard(
@@ -78,8 +85,12 @@ def sample_shard(
     return out
 
 
-def _finish(ctx: Any, shard_dir: Path, n_shards: int, artifact_cls: Any) -> Any:
-    """Join the shards into `final/data.jsonl` (chat messages) plus mixed-in data; write stats."""
+def _finish(
+    ctx: Any, shard_dir: Path, n_shards: int, prompts: list[data.PromptExample], mixed: list[list[dict]]
+) -> Any:
+    """Join the shards into `final/data.jsonl` plus the mix data; write stats."""
+    from rlft.pipeline import Artifact
+
     spec = ctx.spec
     rows, rates, kept_prompts = [], [], 0
     for shard in range(n_shards):
@@ -87,18 +98,25 @@ def _finish(ctx: Any, shard_dir: Path, n_shards: int, artifact_cls: Any) -> Any:
             rec = json.loads(line)
             rates.append(rec["pass_rate"])
             kept_prompts += bool(rec["kept"])
+            turns = prompts[rec["prompt_id"]].messages
             for j, text in enumerate(rec["kept"]):
-                messages = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": text}]
-                rows.append({"messages": messages, "prompt_id": rec["prompt_id"], "sample_id": j, **rec["columns"]})
-    sampled = len(rows)
-    if spec.mix:
-        mixed = [rows] + [_as_messages(r) for r in load_data(ctx, spec.mix, "mix")[0]]
-        rows = data.mix(mixed, [1.0] + [m.weight for m in spec.mix], ctx.seed)
+                messages = [*turns, {"role": "assistant", "content": text}]
+                rows.append({**rec["columns"], "messages": messages, "prompt_id": rec["prompt_id"], "sample_id": j})
     stats = {
-        "prompts": len(rates), "prompts_with_kept": kept_prompts, "rows_sampled": sampled, "rows_total": len(rows),
+        "prompts": len(rates), "prompts_with_kept": kept_prompts, "rows_sampled": len(rows),
         "pass_rate_mean": sum(rates) / max(1, len(rates)),
         "pass_rate_hist": {f"{b / 10:.1f}": sum(int(r * 10) == b for r in rates) for b in range(11)},
     }
+    if not rows:
+        raise TrainingError(
+            f"stage {ctx.stage}: kept no completion of {len(rates)} prompts x {spec.per_prompt} samples (mean pass "
+            f"rate {stats['pass_rate_mean']:.3f} at threshold {spec.threshold}), so there is no data to write; lower "
+            "`threshold`, raise `per_prompt`, or train the model further, then rerun with --restart"
+        )
+    if mixed:  # the sampled rows have weight 1 beside each mix data set's weight
+        rows = data.mix([rows, *mixed], [1.0, *(m.weight for m in spec.mix)], ctx.seed)
+    rows = _one_schema(rows)
+    stats["rows_total"] = len(rows)
     staging = new_staging(ctx.stage_dir)
     with writing(f"stage {ctx.stage}'s data set", ctx.stage_dir / "final"), removed_on_error(staging):
         staging.mkdir(parents=True)
@@ -107,7 +125,7 @@ def _finish(ctx: Any, shard_dir: Path, n_shards: int, artifact_cls: Any) -> Any:
         commit_dir(staging, ctx.stage_dir / "final")
     summary = {k: v for k, v in stats.items() if k != "pass_rate_hist"}
     summary_table(f"stage {ctx.stage} (sample)", [(k, fmt(v)) for k, v in summary.items()])
-    return artifact_cls(ctx.stage, "sample", data=str(ctx.stage_dir / "final" / "data.jsonl"), metrics=summary)
+    return Artifact(ctx.stage, "sample", data=str(ctx.stage_dir / "final" / "data.jsonl"), metrics=summary)
 
 
 def _pin_inputs(shard_dir: Path, meta: dict[str, Any], force: bool) -> None:
@@ -124,18 +142,49 @@ def _pin_inputs(shard_dir: Path, meta: dict[str, Any], force: bool) -> None:
         atomic_write_text(path, json.dumps(meta, sort_keys=True))
 
 
-def _as_messages(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for r in rows:
-        if "messages" in r:
-            out.append(r)
-        elif "prompt" in r and "completion" in r:
-            rest = {k: v for k, v in r.items() if k not in ("prompt", "completion")}
-            messages = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
-            out.append({"messages": messages, **rest})
-        else:
-            out.append(r)
-    return out
+def mix_rows(ctx: Any, prompts: list[data.PromptExample]) -> list[list[dict[str, Any]]]:
+    """The training rows of each `mix:` data set as output rows (chat `messages` with the data
+    set's system prompt, null prompt_id/sample_id), after checking that every column has one
+    JSON type across the prompt data and the mix data, as the output's readers require.
+
+    Raises:
+        DataError: a mix row that is not a conversation with a reply, or a column whose type
+            differs from an earlier row's.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for p in prompts:
+        _check_types(seen, (p.row["_source"], p.row["_row"]), p.columns)
+    per_spec = []
+    for rows in load_data(ctx, ctx.spec.mix, "mix")[0] if ctx.spec.mix else []:
+        out = []
+        for r in rows:
+            where = (r["_source"], r["_row"])
+            problem = usage_problem(r, "chat", where)
+            if problem is not None:
+                raise problem
+            columns = {k: v for k, v in r.items() if k not in data.CANONICAL_COLUMNS and not k.startswith("_")}
+            _check_types(seen, where, columns)
+            out.append({**columns, "messages": data.conversation(r), "prompt_id": None, "sample_id": None})
+        per_spec.append(out)
+    return per_spec
+
+
+def _check_types(seen: dict[str, tuple[str, str]], where: tuple[str, int], columns: dict[str, Any]) -> None:
+    """Record each column's JSON type in `seen` (type, first row); raise on a different one."""
+    for col, value in columns.items():
+        if value is None:
+            continue
+        kind = json_type(value)
+        first = seen.setdefault(col, (kind, f"{where[0]} row {where[1]}"))
+        if first[0] != kind:
+            raise DataError(where[0], f"is a {kind} here but a {first[0]} in {first[1]}; the sample stage's "
+                            "output needs one type per column", row=where[1], column=col)
+
+
+def _one_schema(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row with the same columns: a column a row lacks is null."""
+    names = dict.fromkeys(k for r in rows for k in r)
+    return [{k: r.get(k) for k in names} for r in rows]
 
 
 def _device() -> Any:

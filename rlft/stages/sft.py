@@ -32,7 +32,7 @@ def run(ctx: Any) -> Any:
         policy, tokenizer = load_named_policy(spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
     else:
         policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
-    train_ex, eval_ex, eval_rows, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
+    train_ex, eval_ex, eval_prompts, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
     loader = data.SFTLoader(train_ex, spec.batch_size, spec.micro_batch_size or spec.batch_size, seed=ctx.seed)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
     optimizer = training.make_optimizer(policy, spec)
@@ -49,7 +49,7 @@ def run(ctx: Any) -> Any:
     def evaluate_now(at: int) -> None:
         pad = tokenizer.pad_token_id
         values = {"eval/loss": evaluate.heldout_loss(policy, eval_ex, loader.micro_batch_size, pad)}
-        acc = evaluate.task_accuracy(policy, tokenizer, eval_rows, spec.eval_max_new_tokens)
+        acc = evaluate.task_accuracy(policy, tokenizer, eval_prompts, spec.eval_max_new_tokens)
         if acc is not None:
             values["eval/accuracy"] = acc
         metrics.log(at, values)
