@@ -211,7 +211,9 @@ class LossSpec(Strict):
     beta: float = Field(0.0, ge=0, description="KL coefficient; 0 skips the reference model.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator.")
     kl_in: Literal["loss", "reward"] = Field("loss", description="Put beta*KL in the loss (GRPO) or reward (PPO).")
-    importance_sampling_kl: bool = Field(False, description="Weight k3 by the ratio when mu > 1.")
+    importance_sampling_kl: bool = Field(
+        False, description="Weight the KL estimate by the ratio pi_theta/pi_old (1 on-policy; its gradient counts)."
+    )
     mask_truncated: bool = Field(False, description="Leave completions cut at max_new_tokens out of the loss.")
     max_len: int | None = Field(None, ge=1, description="L_max of the constant aggregation; default max_new_tokens.")
 

@@ -54,6 +54,9 @@ def policy_loss(logp: Tensor, exp: Experience, spec: Any, normalizer: Tensor) ->
     """This micro-batch's share of the step loss: clipped surrogate (+ beta * KL), aggregated.
 
     `spec` is the recipe's LossSpec. Returns the loss and summed (not averaged) statistics.
+    On-policy (`exp.old_logp` None) old_logp is logp.detach() for the ratio and for the KL's
+    importance weight alike: r = 1 in value, but its gradient (d r = d logp) still weights the KL,
+    so the gradient equals the one with old_logp recomputed (ALGORITHMS.md §1, §3).
     """
     old_logp = exp.old_logp if exp.old_logp is not None else logp.detach()
     adv = exp.advantages
@@ -69,7 +72,7 @@ def policy_loss(logp: Tensor, exp: Experience, spec: Any, normalizer: Tensor) ->
     counted = exp.mask.bool()
     stats = {"clip/low": clip_low.sum().float(), "clip/high": clip_high.sum().float(), "tokens": counted.sum().float()}
     if exp.ref_logp is not None and spec.beta > 0:
-        is_old = exp.old_logp if spec.importance_sampling_kl and exp.old_logp is not None else None
+        is_old = old_logp if spec.importance_sampling_kl else None
         kl = losses.kl_penalty(logp, exp.ref_logp, spec.kl_estimator, old_logp=is_old)
         per_token = per_token + spec.beta * kl
         stats["kl"] = torch.where(counted, kl.detach(), 0.0).sum()
