@@ -77,12 +77,9 @@ def load_tokenizer(source: str, spec: ModelSpec) -> Any:
 
 def _quiet_transformers() -> None:
     """rlft draws its own progress bars; transformers' per-load bars would interleave with them."""
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def load_model(source: str, spec: ModelSpec, dev: torch.device) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -11,6 +14,7 @@ from rlft.rollout import (
     Rollouts,
     SamplingParams,
     _sample,
+    cache_keyword,
     completion_logprobs,
     generate,
     seed_generator,
@@ -295,6 +299,27 @@ def test_peft_model(model, tokenizer, prompts):
         assert_logp_close(completion_logprobs(policy, r, 0.9), r.sample_logp, policy, r, 0.9)
         with policy.disable_adapter():
             assert_logp_close(completion_logprobs(policy, base, 0.9), base.sample_logp, policy, base, 0.9)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_decode_loop_passes_the_cache_under_its_current_name(tokenizer, prompts, arch):
+    """The KV cache goes in as the forward's own parameter (`cache` on transformers 5.x), never as the
+    deprecated `past_key_values=`, so no FutureWarning (raised here as an error) reaches the user."""
+    model = _model(tokenizer, arch=arch)
+    calls: list[set[str]] = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(set(kwargs)), with_kwargs=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            r = _run(model, tokenizer, prompts, group_size=2)
+    finally:
+        hook.remove()
+    declared = inspect.signature(model.forward).parameters
+    assert cache_keyword(model) in declared
+    if "cache" in declared:  # transformers 5.x
+        assert cache_keyword(model) == "cache" and not any("past_key_values" in c for c in calls)
+    decode_steps = [c for c in calls if cache_keyword(model) in c]
+    assert len(calls) == 1 + len(decode_steps) and len(decode_steps) == r.completion_ids.shape[1] - 1
 
 
 @pytest.mark.parametrize(

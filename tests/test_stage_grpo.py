@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +107,21 @@ def test_bad_grpo_configs_are_rejected(tmp_path: Path, change: dict[str, Any], m
         load_recipe(path)
     assert message in str(err.value)
     assert f"{path}:" in str(err.value)
+
+
+def test_console_script_run_prints_no_library_warnings(tmp_path: Path) -> None:
+    """`rlft run` of a GRPO stage (sampling, KL reference, checkpointing) prints no FutureWarning or
+    DeprecationWarning of transformers/peft/torch, even with DeprecationWarnings shown."""
+    recipe = grpo_recipe(tmp_path, steps=1, loss={"beta": 0.1}, sampling={"max_new_tokens": 8})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"PYTHONWARNINGS": "default::DeprecationWarning"}
+    rlft = Path(sys.executable).with_name("rlft")
+    proc = subprocess.run([str(rlft), "run", str(write_recipe(tmp_path / "r.yaml", recipe))], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    for word in ("FutureWarning", "DeprecationWarning", "deprecated"):
+        assert word not in output, output
+    assert "stage rl (grpo)" in output  # the run's own report did print
 
 
 def test_reference_is_the_adapter_disabled_policy(tmp_path: Path) -> None:
