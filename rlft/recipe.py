@@ -59,7 +59,10 @@ class ModelSpec(Strict):
     )
     tiny: TinyOverrides | None = Field(None, description="Size overrides for a tiny:<preset> model.")
     seed: int = Field(0, description="Initialisation seed of a tiny:<preset> model.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer in the backward: less activation memory, more compute "
+        "(every training stage, RL included; benchmarks/memory.py)."
+    )
 
     @model_validator(mode="after")
     def _remote_code_pinned(self) -> ModelSpec:

@@ -114,3 +114,68 @@ def test_grpo_update_gradient_same_on_policy_and_recomputed(tmp_path: Path) -> N
 class _NoTimer:
     def lap(self, name: str) -> None:
         pass
+
+
+def _rl_policy(source: str, checkpointing: bool) -> object:
+    """A tiny LoRA policy (dropout 0.1 on the adapter) in the RL stages' dropout-free mode."""
+    from rlft.models import attach_lora, dropout_free_mode, load_model
+    from rlft.recipe import LoraSpec, ModelSpec
+
+    spec = ModelSpec(name="tiny:nano", gradient_checkpointing=checkpointing)
+    torch.manual_seed(0)
+    policy = attach_lora(load_model(source, spec, torch.device("cpu")), LoraSpec(r=4, dropout=0.1))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return dropout_free_mode(policy)
+
+
+def _loss_grads_and_layer_starts(policy: object, exp: rl.Experience) -> tuple:
+    """Loss and adapter gradients of one forward/backward, and how often each decoder layer's MLP started."""
+    from rlft import rollout
+
+    layers = policy.get_base_model().model.layers
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    # a pre-hook: the recompute stops once the last saved tensor is back, before the MLP returns
+    hooks = [layer.mlp.register_forward_pre_hook(count) for layer in layers]
+    spec = LossSpec()
+    logp = rollout.completion_logprobs(policy, exp.tensors(), 1.0)
+    loss, _ = rl.policy_loss(logp, exp, spec, losses.aggregation_normalizer(exp.mask, spec.aggregate))
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, calls[0] / len(layers)
+
+
+def test_gradient_checkpointing_is_active_in_rl_and_changes_no_number(tmp_path: Path) -> None:
+    """With model.gradient_checkpointing the RL policy recomputes every decoder layer in the backward
+    (each layer's MLP starts twice per forward/backward instead of once), and the loss and the adapter
+    gradients equal those without it; dropout stays off (LoRA dropout 0.1 would make them differ)."""
+    from rlft import rollout
+    from rlft.models import load_tokenizer, prepare_base
+    from rlft.recipe import ModelSpec
+
+    source = prepare_base(ModelSpec(name="tiny:nano"), tmp_path)
+    tok = load_tokenizer(source, ModelSpec(name="tiny:nano"))
+    plain, checkpointed = _rl_policy(source, False), _rl_policy(source, True)
+    assert not any(m.training for m in plain.modules())
+    # only the layers carry the flag checkpointing needs; no dropout module is in training mode
+    assert {type(m).__name__ for m in checkpointed.modules() if m.training} == {"Qwen2DecoderLayer"}
+    out = rollout.generate(plain, tok, [tok("What is 1+1?").input_ids, tok("Reverse: abc").input_ids],
+                           rollout.SamplingParams(max_new_tokens=10), 4, rollout.seed_generator(5))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.0, 0.0])
+    exp = rl.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, adv, None, None)
+    results = {name: _loss_grads_and_layer_starts(policy, exp) for name, policy in
+               (("plain", plain), ("checkpointed", checkpointed))}
+    assert results["plain"][2] == 1 and results["checkpointed"][2] == 2  # recomputed in the backward
+    assert_close(results["checkpointed"][0], results["plain"][0], rtol=0, atol=1e-6)
+    assert results["plain"][1].keys() == results["checkpointed"][1].keys()
+    for n, g in results["plain"][1].items():
+        assert_close(results["checkpointed"][1][n], g, rtol=0, atol=1e-6, msg=n)
+    assert any(g.abs().sum() > 0 for g in results["plain"][1].values())

@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 import torch
 from forkserver import get_server, record_result, reliability_n
-from helpers import final_hashes, newest_checkpoint_tensors, sha, write_recipe
+from helpers import (
+    assert_same_metrics,
+    final_hashes,
+    newest_checkpoint_tensors,
+    run_with_and_without_checkpointing,
+    sha,
+    write_recipe,
+)
 
 from rlft.cli import main
 from rlft.errors import RecipeError
@@ -110,9 +117,10 @@ def test_bad_grpo_configs_are_rejected(tmp_path: Path, change: dict[str, Any], m
 
 
 def test_console_script_run_prints_no_library_warnings(tmp_path: Path) -> None:
-    """`rlft run` of a GRPO stage (sampling, KL reference, checkpointing) prints no FutureWarning or
-    DeprecationWarning of transformers/peft/torch, even with DeprecationWarnings shown."""
+    """`rlft run` of a GRPO stage (sampling, KL reference, gradient checkpointing, checkpoints) prints
+    no FutureWarning or DeprecationWarning of transformers/peft/torch, even with DeprecationWarnings shown."""
     recipe = grpo_recipe(tmp_path, steps=1, loss={"beta": 0.1}, sampling={"max_new_tokens": 8})
+    recipe["model"]["gradient_checkpointing"] = True
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"PYTHONWARNINGS": "default::DeprecationWarning"}
     rlft = Path(sys.executable).with_name("rlft")
     proc = subprocess.run([str(rlft), "run", str(write_recipe(tmp_path / "r.yaml", recipe))], capture_output=True,
@@ -122,6 +130,16 @@ def test_console_script_run_prints_no_library_warnings(tmp_path: Path) -> None:
     for word in ("FutureWarning", "DeprecationWarning", "deprecated"):
         assert word not in output, output
     assert "stage rl (grpo)" in output  # the run's own report did print
+
+
+def test_gradient_checkpointing_is_active_in_grpo_and_changes_no_metric(tmp_path: Path) -> None:
+    """`model.gradient_checkpointing: true` recomputes the policy's decoder layers in GRPO's updates
+    (the stage keeps the policy in its dropout-free mode), and every logged metric equals the run
+    without it: reward, loss, gradient norm, KL, entropy, held-out accuracy."""
+    runs = run_with_and_without_checkpointing(
+        lambda out: grpo_recipe(out, steps=2, loss={"beta": 0.1}, num_iterations=2), tmp_path, "rl")
+    assert runs[False][1] == 0 and runs[True][1] > 0
+    assert_same_metrics(runs[True][0], runs[False][0], atol=1e-6)
 
 
 def test_reference_is_the_adapter_disabled_policy(tmp_path: Path) -> None:
