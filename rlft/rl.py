@@ -365,16 +365,17 @@ def reward_scorer(ctx: Any) -> Any:
 
 
 class RoundLog:
-    """Per-round logging both RL stages share: metrics.jsonl, samples.jsonl and held-out greedy
-    accuracy at the start, every `eval_every` rounds and at the end. On a resume both files are
-    cut back to the checkpoint's round."""
+    """Per-round logging both RL stages share: metrics.jsonl (every `log_every` rounds, the last
+    one and every round with a held-out eval), samples.jsonl and held-out greedy accuracy at the
+    start, every `eval_every` rounds and at the end. On a resume both files are cut back to the
+    checkpoint's round."""
 
     def __init__(self, ctx: Any, policy: Any, tokenizer: Any, eval_rows: list[dict], start: int):
         from rlft.metrics import MetricsLog
 
         spec = ctx.spec
         self.spec, self.policy, self.tokenizer = spec, policy, tokenizer
-        self.metrics = MetricsLog(ctx.stage_dir, start)
+        self.metrics = MetricsLog(ctx.stage_dir, start, every=spec.log_every)
         self.samples = MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
         self.held_out, self.system = eval_rows[: spec.eval_samples], spec.data[0].system_prompt
         self.max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
@@ -390,9 +391,11 @@ class RoundLog:
     def log(self, step: int, stats: dict[str, Any], rows: list[Any], texts: list[str]) -> None:
         """Record 0-based round `step` (logged as step + 1), with the first samples of the round."""
         spec = self.spec
-        if step + 1 == spec.steps or spec.eval_every and (step + 1) % spec.eval_every == 0:
+        last = step + 1 == spec.steps
+        evaluate = last or bool(spec.eval_every and (step + 1) % spec.eval_every == 0)
+        if evaluate:
             stats["eval/accuracy"] = self.accuracy()
-        self.metrics.log(step + 1, stats)
+        self.metrics.log(step + 1, stats, force=evaluate)
         if step % spec.log_samples_every == 0:
             for row, text in zip(rows[:2], texts[:: spec.group_size][:2], strict=False):
                 self.samples.log(step + 1, {"prompt": row.prompt_text, "completion": text, **row.columns})
