@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -35,6 +36,19 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_defaul
 ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even though recipe, data or model changed.")]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard the stage's earlier checkpoints and start over.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log more; show tracebacks.")]
+
+
+# Warnings of rlft's dependencies about each other that a user of rlft cannot act on, each
+# silenced by (message, category, module of the warning), never wholesale.
+LIBRARY_WARNINGS: list[tuple[str, type[Warning], str]] = [
+    # peft reads transformers 5.x's renamed `is_gradient_checkpointing` (now is_activation_checkpointing)
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\."),
+]
+
+
+def _quiet_library_warnings() -> None:
+    for message, category, module in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -206,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args
+    _quiet_library_warnings()
     try:
         app(args=args, standalone_mode=False)
     except RlftError as err:

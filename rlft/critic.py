@@ -30,7 +30,7 @@ from torch import Tensor
 
 from rlft import rollout
 from rlft.errors import CheckpointError, UserInputError
-from rlft.models import attach_lora, is_lora, load_model, trainable_named_params
+from rlft.models import attach_lora, dropout_free_mode, is_lora, load_model, trainable_named_params
 
 CriticKind = Literal["shared", "separate"]
 
@@ -192,7 +192,7 @@ def build_critic(
             _copy_trunk(reward_model, trunk)
         torch.manual_seed(seed + 7919)  # its own adapter init, not a copy of the policy's
         trunk = trunk.requires_grad_(True) if lora == "full" else attach_lora(trunk, lora)
-        trunk.eval()
+        dropout_free_mode(trunk)
     if reward_model is not None:
         _copy_head(reward_model, head)
     return Critic(head, trunk)

@@ -36,11 +36,17 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Append-only per-step metrics of one stage: `metrics.jsonl` plus TensorBoard events."""
+    """Append-only per-step metrics of one stage: `metrics.jsonl` plus TensorBoard events.
 
-    def __init__(self, stage_dir: Path, resume_step: int = 0, tensorboard: bool = True, name: str = "metrics.jsonl"):
+    With `every` = N only steps that are multiples of N are written (the recipe's `log_every`),
+    plus any step the caller forces (the last one, held-out evaluations). Which steps are written
+    depends on the step alone, so a resumed run writes the rows the uninterrupted one does.
+    """
+
+    def __init__(self, stage_dir: Path, resume_step: int = 0, tensorboard: bool = True, name: str = "metrics.jsonl",
+                 every: int = 1):
         stage_dir.mkdir(parents=True, exist_ok=True)
-        self.path = stage_dir / name
+        self.path, self.every = stage_dir / name, every
         self.history: list[dict[str, Any]] = []
         if self.path.exists() and resume_step > 0:
             # rows up to the checkpoint's step were written before it was committed; a fresh
@@ -57,8 +63,10 @@ class MetricsLog:
             except ImportError:
                 self._tb = None
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
-        """Record the metrics of optimizer step `step` (1-based)."""
+    def log(self, step: int, values: dict[str, Any], force: bool = False) -> None:
+        """Record the metrics of step `step` (1-based) if it is a multiple of `every`, or `force`."""
+        if step % self.every and not force:
+            return
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self.history.append(row)
         self._file.write(json.dumps(row) + "\n")

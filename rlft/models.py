@@ -98,12 +98,9 @@ def load_tokenizer(source: str, spec: ModelSpec) -> Any:
 
 def _quiet_transformers() -> None:
     """rlft draws its own progress bars; transformers' per-load bars would interleave with them."""
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def load_model(source: str, spec: ModelSpec, dev: torch.device) -> Any:
@@ -118,9 +115,41 @@ def load_model(source: str, spec: ModelSpec, dev: torch.device) -> Any:
     except OSError as err:
         raise UserInputError(f"model.name: cannot load a model from {source!r}: {err}") from None
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable_checkpointing(model)
     return model.to(dev)
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Activation checkpointing on every decoder layer: its activations are recomputed in the backward.
+
+    Non-reentrant, because the reentrant variant only reaches parameters through inputs that require
+    grad, and a frozen base under LoRA has none. transformers 5.x names the switch
+    `activation_checkpointing_enable` (the old name warns); 4.x has only `gradient_checkpointing_enable`.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def dropout_free_mode(model: Any) -> Any:
+    """Eval mode (no dropout anywhere), with activation checkpointing still in force; returns `model`.
+
+    RL trains without dropout, so the first update's ratio is exactly 1. transformers checkpoints a
+    decoder layer only while that layer's own `training` flag is set, so a plain `model.eval()`
+    silently turns checkpointing off. Every module goes to eval, then the layers that checkpoint get
+    their flag back; their submodules (attention, MLP, LoRA dropout) stay in eval, so the numbers are
+    eval mode's with or without checkpointing.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+    return model
 
 
 def attach_lora(model: Any, lora: LoraSpec) -> Any:

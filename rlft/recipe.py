@@ -60,7 +60,10 @@ class ModelSpec(Strict):
     )
     tiny: TinyOverrides | None = Field(None, description="Size overrides for a tiny:<preset> model.")
     seed: int = Field(0, description="Initialisation seed of a tiny:<preset> model.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer in the backward: less activation memory, more compute "
+        "(every training stage, RL included; benchmarks/memory.py)."
+    )
 
     @model_validator(mode="after")
     def _remote_code_pinned(self) -> ModelSpec:
@@ -196,7 +199,10 @@ class TrainSpec(StageBase):
         "skip", description="On a NaN/Inf loss or gradient: skip the step, or stop the stage."
     )
     max_bad_steps: int = Field(10, ge=1, description="Stop after this many skipped steps in a row.")
-    log_every: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    log_every: int = Field(
+        1, ge=1, description="Write a metrics row (metrics.jsonl, TensorBoard) every this many steps; the last step "
+        "and steps with a held-out eval are always written."
+    )
     eval_every: int = Field(0, ge=0, description="Held-out eval every this many steps; 0 = at start and end.")
     eval_samples: int = Field(64, ge=1, description="Held-out rows used per eval.")
     gate: GateSpec | None = Field(None, description=GATE_DESCRIPTION)
@@ -243,8 +249,12 @@ class LossSpec(Strict):
     dual_clip: float | None = Field(None, gt=1, description="Dual-clip constant c > 1 for A < 0; null = off.")
     beta: float = Field(0.0, ge=0, description="KL coefficient; 0 skips the reference model.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator.")
-    kl_in: Literal["loss", "reward"] = Field("loss", description="Put beta*KL in the loss (GRPO) or reward (PPO).")
-    importance_sampling_kl: bool = Field(False, description="Weight k3 by the ratio when mu > 1.")
+    kl_in: Literal["loss", "reward"] = Field(
+        "loss", description="Put beta*KL in the loss (GRPO) or the reward (PPO; the KL there is k1)."
+    )
+    importance_sampling_kl: bool = Field(
+        False, description="Weight the KL estimate by the ratio pi_theta/pi_old (1 on-policy; its gradient counts)."
+    )
     mask_truncated: bool = Field(False, description="Leave completions cut at max_new_tokens out of the loss.")
     max_len: int | None = Field(None, ge=1, description="L_max of the constant aggregation; default max_new_tokens.")
 
@@ -290,6 +300,16 @@ class RolloutStageSpec(TrainSpec):
     )
 
 
+def _check_kl_in_reward(loss: LossSpec) -> None:
+    """The KL folded into the reward is always k1 (GRPO and PPO alike): a different estimator
+    written beside kl_in: reward would be silently ignored, so it is an error."""
+    if loss.kl_in == "reward" and "kl_estimator" in loss.model_fields_set and loss.kl_estimator != "k1":
+        raise ValueError(
+            "loss must not set kl_estimator with kl_in: reward: the KL in the reward is k1 = logp - ref_logp "
+            "(Ziegler et al. 2019); the other estimators apply with kl_in: loss"
+        )
+
+
 class GRPOSpec(RolloutStageSpec):
     """GRPO with verifiable rewards (ALGORITHMS.md sections 1-6)."""
 
@@ -322,6 +342,7 @@ class GRPOSpec(RolloutStageSpec):
                 f"prompts_per_step*group_size = {self.prompts_per_step * self.group_size} completions "
                 f"must split evenly into mini_batches = {self.mini_batches}"
             )
+        _check_kl_in_reward(self.loss)
         return self
 
 
@@ -379,11 +400,7 @@ class PPOSpec(RolloutStageSpec):
                 "loss must use ratio: token; GSPO's sequence ratio needs one advantage per completion, and "
                 "PPO's GAE advantages are per token"
             )
-        if self.loss.kl_in == "reward" and "kl_estimator" in self.loss.model_fields_set and self.loss.kl_estimator != "k1":
-            raise ValueError(
-                "loss must not set kl_estimator with kl_in: reward: the KL in the reward is k1 = logp - ref_logp "
-                "(Ziegler et al. 2019); the other estimators apply with kl_in: loss"
-            )
+        _check_kl_in_reward(self.loss)
         return self
 
 

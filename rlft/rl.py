@@ -54,6 +54,9 @@ def policy_loss(logp: Tensor, exp: Experience, spec: Any, normalizer: Tensor) ->
     """This micro-batch's share of the step loss: clipped surrogate (+ beta * KL), aggregated.
 
     `spec` is the recipe's LossSpec. Returns the loss and summed (not averaged) statistics.
+    On-policy (`exp.old_logp` None) old_logp is logp.detach() for the ratio and for the KL's
+    importance weight alike: r = 1 in value, but its gradient (d r = d logp) still weights the KL,
+    so the gradient equals the one with old_logp recomputed (ALGORITHMS.md §1, §3).
     """
     old_logp = exp.old_logp if exp.old_logp is not None else logp.detach()
     adv = exp.advantages
@@ -69,7 +72,7 @@ def policy_loss(logp: Tensor, exp: Experience, spec: Any, normalizer: Tensor) ->
     counted = exp.mask.bool()
     stats = {"clip/low": clip_low.sum().float(), "clip/high": clip_high.sum().float(), "tokens": counted.sum().float()}
     if exp.ref_logp is not None and spec.beta > 0:
-        is_old = exp.old_logp if spec.importance_sampling_kl and exp.old_logp is not None else None
+        is_old = old_logp if spec.importance_sampling_kl else None
         kl = losses.kl_penalty(logp, exp.ref_logp, spec.kl_estimator, old_logp=is_old)
         per_token = per_token + spec.beta * kl
         stats["kl"] = torch.where(counted, kl.detach(), 0.0).sum()
@@ -361,16 +364,17 @@ def reward_scorer(ctx: Any) -> Any:
 
 
 class RoundLog:
-    """Per-round logging both RL stages share: metrics.jsonl, samples.jsonl and held-out greedy
-    accuracy at the start, every `eval_every` rounds and at the end. On a resume both files are
-    cut back to the checkpoint's round."""
+    """Per-round logging both RL stages share: metrics.jsonl (every `log_every` rounds, the last
+    one and every round with a held-out eval), samples.jsonl and held-out greedy accuracy at the
+    start, every `eval_every` rounds and at the end. On a resume both files are cut back to the
+    checkpoint's round."""
 
     def __init__(self, ctx: Any, policy: Any, tokenizer: Any, eval_prompts: list[data.PromptExample], start: int):
         from rlft.metrics import MetricsLog
 
         spec = ctx.spec
         self.spec, self.policy, self.tokenizer = spec, policy, tokenizer
-        self.metrics = MetricsLog(ctx.stage_dir, start)
+        self.metrics = MetricsLog(ctx.stage_dir, start, every=spec.log_every)
         self.samples = MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
         self.held_out = eval_prompts[: spec.eval_samples]
         self.max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
@@ -385,9 +389,11 @@ class RoundLog:
     def log(self, step: int, stats: dict[str, Any], rows: list[Any], texts: list[str]) -> None:
         """Record 0-based round `step` (logged as step + 1), with the first samples of the round."""
         spec = self.spec
-        if step + 1 == spec.steps or spec.eval_every and (step + 1) % spec.eval_every == 0:
+        last = step + 1 == spec.steps
+        evaluate = last or bool(spec.eval_every and (step + 1) % spec.eval_every == 0)
+        if evaluate:
             stats["eval/accuracy"] = self.accuracy()
-        self.metrics.log(step + 1, stats)
+        self.metrics.log(step + 1, stats, force=evaluate)
         if step % spec.log_samples_every == 0:
             for row, text in zip(rows[:2], texts[:: spec.group_size][:2], strict=False):
                 self.samples.log(step + 1, {"prompt": row.prompt_text, "completion": text, **row.columns})

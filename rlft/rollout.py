@@ -234,10 +234,24 @@ def _positions(mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _forward_params(model: Any) -> Any:
+    """The keyword parameters of the (peft-unwrapped) causal LM's forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters
+
+
 def _logits_kwargs(model: Any, keep: int) -> dict[str, int]:
     """`logits_to_keep=keep` when the model supports it: skips the LM head on positions not needed."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    return {"logits_to_keep": keep} if "logits_to_keep" in _forward_params(model) else {}
+
+
+def cache_keyword(model: Any) -> str:
+    """The name of the KV-cache argument of the model's forward and field of its output.
+
+    transformers 5.x calls it `cache` (`past_key_values` still works but warns, to be removed in
+    5.40); 4.x calls it `past_key_values`. The cache object (a DynamicCache) is the same.
+    """
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
 def _prefill(
@@ -253,9 +267,10 @@ def _prefill(
     ids, mask = _left_pad(prompts[first : int(groups[-1]) + 1], pad_id, groups.device)
     out = policy(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
                  **_logits_kwargs(policy, 1))
-    out.past_key_values.batch_select_indices(local)
+    cache = getattr(out, cache_keyword(policy))
+    cache.batch_select_indices(local)  # repeated indices: prompt b's keys/values copied to its G rows
     attn = torch.cat([mask[local], mask.new_ones(len(groups), max_new)], dim=1)
-    return out.past_key_values, out.logits[local, -1].float(), attn, mask.sum(-1)[local]
+    return cache, out.logits[local, -1].float(), attn, mask.sum(-1)[local]
 
 
 def _decode_chunk(
@@ -272,6 +287,7 @@ def _decode_chunk(
     batch rows to chunk rows, whose tokens and flags live on the host (one copy per step)."""
     n, max_new = len(groups), sampling.max_new_tokens
     cache, logits, attn, pos = _prefill(policy, prompts, groups, pad_id, max_new)
+    cache_kw = cache_keyword(policy)
     width, device = attn.shape[1] - max_new, attn.device
     can_end = stopper.table(logits.shape[-1], device) if stopper is not None else None
     logp = torch.zeros((n, max_new), device=device)
@@ -302,7 +318,7 @@ def _decode_chunk(
             cache.batch_select_indices(keep)
             active, active_h, attn, pos, tok, done = active[keep], active_h[keep_h], attn[keep], pos[keep], tok[keep], done[keep]
         out = policy(input_ids=tok[:, None], attention_mask=attn[:, : width + t + 1],
-                     position_ids=(pos + t)[:, None], past_key_values=cache, use_cache=True)
+                     position_ids=(pos + t)[:, None], use_cache=True, **{cache_kw: cache})
         logits = out.logits[:, -1].float()
     return _Chunk(tokens_h, length_h, logp, ~ended_h, stopped_h)
 

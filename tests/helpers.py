@@ -76,3 +76,43 @@ def rlft(*args: str, env: dict[str, str] | None = None, timeout: float = 600) ->
 
 def done_marker(stage_dir: Path) -> dict[str, Any]:
     return json.loads((stage_dir / "stage.done.json").read_text())
+
+
+def run_with_and_without_checkpointing(recipe_for: Any, tmp: Path, stage: str) -> dict[bool, tuple[list, int]]:
+    """Run `recipe_for(output_dir)` with `model.gradient_checkpointing` off and on, through the CLI
+    in-process, counting the checkpointed layer calls; returns {on: (metric rows without time/*, calls)}."""
+    import transformers.modeling_utils as hf_modeling
+
+    from rlft.cli import main
+
+    real, calls = hf_modeling.checkpoint, [0]
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    out = {}
+    hf_modeling.checkpoint = counting  # what activation checkpointing binds when it is enabled
+    try:
+        for on in (False, True):
+            recipe = recipe_for(tmp / f"ckpt-{on}")
+            recipe["model"]["gradient_checkpointing"] = on
+            calls[0] = 0
+            assert main(["run", str(write_recipe(tmp / f"ckpt-{on}.yaml", recipe))]) == 0
+            stage_dir = next((tmp / f"ckpt-{on}").glob(f"*/{stage}"))
+            rows = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics(stage_dir)]
+            out[on] = (rows, calls[0])
+    finally:
+        hf_modeling.checkpoint = real
+    return out
+
+
+def assert_same_metrics(a: list[dict[str, Any]], b: list[dict[str, Any]], atol: float) -> None:
+    """Same rows, keys and non-numeric values; numbers equal to `atol`."""
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k, v in ra.items():
+            if isinstance(v, float) and isinstance(rb[k], float):
+                assert abs(v - rb[k]) <= atol, (ra["step"], k, v, rb[k])
+            else:
+                assert v == rb[k], (ra["step"], k, v, rb[k])

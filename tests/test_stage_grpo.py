@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,14 @@ from typing import Any
 import pytest
 import torch
 from forkserver import get_server, record_result, reliability_n
-from helpers import final_hashes, newest_checkpoint_tensors, sha, write_recipe
+from helpers import (
+    assert_same_metrics,
+    final_hashes,
+    newest_checkpoint_tensors,
+    run_with_and_without_checkpointing,
+    sha,
+    write_recipe,
+)
 
 from rlft.cli import main
 from rlft.errors import RecipeError
@@ -96,6 +106,8 @@ def test_every_option_runs_with_finite_metrics(tmp_path: Path, variant: str) -> 
         ({"loss": {"dual_clip": 0.5}}, "stages.rl.loss.dual_clip"),
         ({"loss": {"aggregate": "tokens"}}, "did you mean 'token'"),
         ({"rewards": ["math_answr"]}, "did you mean 'math_answer'"),
+        ({"loss": {"beta": 0.1, "kl_in": "reward", "kl_estimator": "k3"}},
+         "stages.rl.loss: must not set kl_estimator with kl_in: reward: the KL in the reward is k1"),
     ],
 )
 def test_bad_grpo_configs_are_rejected(tmp_path: Path, change: dict[str, Any], message: str) -> None:
@@ -104,6 +116,46 @@ def test_bad_grpo_configs_are_rejected(tmp_path: Path, change: dict[str, Any], m
         load_recipe(path)
     assert message in str(err.value)
     assert f"{path}:" in str(err.value)
+
+
+def test_kl_estimator_beside_kl_in_reward_is_one_line_exit_2(tmp_path: Path) -> None:
+    """Through the console script: the GRPO recipe's file:line, the key and why, no traceback."""
+    recipe = grpo_recipe(tmp_path, loss={"beta": 0.1, "kl_in": "reward", "kl_estimator": "k2"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = subprocess.run([str(Path(sys.executable).with_name("rlft")), "validate", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    line, col = next((n, len(t) - len(t.lstrip()) + 1) for n, t in enumerate(path.read_text().splitlines(), 1)
+                     if t.strip() == "loss:")
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}:{line}:{col}  stages.rl.loss: must not set kl_estimator with kl_in: reward: the KL in the reward "
+        "is k1 = logp - ref_logp (Ziegler et al. 2019); the other estimators apply with kl_in: loss"]
+
+
+def test_console_script_run_prints_no_library_warnings(tmp_path: Path) -> None:
+    """`rlft run` of a GRPO stage (sampling, KL reference, gradient checkpointing, checkpoints) prints
+    no FutureWarning or DeprecationWarning of transformers/peft/torch, even with DeprecationWarnings shown."""
+    recipe = grpo_recipe(tmp_path, steps=1, loss={"beta": 0.1}, sampling={"max_new_tokens": 8})
+    recipe["model"]["gradient_checkpointing"] = True
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"PYTHONWARNINGS": "default::DeprecationWarning"}
+    rlft = Path(sys.executable).with_name("rlft")
+    proc = subprocess.run([str(rlft), "run", str(write_recipe(tmp_path / "r.yaml", recipe))], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    for word in ("FutureWarning", "DeprecationWarning", "deprecated"):
+        assert word not in output, output
+    assert "stage rl (grpo)" in output  # the run's own report did print
+
+
+def test_gradient_checkpointing_is_active_in_grpo_and_changes_no_metric(tmp_path: Path) -> None:
+    """`model.gradient_checkpointing: true` recomputes the policy's decoder layers in GRPO's updates
+    (the stage keeps the policy in its dropout-free mode), and every logged metric equals the run
+    without it: reward, loss, gradient norm, KL, entropy, held-out accuracy."""
+    runs = run_with_and_without_checkpointing(
+        lambda out: grpo_recipe(out, steps=2, loss={"beta": 0.1}, num_iterations=2), tmp_path, "rl")
+    assert runs[False][1] == 0 and runs[True][1] > 0
+    assert_same_metrics(runs[True][0], runs[False][0], atol=1e-6)
 
 
 def test_reference_is_the_adapter_disabled_policy(tmp_path: Path) -> None:
@@ -130,6 +182,29 @@ def test_reference_is_the_adapter_disabled_policy(tmp_path: Path) -> None:
             lp_ref = rollout.completion_logprobs(ref, out, 1.0)
     torch.testing.assert_close(lp_ref, lp_base)
     assert not torch.allclose(lp_policy, lp_base)
+
+
+def test_log_every_writes_every_nth_round_and_the_last_and_resumes_bitwise(tmp_path: Path) -> None:
+    """`log_every: 2` over 5 rounds writes rounds 2, 4 and the last, 5 (beside the start's eval; a
+    round with a held-out eval is always written); SIGKILL after round 3 (checkpoint at 2, round 3
+    unlogged) and a resume give the uninterrupted run's metrics, samples and weights, bitwise."""
+    server = get_server()
+
+    def recipe(name: str) -> Path:
+        spec = grpo_recipe(tmp_path / name, steps=5, log_every=2, save_every=2, eval_every=3)
+        return write_recipe(tmp_path / f"{name}.yaml", spec)
+
+    assert server.start(main, (["run", str(recipe("ref"))],)).wait().returncode == 0
+    rows = _metrics(tmp_path / "ref" / "g" / "rl")
+    assert [r["step"] for r in rows] == [0, 2, 3, 4, 5]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 3, 5]
+    assert all("reward/mean" in r and "loss/policy" in r for r in rows[1:])
+    killed = server.start(main, (["run", str(recipe("k"))],), env={"RLFT_FAULT": "kill_step:3"}).wait()
+    assert killed.returncode == -9
+    assert [r["step"] for r in _metrics(tmp_path / "k" / "g" / "rl")] == [0, 2, 3]
+    resumed = server.start(main, (["stage", "rl", "--recipe", str(recipe("k")), "--resume"],)).wait()
+    assert resumed.returncode == 0, resumed.output
+    assert _grpo_outcome(tmp_path / "k") == _grpo_outcome(tmp_path / "ref")
 
 
 def _grpo_kill_recipe(tmp: Path, name: str) -> Path:

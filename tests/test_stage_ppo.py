@@ -15,7 +15,14 @@ import pytest
 import reference
 import torch
 from forkserver import get_server, record_result, reliability_n
-from helpers import final_hashes, newest_checkpoint_tensors, sha, write_recipe
+from helpers import (
+    assert_same_metrics,
+    final_hashes,
+    newest_checkpoint_tensors,
+    run_with_and_without_checkpointing,
+    sha,
+    write_recipe,
+)
 
 from rlft import critic, losses, rollout
 from rlft.cli import main
@@ -163,6 +170,14 @@ def test_one_update_moves_policy_along_the_advantage_and_values_towards_the_retu
     counted = batch.mask.bool()
     err = lambda v: (v - batch.returns)[counted].square().mean()  # noqa: E731
     assert err(after.values) < err(before.values)
+
+
+def test_gradient_checkpointing_is_active_in_ppo_and_changes_no_metric(tmp_path: Path) -> None:
+    """`model.gradient_checkpointing: true` recomputes the decoder layers of the policy and of a
+    separate critic's trunk in PPO's updates, and every logged metric equals the run without it."""
+    runs = run_with_and_without_checkpointing(lambda out: ppo_recipe(out, steps=2, critic="separate"), tmp_path, "rl")
+    assert runs[False][1] == 0 and runs[True][1] > 0
+    assert_same_metrics(runs[True][0], runs[False][0], atol=1e-6)
 
 
 def test_kl_controller_follows_ziegler() -> None:

@@ -3,6 +3,7 @@ transformers/peft, accumulation is exact (RELIABILITY.md test 13), NaN steps are
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,17 @@ def _adapter(stage_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(stage_dir / "final/adapter/adapter_model.safetensors")
+
+
+def test_log_every_writes_every_nth_step_the_last_and_the_evals(tmp_path: Path) -> None:
+    """`log_every: 3` over 7 steps: rows for steps 3 and 6 and the last (7), plus the held-out evals
+    (start, every 2 steps, end); the summary's step count is the last step."""
+    recipe = sft_recipe(tmp_path, max_steps=7, log_every=3, eval_every=2, save_every=100)
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
+    stage = tmp_path / "t" / "sft"
+    assert [s for s, _ in step_losses(stage)] == [3, 6, 7]
+    assert [r["step"] for r in metrics(stage) if "eval/loss" in r] == [0, 2, 4, 6, 7]
+    assert json.loads((stage / "final" / "metrics.json").read_text())["steps"] == 7
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def run(ctx: Any) -> Any:
     meta = ctx.input_meta(prints)
     meta["inputs"]["teacher"] = ctx.artifacts[spec.teacher].fingerprint
     start, _, _ = training.resume_stage(ctx, student, optimizer, loader, guard, meta)
-    metrics = MetricsLog(ctx.stage_dir, resume_step=start)
+    metrics = MetricsLog(ctx.stage_dir, resume_step=start, every=spec.log_every)
     stop = GracefulExit()
 
     def evaluate_now(at: int, values: dict[str, Any]) -> None:
@@ -65,7 +65,7 @@ def run(ctx: Any) -> Any:
         acc = evaluate.task_accuracy(student, tokenizer, eval_prompts, spec.eval_max_new_tokens)
         if acc is not None:
             values["eval/accuracy"] = acc
-        metrics.log(at, values)
+        metrics.log(at, values, force=True)
 
     if start == 0:
         evaluate_now(0, dict(info))
@@ -73,8 +73,8 @@ def run(ctx: Any) -> Any:
     for step in progress(range(start, total), total, f"distill {ctx.stage} ({spec.mode})", start=start):
         training.set_lr(optimizer, training.lr_at(step, total, spec))
         stats = take_step(next(loader), step)
-        metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]})
         last = step + 1 == total
+        metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]}, force=last)
         if last or spec.eval_every and (step + 1) % spec.eval_every == 0:
             evaluate_now(step + 1, {})  # before the save: a resumed run never logs it twice
         if (step + 1) % spec.save_every == 0 or last or stop.should_stop():

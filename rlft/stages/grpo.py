@@ -3,8 +3,9 @@
 Each step is one generation round: B prompts, G completions each, rewards, group advantages,
 then `mini_batches` optimizer steps per pass over the round, `num_iterations` passes (mu).
 Departures from the paper, each an option or a documented choice:
-1. Dropout is off for the whole stage (the policy stays in eval mode while gradients flow), so
-   the first update's ratio is exactly 1 and old_logp may be logp.detach() when on-policy.
+1. Dropout is off for the whole stage (the policy stays in eval mode while gradients flow, with
+   `model.gradient_checkpointing` still in force: `models.dropout_free_mode`), so the first
+   update's ratio is exactly 1 and old_logp may be logp.detach() when on-policy.
 2. The reference policy is the parent model: the LoRA adapter disabled (no second copy); with
    beta = 0 no reference forward runs at all.
 3. Checkpoints are taken at generation-round boundaries; a kill inside a round replays the
@@ -21,7 +22,7 @@ from rlft import advantages, rl, rollout, training
 from rlft.checkpoint import GracefulExit
 from rlft.faults import fault_point
 from rlft.metrics import StepTimer, progress
-from rlft.models import load_policy
+from rlft.models import dropout_free_mode, load_policy
 from rlft.rl import make_reference
 from rlft.stage_io import StageOutput, finish_model
 
@@ -30,7 +31,7 @@ def run(ctx: Any) -> Any:
     """Train `ctx.spec` (a GRPOSpec) and return the stage's Artifact."""
     spec = ctx.spec
     policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
-    policy.eval()  # departure 1: no dropout in RL
+    dropout_free_mode(policy)  # departure 1: no dropout in RL
     reference = make_reference(policy, ctx)
     loader, eval_rows, prints = rl.prompt_data(ctx, tokenizer)
     score = rl.reward_scorer(ctx)

@@ -9,7 +9,7 @@ passes of `mini_batches` optimizer steps on
     L = L_clip (+ beta * KL with kl_in: loss) + value_coef * L_V        (one backward, one optimizer)
 
 through GRPO's loss core (`rl.optimize`, `rl.policy_loss`). Choices, each documented or an option:
-1. Dropout is off (as in GRPO). old_logp and V_old are recomputed in one forward before the first
+1. Dropout is off (as in GRPO, `models.dropout_free_mode`). old_logp and V_old are recomputed in one forward before the first
    update (with `critic: shared` that forward gives both), so the first step's ratio is exactly 1.
 2. The reference is the adapter-disabled policy (`rl.make_reference`); beta = 0 skips it.
 3. Adaptive KL (`kl_target`): after each batch beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * N/horizon,
@@ -34,7 +34,7 @@ from rlft import advantages, critic, losses, rl, rollout, training
 from rlft.checkpoint import GracefulExit
 from rlft.faults import fault_point
 from rlft.metrics import StepTimer, progress
-from rlft.models import load_policy
+from rlft.models import dropout_free_mode, load_policy
 from rlft.stage_io import StageOutput, commit_dir, finish_model, new_staging
 
 
@@ -124,7 +124,7 @@ def load_models(ctx: Any) -> tuple[Any, Any, critic.Critic]:
     spec, key = ctx.spec, f"stages.{ctx.stage}.reward_model"
     source = critic.resolve_reward_model(spec.reward_model, ctx.data_base_dir(), key) if spec.reward_model else None
     policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
-    policy.eval()  # no dropout in RL
+    dropout_free_mode(policy)  # no dropout in RL (gradient checkpointing stays on)
     dev = next(policy.parameters()).device
     rm = critic.load_reward_model(source, ctx.model_spec(), dev, key) if source else None
     value = critic.build_critic(spec.critic, policy, ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed, rm)

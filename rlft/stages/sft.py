@@ -39,7 +39,7 @@ def run(ctx: Any) -> Any:
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     meta = ctx.input_meta(fingerprints)
     start, _, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
-    metrics = MetricsLog(ctx.stage_dir, resume_step=start)
+    metrics = MetricsLog(ctx.stage_dir, resume_step=start, every=spec.log_every)
     stop = GracefulExit()
 
     def save(at: int) -> None:
@@ -52,7 +52,7 @@ def run(ctx: Any) -> Any:
         acc = evaluate.task_accuracy(policy, tokenizer, eval_prompts, spec.eval_max_new_tokens)
         if acc is not None:
             values["eval/accuracy"] = acc
-        metrics.log(at, values)
+        metrics.log(at, values, force=True)
 
     if start == 0:
         evaluate_now(0)
@@ -60,8 +60,8 @@ def run(ctx: Any) -> Any:
     for step in progress(range(start, total), total, f"sft {ctx.stage}", start=start):
         training.set_lr(optimizer, training.lr_at(step, total, spec))
         stats = train_step(policy, optimizer, next(loader), guard, spec.max_grad_norm, step + 1)
-        metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]})
         last = step + 1 == total
+        metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]}, force=last)
         if last or spec.eval_every and (step + 1) % spec.eval_every == 0:
             evaluate_now(step + 1)  # before the save: a resumed run never logs it twice
         if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
