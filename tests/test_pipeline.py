@@ -116,27 +116,6 @@ def test_pipeline_kill_and_rerun(tmp_path: Path, reference: tuple[Path, float]) 
     assert same, (_outputs(run), _outputs(ref_run))
 
 
-# recipes/tiny-r1.yaml, measured on this machine (seed 0, OMP_NUM_THREADS=1), greedy held-out
-# accuracy on 256 rows: cold_start 0.426, rl 0.734 (+30.9 points), retrain 0.805, distill
-# (student) 0.516, student_baseline 0.078. With one optimizer step per GRPO round instead of
-# mu = 2 x 2 mini-batches the gain was +4.7 to +19.1 over seeds 0-3; the asserted +15 is the
-# pipeline's target, with 16 points of slack on this seed.
-R1_MIN_RL_GAIN = 0.15
-
-
-@pytest.mark.slow
-def test_tiny_r1_story(tmp_path: Path) -> None:
-    """Each stage does what it is for: GRPO beats the cold start, retraining the base on the
-    sampled data keeps the gain, the distilled student beats the same student trained on the
-    cold-start data only (about 10 minutes on one core)."""
-    root = Path(__file__).resolve().parents[1]
-    assert main(["run", str(root / "recipes/tiny-r1.yaml"), "--set", f"output_dir={tmp_path}"]) == 0
-    acc = {m: v["greedy"] for m, v in json.loads((tmp_path / "tiny-r1/eval/final/eval.json").read_text()).items()}
-    assert acc["rl"] >= acc["cold_start"] + R1_MIN_RL_GAIN, acc
-    assert acc["retrain"] >= acc["rl"] - 0.05, acc
-    assert acc["distill"] > acc["student_baseline"] + 0.1, acc
-
-
 def test_a_torn_done_marker_reruns_the_stage_instead_of_crashing(tmp_path: Path) -> None:
     from helpers import sft_recipe
 

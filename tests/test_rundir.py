@@ -193,10 +193,18 @@ def test_load_fixes_absolute_dirs_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert loaded.run_dir == tmp_path / "runs" / "mini"
 
 
+# recipes/tiny-r1.yaml, greedy held-out accuracy on 256 rows (README's table): GRPO must add this
+# much over the cold start; measured +19.5 points on seed 0 (the recipe's) and +11.7 on seed 1.
+R1_MIN_RL_GAIN = 0.15
+
+
 @pytest.mark.slow
-def test_make_demo_as_typed(tmp_path: Path) -> None:
+def test_make_demo_as_typed_tells_the_r1_story(tmp_path: Path) -> None:
     """`make demo`'s command, `rlft run recipes/tiny-r1.yaml`, in a fresh copy from its root (about
-    5 minutes), then `rlft stage rl --resume` and `rlft stage grpo --resume` as the README spells them."""
+    8 minutes on one core), then `rlft stage rl --resume` and `rlft stage grpo --resume` as the
+    README spells them. Each stage does what it is for: GRPO beats the cold start, retraining the
+    base on the sampled data keeps the gain, the distilled student beats the same student trained
+    on the cold-start data only."""
     root = fresh_copy(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     run_ok("run", "recipes/tiny-r1.yaml", cwd=root, env=env, timeout=3600)
@@ -204,6 +212,10 @@ def test_make_demo_as_typed(tmp_path: Path) -> None:
     stages = ["cold_start", "rl", "sample", "retrain", "distill", "student_baseline", "eval"]
     assert all((run / s / "stage.done.json").is_file() for s in stages)
     assert "| eval | rl | greedy |" in (run / "results.md").read_text()
+    acc = {m: v["greedy"] for m, v in json.loads((run / "eval/final/eval.json").read_text()).items()}
+    assert acc["rl"] >= acc["cold_start"] + R1_MIN_RL_GAIN, acc
+    assert acc["retrain"] >= acc["rl"] - 0.05, acc
+    assert acc["distill"] > acc["student_baseline"] + 0.1, acc
     for name in ("rl", "grpo"):
         err = " ".join(run_ok("stage", name, "--resume", cwd=root, env=env).split())
         assert "stage rl already finished" in err, err
