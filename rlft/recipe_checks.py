@@ -27,24 +27,17 @@ from rlft.gates import gate_problems
 from rlft.recipe import RESERVED_STAGE_NAMES, SAFE_NAME
 from rlft.recipe_problems import Locator, closest, did_you_mean, dotted
 from rlft.recipe_secrets import secret_problems
-from rlft.recipe_yaml import Path_
+from rlft.recipe_yaml import Path_, walk
 
 MODEL_KINDS = ("sft", "grpo", "ppo", "distill")
 PROMPT_KINDS = ("grpo", "ppo", "sample", "eval")
 _REWARD_FILE = re.compile(r"^(?P<file>.+\.py):(?P<fn>[^:]*)$")
 
 
-def _walk(value: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
-    yield path, value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, child in items:
-        yield from _walk(child, path + (key,))
-
-
 def data_problems(raw: dict, loc: Locator) -> list[Problem]:
     """`_component_`/`_target_` keys and secrets (rlft/recipe_secrets.py) anywhere in the recipe."""
     problems = []
-    for path, _ in _walk(raw):
+    for path, _ in walk(raw):
         if path and path[-1] in ("_component_", "_target_"):
             problems.append(loc.at(path, "recipes are data: rlft does not instantiate classes from recipes; "
                                    "use a stage `kind:` or a reward name"))

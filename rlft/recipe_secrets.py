@@ -12,12 +12,10 @@ Messages name the key and what the value looks like, never the value itself.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any
 
 from rlft.errors import Problem
 from rlft.recipe_problems import Locator
-from rlft.recipe_yaml import Path_
+from rlft.recipe_yaml import Path_, walk
 
 SECRET_KEY = re.compile(
     r"(?i)(?:^|[_-])(?:token|api[_-]?key|secret|password|passwd|access[_-]?key|private[_-]?key|credentials?)(?:$|[_-])"
@@ -64,17 +62,10 @@ def commit_expected(path: Path_) -> bool:
     )
 
 
-def _walk(value: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
-    yield path, value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, child in items:
-        yield from _walk(child, path + (key,))
-
-
 def secret_problems(raw: dict, loc: Locator) -> list[Problem]:
     """One problem per key whose name or value (or which itself) looks like a secret."""
     problems = []
-    for path, value in _walk(raw):
+    for path, value in walk(raw):
         key = path[-1] if path else None
         found = looks_like(key) if isinstance(key, str) else None
         if found:  # a token used as a mapping key: show the parent, not the token

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import yaml
@@ -36,6 +36,14 @@ _T = "tag:yaml.org,2002:"
 _NULL, _BOOL, _INT, _FLOAT, _STR = _T + "null", _T + "bool", _T + "int", _T + "float", _T + "str"
 _SEQ, _MAP, _MERGE = _T + "seq", _T + "map", _T + "merge"
 _AMBIGUOUS_INT = re.compile(r"[-+]?0[0-9]+\Z")
+
+
+def walk(value: Any, path: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
+    """Every (key path, value) of a loaded recipe, the root first, depth first."""
+    yield path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield from walk(child, path + (key,))
 
 
 class RecipeLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
