@@ -110,6 +110,8 @@ def stage(
     set_: SetOpt = None, force: ForceOpt = False, restart: RestartOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Run one stage of RECIPE (its parents must have finished); a finished stage is left as it is."""
+    if resume and restart:
+        raise typer.BadParameter("--resume continues from the newest checkpoint and --restart discards it; give one")
     _setup_logging(verbose)
     if recipe is None:
         from rlft.rundir import find_saved_recipe

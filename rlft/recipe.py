@@ -59,7 +59,7 @@ class ModelSpec(Strict):
         False, description="Run the model repo's own Python code; needs a 40-hex `revision`."
     )
     tiny: TinyOverrides | None = Field(None, description="Size overrides for a tiny:<preset> model.")
-    seed: int = Field(0, description="Initialisation seed of a tiny:<preset> model.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Initialisation seed of a tiny:<preset> model.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute each decoder layer in the backward: less activation memory, more compute "
         "(every training stage, RL included; benchmarks/memory.py)."
@@ -494,7 +494,7 @@ class Recipe(Strict):
     output_dir: str = Field(
         "runs", description="Where run directories go: relative to the working directory; ~ is the home directory."
     )
-    seed: int = Field(0, description="Seed for data order, sampling and dropout.")
+    seed: int = Field(0, ge=0, lt=2**53, description="Seed for data order, sampling and dropout (stage seeds derive from it).")
     data_root: str | None = Field(
         None, description="Confine local data files to this directory (relative to the recipe's; `.` = the "
         "recipe's directory): a file that resolves outside it, symlinks followed, is refused. Unset: data "

@@ -81,6 +81,10 @@ def _set_path(raw: dict, keys: list[str], value: Any, created: set[Path_]) -> st
         else:
             return f"{dotted(path)} is {show(node)}, not a mapping; set it whole, e.g. --set {dotted(path)}={{...}}"
         path += (key,)
+        if len(path) == 2 and path[0] == "stages" and key not in node and path not in created and keys[i:] != ["kind"]:
+            close = difflib.get_close_matches(str(key), [str(k) for k in node], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"stages: {', '.join(map(str, node))}"
+            return f"no stage '{key}' in the recipe ({hint}); a new stage starts with --set stages.{key}.kind=KIND"
         if i == len(keys):
             node[key] = value
             created.add(path)

@@ -220,6 +220,10 @@ def _decode(data: bytes, file: str) -> tuple[str | None, list[Problem]]:
     if len(data) > MAX_BYTES:
         size = f"{len(data) / 1e6:.1f} MB"
         return None, [Problem(file, None, None, "", f"recipe is {size}; recipes are limited to 1 MB")]
+    nul = data.find(b"\0")
+    if nul >= 0:  # valid UTF-8, but no text file holds NUL: a binary file given as the recipe
+        line, col = _where(data[:nul].decode("latin-1"), nul)
+        return None, [Problem(file, line, col, "", "a NUL byte: this is a binary file, not a YAML recipe")]
     try:
         return data.decode("utf-8-sig"), []
     except UnicodeDecodeError as err:
