@@ -38,6 +38,7 @@ import torch
 
 from rlft import faults, hints
 from rlft.errors import CheckpointError
+from rlft.fsio import fsync_dir
 from rlft.manifest import (
     MANIFEST,
     STATE,
@@ -150,7 +151,7 @@ def _write_and_commit(
         faults.fault_point("before_manifest", step, staging)
         _write_file(staging / MANIFEST, manifest_bytes(step, files, meta), step)
         faults.fault_point("after_manifest", step, staging)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         faults.fault_point("before_rename", step, staging)
         if os.path.lexists(final):
             aside = stage_dir / f".replaced-{final.name}-{uuid.uuid4().hex}"
@@ -160,7 +161,7 @@ def _write_and_commit(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(stage_dir)
+    fsync_dir(stage_dir)
     faults.fault_point("after_rename", step, final)
     return final
 
@@ -208,14 +209,6 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, _OPEN_DIR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tensor_bytes(group: Mapping[str, torch.Tensor], name: str) -> bytes:
     prepared: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -243,7 +236,7 @@ def _write_latest(stage_dir: Path, name: str, step: int) -> None:
         faults.fault_point("before_latest", step, stage_dir / LATEST)
         _write_file(tmp, (name + "\n").encode(), -1)
         os.replace(tmp, stage_dir / LATEST)
-        _fsync_dir(stage_dir)
+        fsync_dir(stage_dir)
         faults.fault_point("after_latest", step, stage_dir / LATEST)
     except OSError as err:
         # The checkpoint is committed; LATEST is only a hint, so a failure here is not fatal.
@@ -273,7 +266,7 @@ def apply_retention(stage_dir: Path, keep_last: int, newest_step: int) -> list[P
         trash = stage_dir / f".deleting-{path.name}-{uuid.uuid4().hex}"
         try:
             os.rename(path, trash)
-            _fsync_dir(stage_dir)
+            fsync_dir(stage_dir)
             faults.fault_point("during_retention", newest_step, trash)
             shutil.rmtree(trash)
         except OSError as err:

@@ -22,13 +22,31 @@ _HINTS = {
 }
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path, best_effort: bool = False) -> None:
+    """Make a rename or a new entry in `path` durable. `best_effort`: ignore a filesystem that
+    refuses a directory fsync (a cache, not a commit, depends on it)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not best_effort:
+            raise
+
+
+def fsync_tree(root: Path, best_effort: bool = False) -> None:
+    """fsync every file below `root`, then `root` itself: the contents are on disk before a
+    rename makes them visible."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(root, best_effort)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -119,8 +119,8 @@ def hub_commit(spec: Any, source: str | None) -> str | None:
 
 
 def _student_source(ctx: Any, student: Any) -> tuple[str, str]:
+    from rlft.manifest import fingerprint, hash_tree
     from rlft.models import prepare_base
-    from rlft.pipeline import fingerprint, hash_tree
 
     source = prepare_base(student, ctx.run_dir / "models")  # built already: the stage loaded it
     return source, fingerprint(hash_tree(Path(source))) if Path(source).is_dir() else ""

@@ -147,3 +147,19 @@ def check_file(path: Path, name: str, entry: dict[str, Any], keep: bool) -> byte
     if digest.hexdigest() != entry["sha256"]:
         raise _fail(path, name, "sha256 does not match the manifest (corrupted or modified)")
     return b"".join(chunks)
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every file below `root`, by relative path."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(path.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def fingerprint(hashes: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()

@@ -256,12 +256,12 @@ def reward_file_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Proble
 
 
 def reward_name_problems(raw: dict, loc: Locator, base_dir: Path, skip: set[str]) -> list[Problem]:
-    """Reward names checked against the reward table (`rlft.rewards.validate_reward_entry`).
+    """Reward names checked against the reward table (`rlft.reward_runner.validate_reward_entry`).
 
     Entries whose dotted key is in `skip` (already reported) are not checked again.
     """
     try:
-        from rlft.rewards import validate_reward_entry
+        from rlft.reward_runner import validate_reward_entry
     except ImportError:
         return []
     problems = []

@@ -40,7 +40,7 @@ def with_intervals(values: dict[str, Any]) -> list[tuple[str, str]]:
 
 def print_run_table(loaded: Any, artifacts: dict[str, Any]) -> None:
     """Print the per-stage table and save it as results.json / results.md in the run dir."""
-    from rlft.pipeline import run_dir_of
+    from rlft.run import run_dir_of
 
     rows = run_rows(loaded, artifacts)
     table = Table(title=f"run {loaded.recipe.run_name}")

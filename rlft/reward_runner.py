@@ -41,12 +41,14 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from rlft import sandbox
 from rlft.errors import TrainingError, UserInputError
+from rlft.rewards import IN_WORKER, RESERVED_OPTIONS, REWARDS, WARM_IMPORTS, make_builtin
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -87,8 +89,6 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def _parse_name(name: str) -> tuple[Kind, str, str] | str:
     """(kind, target, function) or an error message."""
-    from rlft.rewards import REWARDS
-
     if name in REWARDS:
         return "builtin", name, ""
     if ":" not in name:
@@ -121,8 +121,6 @@ def _reward_file(target: str, recipe_dir: Path, extra_dirs: Sequence[Path]) -> P
 
 
 def _check_options(kind: str, target: str, options: dict[str, Any]) -> str | None:
-    from rlft.rewards import RESERVED_OPTIONS, REWARDS
-
     timeout = options.get("timeout_s", 1.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         return f"option timeout_s must be a number > 0; got {timeout!r}"
@@ -189,8 +187,6 @@ def resolve_entry(entry: Any, index: int, recipe_dir: Path, extra_dirs: Sequence
     Raises:
         UserInputError: naming `rewards[index]` and what is wrong.
     """
-    from rlft.rewards import IN_WORKER
-
     problem = validate_reward_entry(entry, recipe_dir, extra_dirs)
     label = entry if isinstance(entry, str) else (entry.get("name") if isinstance(entry, dict) else entry)
     if problem:
@@ -234,8 +230,6 @@ def load_function(spec: FunctionSpec) -> Callable[..., Any]:
     Raises:
         UserInputError: the module/file cannot be imported, or has no such callable.
     """
-    from rlft.rewards import make_builtin
-
     if spec.kind == "builtin":
         return make_builtin(spec.target, spec.options)
     where = spec.target
@@ -322,8 +316,6 @@ def worker_main() -> None:
     try:
         fn = load_function(spec)
         if spec.kind == "builtin":
-            from rlft.rewards import WARM_IMPORTS
-
             for module in WARM_IMPORTS.get(spec.target, ()):
                 importlib.import_module(module)  # pay the import before the first timed call
     except Exception as exc:
@@ -548,3 +540,39 @@ def _checked(name: str, raw: Any, n: int, offset: int) -> list[Any]:
             raise TrainingError(f"reward '{name}' returned a {v['bad']} at sample {offset + i}; "
                                 "rewards must be floats (or None)")
     return list(raw)
+
+
+def build_rewards(entries: Sequence[str | dict[str, Any]], recipe_dir: Path,
+                  allow_code_exec_unsafe: bool = False, *, timeout_s: float = 10.0, max_error_rate: float = 0.05,
+                  min_samples: int = 64, extra_dirs: Sequence[Path] = ()) -> RewardSet:
+    """Resolve recipe reward entries into a guarded `RewardSet`.
+
+    Args:
+        entries: Built-in names, `pkg.module:function`, `path/to/file.py:function`, or mappings
+            `{name, weight=1.0, options={}}`; options `timeout_s` and `none_as` apply to any entry.
+        recipe_dir: Directory that relative reward files are resolved against (and must stay in).
+        allow_code_exec_unsafe: The recipe's opt-in to run `code_exec` without namespace isolation.
+        timeout_s: Default per-call timeout of functions run in a worker.
+        max_error_rate: Abort threshold on a function's error rate (see RewardSet).
+        min_samples: Samples scored before the error-rate threshold applies.
+        extra_dirs: Further directories reward files may live in (explicitly given by the user).
+
+    Raises:
+        UserInputError: a bad entry, a user function that cannot be loaded, or `code_exec`
+            without isolation and without the opt-in.
+    """
+    extra = tuple(Path(d) for d in extra_dirs)
+    specs: list[FunctionSpec] = []
+    for i, entry in enumerate(entries):
+        specs.append(resolve_entry(entry, i, Path(recipe_dir), extra, timeout_s, [s.name for s in specs]))
+    unsafe = False
+    for j, spec in enumerate(specs):
+        if spec.kind == "builtin" and spec.target == "code_exec":
+            if not sandbox.isolation_available():
+                if not allow_code_exec_unsafe:
+                    problem = sandbox.isolation_problem() or "namespace isolation is unavailable"
+                    raise sandbox.SandboxUnavailableError(
+                        f"rewards[{spec.index}] code_exec: " + sandbox.UNAVAILABLE_HELP.format(reason=problem))
+                unsafe = True
+            specs[j] = replace(spec, options={**spec.options, "allow_unsafe": bool(allow_code_exec_unsafe)})
+    return RewardSet(specs, max_error_rate=max_error_rate, min_samples=min_samples, unsafe_code_exec=unsafe)

@@ -5,11 +5,11 @@ per completion, `columns` are the data set's other columns aligned with the comp
 (e.g. `answer=[...]`). Built-ins live in `REWARDS` (name -> factory taking the recipe's
 options). A recipe entry is a built-in name, `package.module:function` (importable without
 the current directory on sys.path) or `path/to/file.py:function` (inside the recipe's
-directory), optionally as a mapping `{name, weight, options}`. `build_rewards` turns the
-entries into a guarded `RewardSet` (see rlft/reward_runner.py for the failure policy).
+directory), optionally as a mapping `{name, weight, options}`; rlft/reward_runner.py resolves
+the entries (`build_rewards`, `validate_reward_entry`) and runs them under its failure policy.
+This module does not import the runner.
 
-Importing this module imports neither torch nor user code, so the recipe validator can call
-`validate_reward_entry`.
+Importing this module imports neither torch nor user code.
 """
 
 from __future__ import annotations
@@ -18,23 +18,14 @@ import concurrent.futures
 import math
 import re
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any, Literal
 
 from rlft import code_tests, code_verdict, sandbox
 from rlft.errors import UserInputError
-from rlft.reward_runner import (
-    FunctionSpec,
-    RewardResult,
-    RewardSet,
-    resolve_entry,
-    validate_reward_entry,
-)
 
-__all__ = ["REWARDS", "RewardResult", "RewardSet", "build_rewards", "extract_answer", "validate_reward_entry"]
+__all__ = ["REWARDS", "extract_answer", "make_builtin"]
 
 RewardFn = Callable[..., list[float | None]]
 RewardFactory = Callable[..., RewardFn]
@@ -390,42 +381,6 @@ REWARDS: dict[str, RewardFactory] = {
 IN_WORKER = frozenset({"math_answer", "cosine_length"})
 WARM_IMPORTS = {"math_answer": ("math_verify",), "cosine_length": ("math_verify",)}
 RESERVED_OPTIONS = frozenset({"allow_unsafe"})  # set by the stage from its explicit opt-in, not by options
-
-
-def build_rewards(entries: Sequence[str | dict[str, Any]], recipe_dir: Path,
-                  allow_code_exec_unsafe: bool = False, *, timeout_s: float = 10.0, max_error_rate: float = 0.05,
-                  min_samples: int = 64, extra_dirs: Sequence[Path] = ()) -> RewardSet:
-    """Resolve recipe reward entries into a guarded `RewardSet`.
-
-    Args:
-        entries: Built-in names, `pkg.module:function`, `path/to/file.py:function`, or mappings
-            `{name, weight=1.0, options={}}`; options `timeout_s` and `none_as` apply to any entry.
-        recipe_dir: Directory that relative reward files are resolved against (and must stay in).
-        allow_code_exec_unsafe: The recipe's opt-in to run `code_exec` without namespace isolation.
-        timeout_s: Default per-call timeout of functions run in a worker.
-        max_error_rate: Abort threshold on a function's error rate (see RewardSet).
-        min_samples: Samples scored before the error-rate threshold applies.
-        extra_dirs: Further directories reward files may live in (explicitly given by the user).
-
-    Raises:
-        UserInputError: a bad entry, a user function that cannot be loaded, or `code_exec`
-            without isolation and without the opt-in.
-    """
-    extra = tuple(Path(d) for d in extra_dirs)
-    specs: list[FunctionSpec] = []
-    for i, entry in enumerate(entries):
-        specs.append(resolve_entry(entry, i, Path(recipe_dir), extra, timeout_s, [s.name for s in specs]))
-    unsafe = False
-    for j, spec in enumerate(specs):
-        if spec.kind == "builtin" and spec.target == "code_exec":
-            if not sandbox.isolation_available():
-                if not allow_code_exec_unsafe:
-                    problem = sandbox.isolation_problem() or "namespace isolation is unavailable"
-                    raise sandbox.SandboxUnavailableError(
-                        f"rewards[{spec.index}] code_exec: " + sandbox.UNAVAILABLE_HELP.format(reason=problem))
-                unsafe = True
-            specs[j] = replace(spec, options={**spec.options, "allow_unsafe": bool(allow_code_exec_unsafe)})
-    return RewardSet(specs, max_error_rate=max_error_rate, min_samples=min_samples, unsafe_code_exec=unsafe)
 
 
 def make_builtin(name: str, options: dict[str, Any]) -> RewardFn:

@@ -20,7 +20,7 @@ from torch import Tensor
 from rlft import advantages, data, losses, rollout
 from rlft.faults import fault_active, fault_point
 from rlft.models import load_model, reference_mode, trainable_named_params
-from rlft.rewards import build_rewards
+from rlft.reward_runner import build_rewards
 from rlft.stage_io import load_prompts
 from rlft.training import NanGuard, apply_step, lr_at, set_lr
 

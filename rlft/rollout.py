@@ -22,14 +22,17 @@ import inspect
 import struct
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from rlft.errors import UserInputError
 from rlft.losses import entropy, token_logprobs
+
+if TYPE_CHECKING:
+    from rlft.recipe import SamplingSpec
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,13 @@ class SamplingParams:
             problems.append("sampling.stop must not contain an empty string")
         if problems:
             raise UserInputError("; ".join(problems))
+
+    @classmethod
+    def of(cls, spec: SamplingSpec, **changes: Any) -> SamplingParams:
+        """The recipe's `sampling:` block, with `changes` applied (e.g. `temperature=0.0`)."""
+        params = cls(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+                     max_new_tokens=spec.max_new_tokens, stop=tuple(spec.stop))
+        return replace(params, **changes) if changes else params
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlft import data
-from rlft.fsio import fsync_dir, writing
+from rlft.fsio import fsync_dir, fsync_tree, writing
 from rlft.metrics import fmt, summary_table
 
 
@@ -124,7 +124,7 @@ class StageOutput:
 def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> Any:
     """Write `<stage>/final/` (merged model, adapter, metrics.json) atomically; return the Artifact."""
     from rlft.models import save_model
-    from rlft.pipeline import Artifact
+    from rlft.run import Artifact
 
     final = ctx.stage_dir / "final"
     staging = new_staging(ctx.stage_dir)
@@ -155,13 +155,7 @@ def removed_on_error(staging: Path) -> Iterator[None]:
 
 def commit_dir(staging: Path, final: Path) -> None:
     """fsync every file of `staging`, then swap it in as `final` (an older `final` is replaced)."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    fsync_tree(staging)
     if final.exists():
         shutil.rmtree(final)
     os.rename(staging, final)

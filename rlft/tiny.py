@@ -13,7 +13,6 @@ WordLevel) would be silently replaced on reload.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlft.errors import UserInputError
-from rlft.fsio import fsync_dir
+from rlft.fsio import fsync_dir, fsync_tree
 
 ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD)
@@ -225,7 +224,7 @@ def _write_model(tmp: Path, cfg: TinyConfig, seed: int, marker: dict[str, Any]) 
     marker["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     marker["num_parameters"] = sum(p.numel() for p in model.parameters())
     (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    _fsync_tree(tmp)
+    fsync_tree(tmp, best_effort=True)
 
 
 def _hf_config(cfg: TinyConfig, tokenizer: Any) -> Any:
@@ -287,22 +286,9 @@ def _move_into_place(tmp: Path, out_dir: Path, digest: str) -> None:
         # Another process finished the same build first: keep its directory when it matches.
         if not _is_built(out_dir, digest):
             raise
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent, best_effort=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.iterdir():
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # best effort: some filesystems refuse a directory fsync
-        fsync_dir(path)
 
 
 def _did_you_mean(name: str, choices: Any) -> str:

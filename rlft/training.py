@@ -18,6 +18,8 @@ import torch
 
 from rlft import checkpoint
 from rlft.errors import CheckpointError, TrainingError
+from rlft.evaluate import sft_loss_sum
+from rlft.faults import fault_active
 from rlft.models import trainable_named_params
 
 log = logging.getLogger(__name__)
@@ -189,3 +191,26 @@ def resume_stage(
     loader.load_state_dict(state["loader"])
     guard.load_state_dict(state["guard"])
     return start, state, tensors
+
+
+def sft_step(
+    policy: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, torch.Tensor]],
+    guard: NanGuard, max_grad_norm: float | None, step: int,
+) -> dict[str, float]:
+    """One SFT optimizer step over the micro-batches, with the token-mean over the whole step
+    (the SFT stage's and sequence-level distillation's step)."""
+    dev = next(policy.parameters()).device
+    n_tokens = sum(mb["loss_mask"][:, 1:].sum() for mb in micro_batches).to(dev).clamp(min=1)
+    params = list(trainable_named_params(policy).values())
+    total = torch.zeros((), device=dev)
+    for mb in micro_batches:
+        loss_sum, _ = sft_loss_sum(policy, {k: v.to(dev) for k, v in mb.items()})
+        loss = loss_sum / n_tokens
+        if fault_active("nan_loss", step):
+            loss = loss * float("nan")
+        loss.backward()
+        total += loss.detach()
+    grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, step)
+    if grad_norm is None:
+        return {"loss": float("nan"), "skipped": guard.skipped}
+    return {"loss": float(total), "grad_norm": grad_norm, "tokens": int(n_tokens), "skipped": guard.skipped}

@@ -129,7 +129,7 @@ def test_validate_through_the_console_script(tmp_path: Path) -> None:
 
 
 def test_explain_shows_gates_and_the_gate_is_not_a_stage_input(tmp_path: Path) -> None:
-    from rlft.pipeline import Artifact, RunContext, stage_inputs_hash
+    from rlft.run import Artifact, RunContext, stage_inputs_hash
 
     with_gate = gated_recipe(tmp_path, {"metric": "greedy", "min": 0.5, "models": ["cold"]},
                              {"metric": "eval/loss", "max": 9.0})

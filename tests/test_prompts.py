@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from helpers import write_recipe
 
-from rlft import data, pipeline, rollout, tiny
+from rlft import data, pipeline, rollout, run, tiny
 from rlft.cli import main
 from rlft.errors import DataError
 from rlft.stage_io import prepare_sft_data
@@ -120,7 +120,7 @@ def _ctx(tmp_path: Path, stage: dict[str, Any]) -> Any:
 
     recipe = {"model": {"name": "tiny:nano"}, "output_dir": str(tmp_path / "runs"), "stages": {"s": stage}}
     loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
-    return pipeline.RunContext(loaded, tmp_path / "runs" / "run", "s", {})
+    return run.RunContext(loaded, tmp_path / "runs" / "run", "s", {})
 
 
 def test_rl_prompts_follow_max_length_and_long_rows(tmp_path: Path) -> None:

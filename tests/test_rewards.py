@@ -15,7 +15,8 @@ import torch
 
 from rlft import sandbox
 from rlft.errors import TrainingError, UserInputError
-from rlft.rewards import REWARDS, answers_match, build_rewards, extract_answer, validate_reward_entry
+from rlft.reward_runner import build_rewards, validate_reward_entry
+from rlft.rewards import REWARDS, answers_match, extract_answer
 
 USER_REWARDS = '''
 import os, signal, time
@@ -279,7 +280,7 @@ def test_validate_reward_entry_accepts(recipe_dir: Path) -> None:
 
 
 def test_validation_imports_no_torch() -> None:
-    code = ("import sys; from rlft.rewards import validate_reward_entry as v; "
+    code = ("import sys; from rlft.reward_runner import validate_reward_entry as v; "
             "assert 'did you mean' in v('tag_cont'); assert v({'name': 'reward_model', 'options': {'model': 'x'}}) is None; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -64,8 +64,7 @@ def test_only_adapter_params_train_and_base_stays_bitwise(tmp_path: Path) -> Non
     from rlft import data, evaluate
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
     from rlft.recipe import LoraSpec, ModelSpec
-    from rlft.stages.sft import train_step
-    from rlft.training import NanGuard
+    from rlft.training import NanGuard, sft_step
 
     spec = ModelSpec(name="tiny:nano")
     source = prepare_base(spec, tmp_path)
@@ -75,7 +74,7 @@ def test_only_adapter_params_train_and_base_stays_bitwise(tmp_path: Path) -> Non
     rows = [{"prompt": "What is 1+2?", "completion": "<answer>3</answer>"}] * 4
     batch = data.collate(data.tokenize_sft(rows, tok, 64, "error", "mem"), tok.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    train_step(model, opt, [batch], NanGuard("skip", 3), 1.0, 1)
+    sft_step(model, opt, [batch], NanGuard("skip", 3), 1.0, 1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             assert not torch.equal(p, before[name]), name

@@ -5,7 +5,7 @@ Modes (`mode:`):
    (`sampling:`, temperature 0 = greedy; prompt i draws from its own generator seeded by
    (stage seed, i)), stored once in `<stage>/teacher_data.jsonl` (pinned to the teacher, data,
    sampling and seed by `teacher_data.json`) and reused on resume; the student learns them with
-   SFT's `train_step`, under the first data set's max_length/long_rows (a prompt longer than
+   `training.sft_step`, under the first data set's max_length/long_rows (a prompt longer than
    max_length in student tokens is an error under `error`, else not sent to the teacher: it
    would leave no room for a completion). Rows that already carry
    a reply are asked again: the data's replies are not the teacher's, and a data set of teacher
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlft import data, distill, evaluate, rollout, training
 from rlft.checkpoint import GracefulExit
@@ -36,13 +36,16 @@ from rlft.faults import fault_point
 from rlft.metrics import MetricsLog, progress
 from rlft.models import device, load_named_policy, load_tokenizer
 from rlft.stage_io import StageOutput, finish_model, load_data
-from rlft.stages.sft import train_step
+
+if TYPE_CHECKING:
+    from rlft.recipe import DistillSpec
+    from rlft.run import Artifact, RunContext
 
 # data keys that do not change which prompts the teacher answers (max_row_bytes only refuses rows)
 TOKENIZING_KEYS = {"packing", "max_row_bytes"}
 
 
-def run(ctx: Any) -> Any:
+def run(ctx: RunContext[DistillSpec]) -> Artifact:
     """Train the student of `ctx.spec` (a DistillSpec) and return the stage's Artifact."""
     spec = ctx.spec
     student, tokenizer = load_student(ctx)
@@ -95,7 +98,7 @@ def load_student(ctx: Any) -> tuple[Any, Any]:
 
 def logit_teacher(ctx: Any, student: Any, tokenizer: Any) -> Any:
     """The frozen teacher for a logit-level mode, after checking it shares the student's tokenizer."""
-    spec, source = ctx.spec, ctx.artifacts[ctx.spec.teacher].model
+    spec, source = ctx.spec, ctx.artifacts[ctx.spec.teacher].model_source
     distill.check_same_tokenizer(tokenizer, load_tokenizer(source, ctx.model_spec()), ctx.stage, spec.mode)
     teacher = distill.load_teacher(source, ctx.model_spec(), device())
     distill.shared_vocab(student, teacher, len(tokenizer), ctx.stage)
@@ -108,10 +111,10 @@ def step_function(
     """(the loader's next item, 0-based step) -> the step's stats, for the stage's mode."""
     student, teacher, tokenizer = models
     if spec.mode == "sequence":
-        return lambda batches, step: train_step(student, optimizer, batches, guard, spec.max_grad_norm, step + 1)
+        return lambda batches, step: training.sft_step(student, optimizer, batches, guard, spec.max_grad_norm, step + 1)
     if spec.mode == "logits":
         return lambda batches, step: distill.distill_step(student, teacher, optimizer, batches, guard, spec, step + 1)
-    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    sampling = rollout.SamplingParams.of(spec.sampling)
     mbs = spec.micro_batch_size or spec.batch_size
 
     def on_policy(prompts: list[data.PromptExample], step: int) -> dict[str, float]:
@@ -132,7 +135,7 @@ def sequence_data(ctx: Any, tokenizer: Any) -> Prepared:
     spec, d = ctx.spec, ctx.spec.data[0]
     rows, eval_rows, prints = _rows(ctx)
     rows = [p.row for p in data.prompt_examples(rows, tokenizer, d.max_length, d.long_rows)]
-    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    sampling = rollout.SamplingParams.of(spec.sampling)
     key = distill.data_key({
         "teacher": ctx.artifacts[spec.teacher].fingerprint, "data": prints, "sampling": spec.sampling.model_dump(),
         "specs": [d.model_dump(exclude=TOKENIZING_KEYS) for d in spec.data], "seed": ctx.seed,
@@ -140,7 +143,7 @@ def sequence_data(ctx: Any, tokenizer: Any) -> Prepared:
     })
     found = distill.read_teacher_data(ctx.stage_dir, key)
     if found is None:
-        source = ctx.artifacts[spec.teacher].model
+        source = ctx.artifacts[spec.teacher].model_source
         teacher = distill.load_teacher(source, ctx.model_spec(), device())
         out, stats = distill.teacher_completions(teacher, load_tokenizer(source, ctx.model_spec()), rows, sampling,
                                                  ctx.seed, spec.batch_size)

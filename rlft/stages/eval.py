@@ -4,27 +4,30 @@ unbiased pass@k from k samples per prompt, each with a 95% confidence interval."
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlft import data, rollout, scoring
 from rlft.errors import UserInputError
 from rlft.metrics import console, fmt
 from rlft.models import device, load_model, load_tokenizer
-from rlft.rewards import build_rewards
+from rlft.reward_runner import build_rewards
+from rlft.run import Artifact, artifacts_before
 from rlft.stage_io import commit_dir, load_data, new_staging
 
+if TYPE_CHECKING:
+    from rlft.recipe import EvalSpec
+    from rlft.run import RunContext
 
-def run(ctx: Any) -> Any:
+
+def run(ctx: RunContext[EvalSpec]) -> Artifact:
     """Evaluate every model named in `models:` (default: every earlier model stage)."""
-    from rlft.pipeline import Artifact, artifacts_before
-
     spec = ctx.spec
     names = spec.models or artifacts_before(ctx.loaded, ctx.stage)
     held_out = [(d, load_data(ctx, [d])[1]) for d in spec.data]
     score = build_rewards([e.model_dump() for e in spec.rewards], ctx.data_base_dir())
     results = {}
     for name in names:
-        source = ctx.artifacts[name].model
+        source = ctx.artifacts[name].model_source
         tokenizer = load_tokenizer(source, ctx.model_spec())
         prompts = heldout_prompts(held_out, tokenizer, spec.num_prompts, ctx.stage)
         model = load_model(source, ctx.model_spec(), device()).eval()
@@ -60,12 +63,12 @@ def evaluate_model(
     """Greedy accuracy and avg@k / pass@k (k samples per prompt) with 95% intervals."""
     out: dict[str, float] = {"prompts": len(prompts)}
     if spec.greedy:
-        correct = _correct(model, tokenizer, prompts, score, rollout.SamplingParams(
-            temperature=0.0, max_new_tokens=spec.sampling.max_new_tokens, stop=tuple(spec.sampling.stop)), 1, seed)
+        correct = _correct(model, tokenizer, prompts, score, rollout.SamplingParams.of(
+            spec.sampling, temperature=0.0, top_p=1.0, top_k=0), 1, seed)
         hits = sum(c[0] for c in correct)
         lo, hi = scoring.wilson_ci(hits, len(correct))
         out |= {"greedy": hits / len(correct), "greedy_ci_low": lo, "greedy_ci_high": hi}
-    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    sampling = rollout.SamplingParams.of(spec.sampling)
     correct = _correct(model, tokenizer, prompts, score, sampling, spec.k, seed)
     avg, avg_half = scoring.mean_ci([sum(c) / spec.k for c in correct])
     passk, pass_half = scoring.mean_ci([scoring.pass_at_k(spec.k, sum(c), spec.k) for c in correct])

@@ -14,7 +14,7 @@ Departures from the paper, each an option or a documented choice:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,11 +26,15 @@ from rlft.models import dropout_free_mode, load_policy
 from rlft.rl import make_reference
 from rlft.stage_io import StageOutput, finish_model
 
+if TYPE_CHECKING:
+    from rlft.recipe import GRPOSpec
+    from rlft.run import Artifact, RunContext
 
-def run(ctx: Any) -> Any:
+
+def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     """Train `ctx.spec` (a GRPOSpec) and return the stage's Artifact."""
     spec = ctx.spec
-    policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
+    policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     dropout_free_mode(policy)  # departure 1: no dropout in RL
     reference = make_reference(policy, ctx)
     loader, eval_rows, prints = rl.prompt_data(ctx, tokenizer)
@@ -42,7 +46,7 @@ def run(ctx: Any) -> Any:
     opt_step = state.get("opt_step", 0)
     stop = GracefulExit()
     logs = rl.RoundLog(ctx, policy, tokenizer, eval_rows, start)
-    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    sampling = rollout.SamplingParams.of(spec.sampling)
     for step in progress(range(start, spec.steps), spec.steps, f"grpo {ctx.stage}", start=start):
         timer = StepTimer()
         exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)

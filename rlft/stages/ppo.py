@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -36,6 +36,10 @@ from rlft.faults import fault_point
 from rlft.metrics import StepTimer, progress
 from rlft.models import dropout_free_mode, load_policy
 from rlft.stage_io import StageOutput, commit_dir, finish_model, new_staging
+
+if TYPE_CHECKING:
+    from rlft.recipe import PPOSpec
+    from rlft.run import Artifact, RunContext
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class KLController:
             self.beta *= 1.0 + error * n / self.horizon
 
 
-def run(ctx: Any) -> Any:
+def run(ctx: RunContext[PPOSpec]) -> Artifact:
     """Train `ctx.spec` (a PPOSpec) and return the stage's Artifact."""
     spec = ctx.spec
     policy, tokenizer, value = load_models(ctx)
@@ -91,7 +95,7 @@ def run(ctx: Any) -> Any:
         value.load_state_tensors(tensors.get("critic", {}), str(ctx.stage_dir))
     stop = GracefulExit()
     logs = rl.RoundLog(ctx, policy, tokenizer, eval_rows, start)
-    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    sampling = rollout.SamplingParams.of(spec.sampling)
     for step in progress(range(start, spec.steps), spec.steps, f"ppo {ctx.stage}", start=start):
         timer = StepTimer()
         r = rl.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
@@ -123,11 +127,11 @@ def load_models(ctx: Any) -> tuple[Any, Any, critic.Critic]:
     """Policy (LoRA attached, eval mode), tokenizer and critic; a bad `reward_model` fails first."""
     spec, key = ctx.spec, f"stages.{ctx.stage}.reward_model"
     source = critic.resolve_reward_model(spec.reward_model, ctx.data_base_dir(), key) if spec.reward_model else None
-    policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
+    policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     dropout_free_mode(policy)  # no dropout in RL (gradient checkpointing stays on)
     dev = next(policy.parameters()).device
     rm = critic.load_reward_model(source, ctx.model_spec(), dev, key) if source else None
-    value = critic.build_critic(spec.critic, policy, ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed, rm)
+    value = critic.build_critic(spec.critic, policy, ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed, rm)
     return policy, tokenizer, value
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlft import data, rejection, rollout
 from rlft.data_load import usage_problem
@@ -26,14 +26,19 @@ from rlft.errors import DataError, TrainingError
 from rlft.fsio import atomic_write_text, writing
 from rlft.metrics import fmt, progress, summary_table
 from rlft.models import load_model, load_tokenizer
-from rlft.rewards import build_rewards
+from rlft.reward_runner import build_rewards
+from rlft.run import Artifact
 from rlft.stage_io import commit_dir, load_data, load_prompts, new_staging, removed_on_error
 
+if TYPE_CHECKING:
+    from rlft.recipe import SampleSpec
+    from rlft.run import RunContext
 
-def run(ctx: Any) -> Any:
+
+def run(ctx: RunContext[SampleSpec]) -> Artifact:
     """Generate, score and filter; write `final/data.jsonl` and `final/stats.json`."""
     spec = ctx.spec
-    source = ctx.parent().model
+    source = ctx.parent().model_source
     tokenizer = load_tokenizer(source, ctx.model_spec())
     train, _, prints = load_prompts(ctx, spec.data, tokenizer)
     prompts = [p for spec_prompts in train for p in spec_prompts]  # every prompt once, in data order
@@ -43,7 +48,7 @@ def run(ctx: Any) -> Any:
         [e.model_dump() for e in spec.rewards], ctx.data_base_dir(), allow_code_exec_unsafe=spec.allow_unsafe_code_exec,
         timeout_s=spec.reward_timeout_s, max_error_rate=spec.max_reward_error_rate,
     )
-    sampling = rollout.SamplingParams(**spec.sampling.model_dump() | {"stop": tuple(spec.sampling.stop)})
+    sampling = rollout.SamplingParams.of(spec.sampling)
     rules = rejection.KeepRules(spec.keep, spec.threshold, spec.max_per_prompt, spec.dedup, spec.min_chars, spec.max_chars)
     shard_dir = ctx.stage_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +94,6 @@ def _finish(
     ctx: Any, shard_dir: Path, n_shards: int, prompts: list[data.PromptExample], mixed: list[list[dict]]
 ) -> Any:
     """Join the shards into `final/data.jsonl` plus the mix data; write stats."""
-    from rlft.pipeline import Artifact
 
     spec = ctx.spec
     rows, rates, kept_prompts = [], [], 0

@@ -12,26 +12,28 @@ Departures from a plain loop, each for exactness:
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING
 
 from rlft import data, evaluate, training
 from rlft.checkpoint import GracefulExit
-from rlft.faults import fault_active, fault_point
+from rlft.faults import fault_point
 from rlft.metrics import MetricsLog, progress
-from rlft.models import load_named_policy, load_policy, trainable_named_params
+from rlft.models import load_named_policy, load_policy
 from rlft.stage_io import StageOutput, finish_model, prepare_sft_data
 
+if TYPE_CHECKING:
+    from rlft.recipe import SFTSpec
+    from rlft.run import Artifact, RunContext
 
-def run(ctx: Any) -> Any:
+
+def run(ctx: RunContext[SFTSpec]) -> Artifact:
     """Train `ctx.spec` (an SFTSpec) and return the stage's Artifact."""
     spec = ctx.spec
     if spec.student is not None:  # a model of its own, e.g. a small student's baseline
         key = f"stages.{ctx.stage}.student"
         policy, tokenizer = load_named_policy(spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
     else:
-        policy, tokenizer = load_policy(ctx.parent().model, ctx.model_spec(), ctx.lora(), ctx.seed)
+        policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     train_ex, eval_ex, eval_prompts, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
     loader = data.SFTLoader(train_ex, spec.batch_size, spec.micro_batch_size or spec.batch_size, seed=ctx.seed)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
@@ -59,7 +61,7 @@ def run(ctx: Any) -> Any:
     policy.train()
     for step in progress(range(start, total), total, f"sft {ctx.stage}", start=start):
         training.set_lr(optimizer, training.lr_at(step, total, spec))
-        stats = train_step(policy, optimizer, next(loader), guard, spec.max_grad_norm, step + 1)
+        stats = training.sft_step(policy, optimizer, next(loader), guard, spec.max_grad_norm, step + 1)
         last = step + 1 == total
         metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]}, force=last)
         if last or spec.eval_every and (step + 1) % spec.eval_every == 0:
@@ -71,25 +73,3 @@ def run(ctx: Any) -> Any:
         fault_point("kill_step", step + 1)  # tests: die right after this step
     metrics.close()
     return finish_model(ctx, policy, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))
-
-
-def train_step(
-    policy: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, torch.Tensor]],
-    guard: training.NanGuard, max_grad_norm: float | None, step: int,
-) -> dict[str, float]:
-    """One optimizer step over the micro-batches, with the token-mean over the whole step."""
-    dev = next(policy.parameters()).device
-    n_tokens = sum(mb["loss_mask"][:, 1:].sum() for mb in micro_batches).to(dev).clamp(min=1)
-    params = list(trainable_named_params(policy).values())
-    total = torch.zeros((), device=dev)
-    for mb in micro_batches:
-        loss_sum, _ = evaluate.sft_loss_sum(policy, {k: v.to(dev) for k, v in mb.items()})
-        loss = loss_sum / n_tokens
-        if fault_active("nan_loss", step):
-            loss = loss * float("nan")
-        loss.backward()
-        total += loss.detach()
-    grad_norm = training.apply_step(optimizer, params, total, guard, max_grad_norm, step)
-    if grad_norm is None:
-        return {"loss": float("nan"), "skipped": guard.skipped}
-    return {"loss": float(total), "grad_norm": grad_norm, "tokens": int(n_tokens), "skipped": guard.skipped}

@@ -1,0 +1,121 @@
+"""Imports point one way: cli -> pipeline -> stages -> the library modules (docs/architecture.md).
+
+Read from the source with `ast`, so a new import that breaks the direction fails here, whether
+it sits at the top of a module or inside a function (a deferred import is still a dependency).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "rlft"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """rlft modules (and `typer`) imported anywhere in the file, TYPE_CHECKING blocks excluded."""
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            typing_only |= {id(n) for child in node.body for n in ast.walk(child)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from rlft import data`
+    known = set(MODULES)
+    return {n for n in names if n in known or n == "typer" or n.startswith("typer.")}
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {name: _imports(path) - {name} for name, path in MODULES.items()}
+
+
+def _layer(module: str) -> str:
+    if module in ("rlft.cli", "rlft.pipeline"):
+        return module.rsplit(".", 1)[1]
+    return "stages" if module.startswith("rlft.stages") else "library"
+
+
+def test_imports_point_one_way() -> None:
+    order = {"cli": 0, "pipeline": 1, "stages": 2, "library": 3}
+    upward = sorted(
+        f"{m} imports {t}"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if t.startswith("rlft") and order[_layer(t)] < order[_layer(m)]
+    )
+    assert not upward, upward
+
+
+def test_only_the_cli_speaks_typer() -> None:
+    assert [m for m, targets in GRAPH.items() if m != "rlft.cli" and any(t.startswith("typer") for t in targets)] == []
+
+
+def test_stages_do_not_import_each_other() -> None:
+    crossing = [f"{m} imports {t}" for m, ts in GRAPH.items() if m.startswith("rlft.stages.") for t in ts
+                if t.startswith("rlft.stages.")]
+    assert not crossing, crossing
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in GRAPH[v]:
+            if w not in GRAPH:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    # the package itself (rlft/__init__.py) re-exports nothing that imports back, so it counts too
+    assert _cycles() == []
+
+
+def test_the_checker_sees_a_planted_cycle_and_an_upward_import() -> None:
+    """The graph walk is not vacuous: edges exist, and a planted cycle is found."""
+    assert "rlft.run" in GRAPH["rlft.pipeline"] and "rlft.stages.grpo" in GRAPH["rlft.pipeline"]
+    GRAPH["rlft.losses"].add("rlft.rl")
+    try:
+        assert any("rlft.losses" in c for c in _cycles())
+    finally:
+        GRAPH["rlft.losses"].discard("rlft.rl")
