@@ -113,11 +113,7 @@ def tokenize_sft(
             raise DataError(where[0], "has no tokens to train on (no assistant turn or empty completion)",
                             row=where[1])
         out.append(SFTExample(input_ids=ids, loss_mask=mask))
-    if not out and rows and required:
-        raise DataError(name, f"all {len(rows)} rows were dropped as longer than max_length {max_length} "
-                        f"(long_rows={long_rows}); raise max_length")
-    if dropped:
-        log.warning("%s: dropped %d of %d rows longer than max_length %d", name, dropped, len(rows), max_length)
+    _report_dropped(name, "rows", len(rows), len(out), dropped, max_length, long_rows, required)
     return out
 
 
@@ -289,9 +285,17 @@ def prompt_examples(
         columns = {k: v for k, v in row.items() if k not in CANONICAL_COLUMNS and not k.startswith("_")}
         out.append(PromptExample(prompt_ids=ids, prompt_text=text, columns=columns, messages=messages, row=row))
     name = rows[0].get("_source", "data") if rows else "data"
-    if not out and rows and required:
-        raise DataError(name, f"all {len(rows)} prompts are longer than max_length {max_length} "
+    _report_dropped(name, "prompts", len(rows), len(out), dropped, max_length, long_rows, required)
+    return out
+
+
+def _report_dropped(name: str, what: str, n: int, kept: int, dropped: int, max_length: int | None,
+                    long_rows: str, required: bool) -> None:
+    """Every row left out is an error when `required`; some left out, a warning with the count."""
+    if kept == 0 and n and required:
+        verb = "were dropped as" if what == "rows" else "are"
+        raise DataError(name, f"all {n} {what} {verb} longer than max_length {max_length} "
                         f"(long_rows={long_rows}); raise max_length")
     if dropped:
-        log.warning("%s: left out %d of %d prompts longer than max_length %d", name, dropped, len(rows), max_length)
-    return out
+        verb = "dropped" if what == "rows" else "left out"
+        log.warning("%s: %s %d of %d %s longer than max_length %d", name, verb, dropped, n, what, max_length)

@@ -102,6 +102,18 @@ def test_long_rows(tok) -> None:
         data.tokenize_sft(rows, tok, 10, "drop", "f.jsonl")
 
 
+def test_long_prompts_are_left_out_and_counted(tok, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [{"prompt": "a", "answer": "1", "_source": "p.jsonl", "_row": 1},
+            {"prompt": "q" * 100, "answer": "2", "_source": "p.jsonl", "_row": 2}]
+    with caplog.at_level("WARNING"):
+        kept = data.prompt_examples(rows, tok, 40, "drop")
+    assert [p.row["_row"] for p in kept] == [1]
+    assert "p.jsonl: left out 1 of 2 prompts longer than max_length 40" in caplog.text
+    with pytest.raises(DataError, match=r"p\.jsonl: all 2 prompts are longer than max_length 5"):
+        data.prompt_examples(rows, tok, 5, "drop")
+    assert data.prompt_examples(rows, tok, 5, "drop", required=False) == []
+
+
 def test_rows_with_nothing_to_train_on(tok) -> None:
     user_only = {"messages": [{"role": "user", "content": "hi"}], "_source": "c.jsonl", "_row": 3}
     with pytest.raises(DataError, match=r"c\.jsonl:row 3  column 'messages': has no assistant message"):
