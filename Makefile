@@ -42,7 +42,7 @@ lint: setup
 	$(BIN)/pyright rlft
 
 docs: setup
-	$(BIN)/python -m rlft.docgen > docs/recipe-reference.md
+	$(BIN)/python -m rlft.recipe.docgen > docs/recipe-reference.md
 
 clean:
 	rm -rf runs .pytest_cache

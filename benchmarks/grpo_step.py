@@ -20,11 +20,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rlft import data, rl, rollout, tasks
+from rlft import rollout
+from rlft.data import encode, tasks
 from rlft.metrics import StepTimer
 from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
-from rlft.recipe import GRPOSpec, LoraSpec, ModelSpec
-from rlft.rewards import build_rewards
+from rlft.recipe.schema import GRPOSpec, LoraSpec, ModelSpec
+from rlft.rewards.builtin import build_rewards
+from rlft.rl import rounds
 from rlft.stages.grpo import build_experience, make_reference
 from rlft.training import NanGuard, make_optimizer
 
@@ -53,7 +55,7 @@ def main() -> None:
         torch.manual_seed(0)
         policy = attach_lora(load_model(source, model_spec, torch.device("cpu")), LoraSpec(r=8)).eval()
         rows = tasks.get_task("arith").generate(args.prompts * (args.steps + 1), seed=0)
-        prompts = data.prompt_examples([{**r, "task": "arith"} for r in rows], tok)
+        prompts = encode.prompt_examples([{**r, "task": "arith"} for r in rows], tok)
         score = build_rewards([e.model_dump() for e in spec.rewards], Path(tmp))
         reference = make_reference(policy, _Ctx(spec))
         times, tokens = _run(policy, tok, prompts, score, reference, spec, args.steps)
@@ -97,7 +99,7 @@ def _run(policy, tok, prompts, score, reference, spec, steps):  # noqa: ANN001, 
         R = score([b.prompt_text for b in batch for _ in range(G)], out.texts, cols).total
         timer.lap("rewards")
         exp = build_experience(policy, reference, out, R, spec, sampling, timer)
-        rl.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, sampling.temperature, lambda s: spec.lr)
+        rounds.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, sampling.temperature, lambda s: spec.lr)
         timer.lap("update")
         if step == 0:
             continue

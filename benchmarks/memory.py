@@ -81,7 +81,7 @@ def _peak_during(step: Any) -> dict[str, float]:
 
 
 def _model_spec(args: argparse.Namespace, on: bool) -> Any:
-    from rlft.recipe import ModelSpec
+    from rlft.recipe.schema import ModelSpec
 
     tiny = {"num_layers": args.layers} | ({"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden}
                                          if args.hidden else {})
@@ -90,7 +90,7 @@ def _model_spec(args: argparse.Namespace, on: bool) -> Any:
 
 def _measure(args: argparse.Namespace, stage: str, on: bool) -> dict[str, float]:
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
-    from rlft.recipe import LoraSpec
+    from rlft.recipe.schema import LoraSpec
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,11 +104,13 @@ def _measure(args: argparse.Namespace, stage: str, on: bool) -> dict[str, float]
 
 
 def _grpo_step(args: argparse.Namespace, policy: Any, tok: Any, tmp: Path) -> Any:
-    """One round's update (rl.update) on a sampled, scored round, in the GRPO stage's mode."""
-    from rlft import data, rl, rollout, tasks
+    """One round's update (rounds.update) on a sampled, scored round, in the GRPO stage's mode."""
+    from rlft import rollout
+    from rlft.data import encode, tasks
     from rlft.models import dropout_free_mode
-    from rlft.recipe import GRPOSpec
-    from rlft.rewards import build_rewards
+    from rlft.recipe.schema import GRPOSpec
+    from rlft.rewards.builtin import build_rewards
+    from rlft.rl import rounds
     from rlft.stages.grpo import build_experience
     from rlft.training import NanGuard, make_optimizer
 
@@ -118,7 +120,7 @@ def _grpo_step(args: argparse.Namespace, policy: Any, tok: Any, tmp: Path) -> An
         "sampling": {"max_new_tokens": args.max_new_tokens}})
     dropout_free_mode(policy)
     rows = tasks.get_task("arith").generate(args.prompts, seed=0)
-    batch = data.prompt_examples([{**r, "task": "arith"} for r in rows], tok)
+    batch = encode.prompt_examples([{**r, "task": "arith"} for r in rows], tok)
     sampling = rollout.SamplingParams(max_new_tokens=args.max_new_tokens)
     out = rollout.generate(policy, tok, [b.prompt_ids for b in batch], sampling, spec.group_size,
                            rollout.seed_generator(0))
@@ -128,20 +130,21 @@ def _grpo_step(args: argparse.Namespace, policy: Any, tok: Any, tmp: Path) -> An
     score.close()
     exp = build_experience(policy, None, out, R, spec, sampling, _NoTimer())
     optimizer = make_optimizer(policy, spec)
-    return lambda: rl.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, 1.0, lambda s: spec.lr)
+    return lambda: rounds.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, 1.0, lambda s: spec.lr)
 
 
 def _sft_step(args: argparse.Namespace, policy: Any, tok: Any) -> Any:
     """One SFT optimizer step (the stage's train_step, train mode) on `--sft-batch` worked additions."""
-    from rlft import data, tasks
-    from rlft.recipe import SFTSpec
+    from rlft.data import encode, tasks
+    from rlft.data.batch import collate
+    from rlft.recipe.schema import SFTSpec
     from rlft.stages.sft import train_step
     from rlft.training import NanGuard, make_optimizer
 
     rows = tasks.get_task("arith").generate(args.sft_batch, seed=0)
-    examples = data.tokenize_sft([{"prompt": r["prompt"], "completion": r["solution"]} for r in rows], tok, 512,
+    examples = encode.tokenize_sft([{"prompt": r["prompt"], "completion": r["solution"]} for r in rows], tok, 512,
                                  "error", "tiny:arith")
-    batch = data.collate(examples, tok.pad_token_id)
+    batch = collate(examples, tok.pad_token_id)
     optimizer = make_optimizer(policy, SFTSpec.model_validate({"kind": "sft", "data": "tiny:arith"}))
     policy.train()
     return lambda: train_step(policy, optimizer, [batch], NanGuard("skip", 10), 1.0, 1)

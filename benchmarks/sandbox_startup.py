@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 
-from rlft import sandbox
+from rlft.rewards import sandbox
 
 
 def measure(runs: int, allow_unsafe: bool) -> list[float]:

@@ -20,7 +20,7 @@ import typer
 from rlft.errors import RlftError, UserInputError, WriteError
 
 if TYPE_CHECKING:
-    from rlft.recipe_load import LoadedRecipe
+    from rlft.recipe.load import LoadedRecipe
 
 app = typer.Typer(
     add_completion=False,
@@ -67,14 +67,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(recipe: Path, overrides: list[str] | None):  # noqa: ANN202
-    from rlft.rundir import load_any
+    from rlft.rundir.paths import load_any
 
     return load_any(recipe, overrides or [])
 
 
 def _check_data(loaded: LoadedRecipe, stages: list[str] | None = None) -> None:
     """Read the stages' local data files before any model loads; log where each one is."""
-    from rlft.data_check import check_data, raise_problems
+    from rlft.data.check import check_data, raise_problems
 
     checks = check_data(loaded, stages)
     raise_problems(checks)
@@ -93,7 +93,7 @@ def run(
     loaded = _load(recipe, set_)
     _check_data(loaded)
     from rlft.pipeline import run_pipeline
-    from rlft.report import print_run_table
+    from rlft.rundir.results import print_run_table
 
     artifacts = run_pipeline(loaded, resume=True, force=force, restart=restart)
     print_run_table(loaded, artifacts)
@@ -114,7 +114,7 @@ def stage(
         raise typer.BadParameter("--resume continues from the newest checkpoint and --restart discards it; give one")
     _setup_logging(verbose)
     if recipe is None:
-        from rlft.rundir import find_saved_recipe
+        from rlft.rundir.paths import find_saved_recipe
 
         recipe = find_saved_recipe()
     loaded = _load(recipe, set_)
@@ -128,7 +128,7 @@ def stage(
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check RECIPE and read its local data files without loading any model; report every
     problem at once (exit 2)."""
-    from rlft.data_check import check_data, raise_problems, summary
+    from rlft.data.check import check_data, raise_problems, summary
 
     loaded = _load(recipe, set_)
     checks = check_data(loaded)
@@ -146,14 +146,14 @@ def explain(
 ) -> None:
     """Show RECIPE resolved (defaults, stage graph, batch arithmetic), or with --run a run's lineage."""
     if run is not None and recipe is None and not set_:
-        from rlft.explain_run import explain_run
+        from rlft.rundir.explain import explain_run
 
         typer.echo(explain_run(run))
         return
     if recipe is None or run is not None:
         raise UserInputError("explain takes either a recipe (rlft explain RECIPE [--set k=v]) or a run directory "
                               "(rlft explain --run runs/NAME)")
-    from rlft.explain import explain_recipe
+    from rlft.recipe.explain import explain_recipe
 
     typer.echo(explain_recipe(_load(recipe, set_)))
 
@@ -218,7 +218,7 @@ def _print_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (also used by tests that fork a run)."""
-    from rlft.fsio import storage_errno
+    from rlft.ckpt.fsio import storage_errno
 
     args = sys.argv[1:] if argv is None else argv
     verbose = "--verbose" in args or "-v" in args

@@ -6,18 +6,10 @@ from typing import Any
 
 import torch
 
-from rlft import data, losses, rewards, rollout, tasks
-
-
-def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over the batch's loss-mask tokens, and their count.
-
-    Token t is predicted from position t-1, so targets are input_ids[:, 1:] under loss_mask[:, 1:].
-    """
-    logits = model(**data.model_inputs(batch)).logits
-    targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].to(logits.dtype)
-    logp = losses.token_logprobs(logits[:, :-1], targets)  # (N, L-1)
-    return -(logp * mask).sum(), mask.sum()
+from rlft import rollout, training
+from rlft.data import encode, tasks
+from rlft.data.batch import collate
+from rlft.rewards import builtin
 
 
 @torch.no_grad()
@@ -28,8 +20,8 @@ def heldout_loss(model: Any, examples: list[Any], micro_batch_size: int, pad_id:
     total, count = 0.0, 0.0
     dev = next(model.parameters()).device
     for i in range(0, len(examples), micro_batch_size):
-        batch = {k: v.to(dev) for k, v in data.collate(examples[i : i + micro_batch_size], pad_id).items()}
-        loss_sum, n = sft_loss_sum(model, batch)
+        batch = {k: v.to(dev) for k, v in collate(examples[i : i + micro_batch_size], pad_id).items()}
+        loss_sum, n = training.sft_loss_sum(model, batch)
         total, count = total + float(loss_sum), count + float(n)
     model.train(was_training)
     return total / max(count, 1.0)
@@ -40,12 +32,12 @@ def is_correct(columns: dict[str, Any], completion: str) -> bool:
     the answer compared with math-verify (exact match first)."""
     if "task" in columns:
         return tasks.get_task(columns["task"]).check(completion, str(columns["answer"]))
-    return rewards.answer_is_correct(completion, columns["answer"])
+    return builtin.answer_is_correct(completion, columns["answer"])
 
 
 @torch.no_grad()
 def task_accuracy(
-    model: Any, tokenizer: Any, prompts: list[data.PromptExample], max_new_tokens: int, batch_size: int = 32,
+    model: Any, tokenizer: Any, prompts: list[encode.PromptExample], max_new_tokens: int, batch_size: int = 32,
 ) -> float | None:
     """Greedy accuracy on held-out prompts whose row carries an answer; None when none do."""
     prompts = [p for p in prompts if "answer" in p.columns]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rlft.errors import UserInputError
-from rlft.recipe import LoraSpec, ModelSpec
+from rlft.recipe.schema import LoraSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def prepare_base(spec: ModelSpec, models_dir: Path, base_dir: Path = Path()) -> 
     if not spec.name.startswith("tiny:"):
         return local_model_dir(spec.name, base_dir) or spec.name
     from rlft import tiny
-    from rlft.fsio import writing
+    from rlft.ckpt.fsio import writing
 
     preset = spec.name.removeprefix("tiny:")
     if preset not in tiny.PRESETS:
@@ -116,7 +116,7 @@ def load_model(source: str, spec: ModelSpec, dev: torch.device) -> Any:
         raise UserInputError(f"model.name: cannot load a model from {source!r}: {err}") from None
     if spec.gradient_checkpointing:
         enable_checkpointing(model)
-    return model.to(dev)
+    return model.to(dev)  # pyright: ignore[reportArgumentType]  (transformers types `to` through a mixin)
 
 
 def enable_checkpointing(model: Any) -> None:
@@ -159,7 +159,7 @@ def attach_lora(model: Any, lora: LoraSpec) -> Any:
     _quiet_transformers()
     config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # pyright: ignore[reportArgumentType]  (annotated int; peft scales by alpha / r)
         lora_dropout=lora.dropout,
         # copies: peft extends these lists in place (e.g. with tied layers), and the recipe's
         # objects must stay as written, or resume pinning would see a changed recipe

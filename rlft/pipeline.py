@@ -1,9 +1,9 @@
 """Order stages, resolve `from:` to artifacts, skip finished stages, resume the running one.
 
 Run layout (`<output_dir>/<run_name>/`, absolute from the moment the recipe loads):
-    recipe.yaml, run.json  the resolved recipe of the latest invocation and its directory (rlft/rundir.py)
+    recipe.yaml, run.json  the resolved recipe of the latest invocation and its directory (rlft/rundir/paths.py)
     models/                tiny base models built locally
-    <stage>/step-N/        committed checkpoints (rlft/checkpoint.py)
+    <stage>/step-N/        committed checkpoints (rlft/ckpt/checkpoint.py)
     <stage>/final/         the stage's output: model/ (merged), adapter/, data.jsonl, metrics
     <stage>/stage.done.json  inputs' and outputs' hashes; written last (RELIABILITY.md item 3)
 """
@@ -17,12 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlft import gates, hints
+from rlft import hints
+from rlft.ckpt.manifest import fingerprint, hash_tree
 from rlft.errors import UserInputError
-from rlft.lineage import stage_lineage
-from rlft.manifest import fingerprint, hash_tree
-from rlft.recipe_load import LoadedRecipe
+from rlft.recipe import gates
+from rlft.recipe.load import LoadedRecipe
 from rlft.run import Artifact, RunContext, input_stages, read_done, stage_inputs_hash, write_done
+from rlft.rundir.lineage import stage_lineage
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ def run_pipeline(
     restart: bool = False,
 ) -> dict[str, Artifact]:
     """Run the recipe's stages in order (or only `only`), skipping those already finished."""
-    from rlft.rundir import prepare_run_dir, save_recipe
-    from rlft.runlock import RunLock
+    from rlft.rundir.lock import RunLock
+    from rlft.rundir.paths import prepare_run_dir, save_recipe
 
     run_dir = loaded.run_dir
     prepare_run_dir(run_dir)

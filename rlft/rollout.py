@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rlft.core.losses import entropy, token_logprobs
 from rlft.errors import UserInputError
-from rlft.losses import entropy, token_logprobs
 
 if TYPE_CHECKING:
-    from rlft.recipe import SamplingSpec
+    from rlft.recipe.schema import SamplingSpec
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,8 @@ def _uniforms(generator: torch.Generator | Sequence[torch.Generator], n_prompts:
     """One uniform per (row, step): from one generator, or one generator per prompt (then a
     prompt's samples do not depend on which other prompts share its batch)."""
     if isinstance(generator, torch.Generator):
-        return torch.rand((n_prompts * group_size, steps), generator=generator, device=generator.device)
+        one: torch.Generator = generator
+        return torch.rand((n_prompts * group_size, steps), generator=one, device=one.device)
     if len(generator) != n_prompts:
         raise ValueError(f"got {len(generator)} generators for {n_prompts} prompts")
     return torch.cat([torch.rand((group_size, steps), generator=g, device=g.device) for g in generator])

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
+from rlft.ckpt.fsio import atomic_write_text, writing
+from rlft.ckpt.manifest import fingerprint, hash_tree
 from rlft.errors import UserInputError
-from rlft.fsio import atomic_write_text, writing
-from rlft.lineage import StageRecord
-from rlft.manifest import fingerprint, hash_tree
-from rlft.recipe import LoraOrFull, ModelSpec, Recipe
-from rlft.recipe_load import LoadedRecipe
+from rlft.recipe.load import LoadedRecipe
+from rlft.recipe.schema import LoraOrFull, ModelSpec, Recipe
+from rlft.rundir.lineage import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def write_done(ctx: RunContext, artifact: Artifact, inputs_hash: str, record: dict[str, Any] | None = None) -> Artifact:
     """Hash the stage's final outputs and write `stage.done.json` last, atomically.
 
-    `record` adds what describes the stage: `lineage` (rlft/lineage.py), the `gate` verdict
-    (rlft/gates.py). Skip and verify read only `inputs_hash` and `outputs`.
+    `record` adds what describes the stage: `lineage` (rlft/rundir/lineage.py), the `gate` verdict
+    (rlft/recipe/gates.py). Skip and verify read only `inputs_hash` and `outputs`.
     """
     outputs = hash_tree(ctx.stage_dir / "final")
     artifact = Artifact(
@@ -209,7 +209,7 @@ def stage_inputs_hash(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Art
 
 
 def input_stages(loaded: LoadedRecipe, stage: str) -> list[str]:
-    from rlft.recipe import stage_refs
+    from rlft.recipe.schema import stage_refs
 
     spec = loaded.recipe.stages[stage]
     names = [name for _, name in stage_refs(stage, spec)]
@@ -225,8 +225,3 @@ def artifacts_before(loaded: LoadedRecipe, stage: str) -> list[str]:
     """Model-producing stages written before `stage`."""
     order = list(loaded.recipe.stages)
     return [s for s in order[: order.index(stage)] if loaded.recipe.stages[s].kind in MODEL_KINDS]
-
-
-def run_dir_of(loaded: LoadedRecipe) -> Path:
-    """The run directory, absolute (fixed when the recipe was loaded)."""
-    return loaded.run_dir

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -13,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlft import data
-from rlft.fsio import fsync_dir, fsync_tree, writing
+from rlft.ckpt.fsio import commit_dir, writing
+from rlft.data import encode
+from rlft.data.batch import pack
+from rlft.data.rows import data_fingerprint, load_rows, mix
 from rlft.metrics import fmt, summary_table
 
 
@@ -45,8 +46,8 @@ def load_data(ctx: Any, specs: list[Any], role: str = "data") -> tuple[list[list
 def _load_rows(ctx: Any, named: Any, spec: Any, role: str) -> tuple[list[dict], list[dict], str]:
     """Train and held-out rows of one resolved data spec and its fingerprint, recorded for the
     stage's lineage (`named` is the spec as the recipe writes it, `spec` with a stage resolved)."""
-    rows, eval_rows = data.load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
-    fingerprint = data.data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
+    rows, eval_rows = load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
+    fingerprint = data_fingerprint(spec, ctx.data_base_dir(), ctx.recipe.seed)
     ctx.record.add_data(role, named.source, spec.source, fingerprint, len(rows), len(eval_rows))
     return rows, eval_rows, fingerprint
 
@@ -54,7 +55,7 @@ def _load_rows(ctx: Any, named: Any, spec: Any, role: str) -> tuple[list[dict], 
 
 def load_prompts(
     ctx: Any, specs: list[Any], tokenizer: Any
-) -> tuple[list[list[data.PromptExample]], list[data.PromptExample], dict[str, str]]:
+) -> tuple[list[list[encode.PromptExample]], list[encode.PromptExample], dict[str, str]]:
     """Prompts of every data spec (training prompts per spec, held-out prompts pooled) and
     fingerprints; each spec's prompts, held-out ones included, follow its max_length/long_rows.
 
@@ -64,15 +65,15 @@ def load_prompts(
     train, held_out, prints = [], [], {}
     for spec in specs:
         (rows,), eval_rows, spec_prints = load_data(ctx, [spec])
-        train.append(data.prompt_examples(rows, tokenizer, spec.max_length, spec.long_rows))
-        held_out += data.prompt_examples(eval_rows, tokenizer, spec.max_length, spec.long_rows, required=False)
+        train.append(encode.prompt_examples(rows, tokenizer, spec.max_length, spec.long_rows))
+        held_out += encode.prompt_examples(eval_rows, tokenizer, spec.max_length, spec.long_rows, required=False)
         prints |= spec_prints
     return train, held_out, prints
 
 
 def prepare_sft_data(
     ctx: Any, specs: list[Any], tokenizer: Any
-) -> tuple[list, list, list[data.PromptExample], dict[str, str]]:
+) -> tuple[list, list, list[encode.PromptExample], dict[str, str]]:
     """Tokenised train examples (mixed by weight, packed if asked), held-out examples (for the
     loss) and held-out prompts (for accuracy), and fingerprints.
 
@@ -84,18 +85,18 @@ def prepare_sft_data(
     per_spec, held_out, prints = [], [], {}
     for named, spec in zip(named_specs, specs, strict=True):
         rows, eval_rows, prints[named.source] = _load_rows(ctx, named, spec, "data")
-        examples = data.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source)
+        examples = encode.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source)
         if spec.packing:
-            examples = data.pack(examples, spec.max_length)
+            examples = pack(examples, spec.max_length)
         per_spec.append(examples)
         held_out.append((spec, eval_rows))
-    train = per_spec[0] if len(per_spec) == 1 else data.mix(per_spec, [s.weight for s in specs], ctx.seed)
+    train = per_spec[0] if len(per_spec) == 1 else mix(per_spec, [s.weight for s in specs], ctx.seed)
     eval_ex, eval_prompts, budget = [], [], ctx.spec.eval_samples
     for spec, rows in held_out:
         rows, budget = rows[:budget], budget - len(rows[:budget])
-        eval_ex += data.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source, required=False)
+        eval_ex += encode.tokenize_sft(rows, tokenizer, spec.max_length, spec.long_rows, spec.source, required=False)
         graded = [r for r in rows if "answer" in r]
-        eval_prompts += data.prompt_examples(graded, tokenizer, spec.max_length, spec.long_rows, required=False)
+        eval_prompts += encode.prompt_examples(graded, tokenizer, spec.max_length, spec.long_rows, required=False)
     return train, eval_ex, eval_prompts, prints
 
 
@@ -137,8 +138,9 @@ def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> A
 
 
 def new_staging(stage_dir: Path) -> Path:
-    """A fresh `.final-<uuid>` directory; those of a killed earlier attempt are removed first."""
-    for old in stage_dir.glob(".final-*"):
+    """A fresh `.final-<uuid>` directory; those of a killed earlier attempt (and an old `final`
+    a kill left aside during `commit_dir`) are removed first."""
+    for old in [*stage_dir.glob(".final-*"), *stage_dir.glob(".replaced-final-*")]:
         shutil.rmtree(old, ignore_errors=True)
     return stage_dir / f".final-{uuid.uuid4().hex}"
 
@@ -151,12 +153,3 @@ def removed_on_error(staging: Path) -> Iterator[None]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def commit_dir(staging: Path, final: Path) -> None:
-    """fsync every file of `staging`, then swap it in as `final` (an older `final` is replaced)."""
-    fsync_tree(staging)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(staging, final)
-    fsync_dir(final.parent)

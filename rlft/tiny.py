@@ -17,15 +17,14 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rlft.ckpt.fsio import commit_dir
 from rlft.errors import UserInputError
-from rlft.fsio import fsync_dir, fsync_tree
 
 ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD)
@@ -224,7 +223,6 @@ def _write_model(tmp: Path, cfg: TinyConfig, seed: int, marker: dict[str, Any]) 
     marker["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     marker["num_parameters"] = sum(p.numel() for p in model.parameters())
     (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    fsync_tree(tmp, best_effort=True)
 
 
 def _hf_config(cfg: TinyConfig, tokenizer: Any) -> Any:
@@ -273,22 +271,12 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _move_into_place(tmp: Path, out_dir: Path, digest: str) -> None:
-    old = None
-    if out_dir.exists():
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        else:
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
     try:
-        os.rename(tmp, out_dir)
+        commit_dir(tmp, out_dir, best_effort=True)
     except OSError:
         # Another process finished the same build first: keep its directory when it matches.
         if not _is_built(out_dir, digest):
             raise
-    fsync_dir(out_dir.parent, best_effort=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _did_you_mean(name: str, choices: Any) -> str:

@@ -1,5 +1,6 @@
-"""Pieces every training stage shares: optimizer, LR schedule, the NaN guard, and the
-full-state checkpoint that makes resume exact (RELIABILITY.md design item 2).
+"""Pieces every training stage shares: optimizer, LR schedule, the NaN guard, the SFT loss and
+step, the stage loop's save/stop/fault cadence (`StageLoop`), and the full-state checkpoint that
+makes resume exact (RELIABILITY.md design item 2).
 
 A stage hands `save_state` its model, optimizer and a JSON dict of its own counters
 (data cursor, metrics history, ...); `restore_state` puts all of it back, RNG included,
@@ -10,16 +11,20 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlft import checkpoint
+from rlft.ckpt import checkpoint
+from rlft.ckpt.faults import fault_active, fault_point
+from rlft.ckpt.trainstate import GracefulExit
+from rlft.core import losses
+from rlft.data.batch import model_inputs
 from rlft.errors import CheckpointError, TrainingError
-from rlft.evaluate import sft_loss_sum
-from rlft.faults import fault_active
+from rlft.metrics import progress
 from rlft.models import trainable_named_params
 
 log = logging.getLogger(__name__)
@@ -200,7 +205,7 @@ def sft_step(
     """One SFT optimizer step over the micro-batches, with the token-mean over the whole step
     (the SFT stage's and sequence-level distillation's step)."""
     dev = next(policy.parameters()).device
-    n_tokens = sum(mb["loss_mask"][:, 1:].sum() for mb in micro_batches).to(dev).clamp(min=1)
+    n_tokens = torch.stack([mb["loss_mask"][:, 1:].sum() for mb in micro_batches]).sum().to(dev).clamp(min=1)
     params = list(trainable_named_params(policy).values())
     total = torch.zeros((), device=dev)
     for mb in micro_batches:
@@ -214,3 +219,43 @@ def sft_step(
     if grad_norm is None:
         return {"loss": float("nan"), "skipped": guard.skipped}
     return {"loss": float(total), "grad_norm": grad_norm, "tokens": int(n_tokens), "skipped": guard.skipped}
+
+
+def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the batch's loss-mask tokens, and their count.
+
+    Token t is predicted from position t-1, so targets are input_ids[:, 1:] under loss_mask[:, 1:].
+    """
+    logits = model(**model_inputs(batch)).logits
+    targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].to(logits.dtype)
+    logp = losses.token_logprobs(logits[:, :-1], targets)  # (N, L-1)
+    return -(logp * mask).sum(), mask.sum()
+
+
+class StageLoop:
+    """The steps of a training stage, and the one cadence that follows each of them.
+
+    Iterating yields step indices `start .. total - 1` under a progress bar. After the body of
+    step s has run, the loop saves (`save(s + 1)`) when `s + 1` is a multiple of `save_every`, at
+    the last step, and when SIGTERM/SIGINT arrived (`GracefulExit`, installed when the loop is
+    made); after such a signal it then exits with 128 + signal (the last step finishes normally);
+    finally the `kill_step` fault point runs (tests die right after a step). A body that raises
+    skips all of it, so nothing is saved for a failed step.
+    """
+
+    def __init__(self, start: int, total: int, save_every: int, desc: str, save: Callable[[int], None]) -> None:
+        self.start, self.total, self.save_every, self.desc, self.save = start, total, save_every, desc, save
+        self.stop = GracefulExit()
+
+    def is_last(self, step: int) -> bool:
+        return step + 1 == self.total
+
+    def __iter__(self) -> Iterator[int]:
+        for step in progress(range(self.start, self.total), self.total, self.desc, start=self.start):
+            yield step
+            done, last = step + 1, self.is_last(step)
+            if done % self.save_every == 0 or last or self.stop.should_stop():
+                self.save(done)
+            if self.stop.should_stop() and not last:
+                self.stop.exit()
+            fault_point("kill_step", done)  # tests: die right after this step

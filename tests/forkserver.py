@@ -300,8 +300,8 @@ def _child_main(payload: bytes, env: dict[str, str | None], log: str) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if "rlft.faults" in sys.modules:
-            sys.modules["rlft.faults"].reset()  # the variable may have changed since the server read it
+        if "rlft.ckpt.faults" in sys.modules:
+            sys.modules["rlft.ckpt.faults"].reset()  # the variable may have changed since the server read it
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
         fn, args, kwargs = pickle.loads(payload)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from sandbox_battery import Attempt
 
-from rlft import sandbox
-from rlft.rewards import REWARDS
+from rlft.rewards import sandbox
+from rlft.rewards.builtin import REWARDS
 
 
 def digest(text: str) -> int:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # run as a script from a clone
 
-from rlft import sandbox  # noqa: E402
+from rlft.rewards import sandbox  # noqa: E402
 
 LIMITS = dict(timeout_s=2.0, memory_mb=256, max_procs=8, max_file_mb=4)
-TMPFS_MB = max(8, 2 * LIMITS["max_file_mb"])  # the private tmpfs of a run (rlft/sandbox.py)
+TMPFS_MB = max(8, 2 * LIMITS["max_file_mb"])  # the private tmpfs of a run (rlft/rewards/sandbox.py)
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 BEGIN, END = "<!-- sandbox battery: begin -->", "<!-- sandbox battery: end -->"
 

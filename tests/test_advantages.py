@@ -1,4 +1,4 @@
-"""rlft.advantages vs the float64 loop reference, hand-worked cases and edge cases."""
+"""rlft.core.advantages vs the float64 loop reference, hand-worked cases and edge cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlft import advantages
+from rlft.core import advantages
 from tests import reference as ref
 
 GROUPS = [(1, 2), (3, 4), (5, 8)]  # (B, G)

@@ -6,6 +6,7 @@ at every phase of a save; each test records its figure in reliability-results.js
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,8 +21,8 @@ import safetensors.torch
 import torch
 from forkserver import get_server, record_result, reliability_n
 
-from rlft import faults
-from rlft.checkpoint import (
+from rlft.ckpt import faults, fsio
+from rlft.ckpt.checkpoint import (
     Checkpoint,
     find_latest,
     load_checkpoint,
@@ -206,7 +207,7 @@ def test_checkpoint_integrity(tmp_path: Path, monkeypatch, caplog) -> None:
         kind, name = damage(stage / "step-00000002", rng)
         loads.clear()
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="rlft.checkpoint"):
+        with caplog.at_level(logging.WARNING, logger="rlft.ckpt.checkpoint"):
             with pytest.raises(CheckpointError) as err:
                 load_checkpoint(stage / "step-00000002")
             latest = find_latest(stage)
@@ -359,11 +360,41 @@ def test_save_rejects_non_json_before_writing(tmp_path: Path, state: dict, meta:
     assert not (tmp_path / "s").exists()
 
 
-def test_resave_of_existing_step_keeps_the_old_dir(tmp_path: Path) -> None:
+def test_resave_of_existing_step_replaces_it_whole(tmp_path: Path) -> None:
     save_steps(str(tmp_path), 1, 2, keep_last=None)
+    first = (tmp_path / step_dir_name(2)).stat().st_ino
     save_steps(str(tmp_path), 2, 2, keep_last=None)  # a resume from step 1 redoes step 2
     assert verified_steps(tmp_path) == [1, 2]
-    assert len(list(tmp_path.glob(".replaced-step-00000002-*"))) == 1
+    assert (tmp_path / step_dir_name(2)).stat().st_ino != first  # the new directory, not the old
+    assert not list(tmp_path.glob(".replaced-*")) and not list(tmp_path.glob(".staging-*"))
+
+
+def test_commit_dir_puts_the_old_dir_back_when_the_rename_fails(tmp_path: Path, monkeypatch) -> None:
+    final, staging = tmp_path / "final", tmp_path / ".staging"
+    final.mkdir()
+    (final / "a").write_text("old")
+    staging.mkdir()
+    (staging / "a").write_text("new")
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if Path(src) == staging:
+            raise OSError(errno.EIO, "rename refused")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError):
+        fsio.commit_dir(staging, final)
+    assert (final / "a").read_text() == "old" and (staging / "a").read_text() == "new"
+    assert not list(tmp_path.glob(".replaced-*"))
+
+
+def test_a_kill_between_aside_and_cleanup_leaves_a_leftover_the_next_save_removes(tmp_path: Path, monkeypatch) -> None:
+    save_steps(str(tmp_path), 1, 1, keep_last=None)
+    aside = tmp_path / f".replaced-{step_dir_name(1)}-0123"
+    shutil.copytree(tmp_path / step_dir_name(1), aside)  # what a kill after the rename leaves
+    save_steps(str(tmp_path), 2, 2, keep_last=None)
+    assert not aside.exists() and verified_steps(tmp_path) == [1, 2]
 
 
 def test_fault_spec_parsing(monkeypatch) -> None:

@@ -179,7 +179,6 @@ def test_refused_resume_suggests_only_flags_the_command_has(tmp_path: Path) -> N
 
 def test_resume_hints_follow_the_running_command() -> None:
     from rlft import hints
-
     with hints.running(Path("my recipes/r.yaml"), "rl", single_stage=False):
         assert hints.resume_command() == "rlft run 'my recipes/r.yaml'"
         assert hints.restart_command() == "rlft stage rl --recipe 'my recipes/r.yaml' --restart"

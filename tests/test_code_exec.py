@@ -10,8 +10,8 @@ import reward_hacks as hacks
 import sandbox_battery as battery
 from forkserver import record_result
 
-from rlft import code_tests, code_verdict, sandbox
-from rlft.rewards import REWARDS
+from rlft.rewards import code_tests, code_verdict, sandbox
+from rlft.rewards.builtin import REWARDS
 
 needs_isolation = pytest.mark.skipif(not sandbox.isolation_available(), reason="no namespace isolation here")
 

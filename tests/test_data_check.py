@@ -19,7 +19,7 @@ import pytest
 from forkserver import record_result
 from helpers import write_recipe
 
-from rlft.data_load import load_rows
+from rlft.data.rows import load_rows
 from rlft.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ def test_a_20mb_row_is_refused_in_bounded_memory_and_time(tmp_path: Path) -> Non
     record_result("test_a_20mb_row_is_refused_in_bounded_memory_and_time", 1, 1, peak_rss_mb=rss_mb,
                   seconds=round(seconds, 2))
 
-    loader = ("from pathlib import Path; from rlft.recipe import DataSpec; from rlft.data_load import load_rows\n"
+    loader = ("from pathlib import Path; from rlft.recipe.schema import DataSpec; from rlft.data.rows import load_rows\n"
               f"load_rows(DataSpec(source='big.jsonl'), Path({str(tmp_path)!r}), 0)\n")
     code, seconds, rss_mb, err = _rusage_run([sys.executable, "-c", loader])
     assert code == 1 and "over max_row_bytes" in err and rss_mb < 150, (rss_mb, err[-300:])

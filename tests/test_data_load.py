@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from rlft import data_load
-from rlft.data_load import data_fingerprint, load_rows, mix, row_format
+from rlft.data import rows as data_load
+from rlft.data.rows import data_fingerprint, load_rows, mix, row_format
 from rlft.errors import DataError
 
 
@@ -50,7 +50,7 @@ def test_tiny_rows(tmp_path: Path) -> None:
 
 
 def test_real_data_spec_is_accepted(tmp_path: Path) -> None:
-    from rlft.recipe import DataSpec
+    from rlft.recipe.schema import DataSpec
 
     train, heldout = load_rows(DataSpec(source="tiny:copy", num_examples=20, eval_size=5), tmp_path, seed=0)
     assert (len(train), len(heldout)) == (15, 5)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-import rlft.recipe as schema
-from rlft.docgen import render
+import rlft.recipe.schema as schema
+from rlft.recipe.docgen import render
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "docs" / "recipe-reference.md"
 
 
 def test_committed_reference_matches_schema() -> None:
-    assert REFERENCE.read_text() == render(), "run `make docs` (python -m rlft.docgen > docs/recipe-reference.md)"
+    assert REFERENCE.read_text() == render(), "run `make docs` (python -m rlft.recipe.docgen > docs/recipe-reference.md)"
 
 
 def test_every_recipe_key_has_a_row() -> None:
@@ -38,6 +38,6 @@ def test_every_recipe_key_has_a_row() -> None:
 
 def test_module_entry_point_prints_the_reference() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "rlft.docgen"], env=env, cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "rlft.recipe.docgen"], env=env, cwd=REPO, capture_output=True,
                          text=True, check=True)
     assert out.stdout == render()

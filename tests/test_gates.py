@@ -12,7 +12,7 @@ import pytest
 from helpers import done_marker, rlft, write_recipe
 
 from rlft.errors import RecipeError
-from rlft.recipe_load import load_recipe
+from rlft.recipe.load import load_recipe
 
 ARITH = {"source": "tiny:arith", "num_examples": 48, "eval_size": 8, "max_length": 128}
 SFT = {"kind": "sft", "data": ARITH, "batch_size": 8, "eval_samples": 8, "eval_max_new_tokens": 8}

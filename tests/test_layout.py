@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rlft"
 
@@ -114,8 +116,88 @@ def test_no_import_cycles() -> None:
 def test_the_checker_sees_a_planted_cycle_and_an_upward_import() -> None:
     """The graph walk is not vacuous: edges exist, and a planted cycle is found."""
     assert "rlft.run" in GRAPH["rlft.pipeline"] and "rlft.stages.grpo" in GRAPH["rlft.pipeline"]
-    GRAPH["rlft.losses"].add("rlft.rl")
+    GRAPH["rlft.core.losses"].add("rlft.rl.rounds")
     try:
-        assert any("rlft.losses" in c for c in _cycles())
+        assert any("rlft.core.losses" in c for c in _cycles())
     finally:
-        GRAPH["rlft.losses"].discard("rlft.rl")
+        GRAPH["rlft.core.losses"].discard("rlft.rl.rounds")
+
+
+def _package(module: str) -> str:
+    """`rlft.data.rows` -> `data`; a top-level module is its own package (`rlft.training` -> `training`)."""
+    return module.split(".")[1] if module.count(".") else "rlft"
+
+
+# What each library package may import (docs/architecture.md): a DAG, bottom first.
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(), "hints": set(), "core": set(), "scoring": set(),
+    "data": {"errors"},
+    "ckpt": {"errors", "hints"},
+    "metrics": set(),
+    "rewards": {"errors", "data"},
+    "tiny": {"errors", "ckpt"},
+    "recipe": {"errors", "data", "rewards", "tiny", "metrics"},
+    "models": {"errors", "ckpt", "recipe", "tiny"},
+    "rollout": {"errors", "core"},
+    "training": {"errors", "ckpt", "core", "data", "metrics", "models"},
+    "evaluate": {"errors", "data", "rewards", "rollout", "training"},
+    "rundir": {"errors", "ckpt", "metrics", "models", "recipe"},
+    "run": {"errors", "ckpt", "recipe", "rundir"},
+    "stage_io": {"errors", "ckpt", "data", "metrics", "models", "run"},
+    "rl": {"errors", "ckpt", "core", "data", "evaluate", "metrics", "models", "recipe", "rewards", "rollout",
+           "stage_io", "training"},
+}
+
+
+def _package_edges() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for m, targets in GRAPH.items():
+        for t in targets:
+            if t.startswith("rlft.") and _package(t) != _package(m):
+                edges.setdefault(_package(m), set()).add(_package(t))
+    return edges
+
+
+def test_library_packages_import_only_what_their_layer_allows() -> None:
+    edges = _package_edges()
+    library = {p for p in edges if p not in ("cli", "pipeline", "stages")}
+    assert library <= set(ALLOWED), f"a new package needs its row in ALLOWED: {sorted(library - set(ALLOWED))}"
+    extra = {p: sorted(edges.get(p, set()) - allowed) for p, allowed in ALLOWED.items()}
+    assert not {p: e for p, e in extra.items() if e}, extra
+
+
+def test_allowed_table_has_no_package_cycle() -> None:
+    """The table itself is layered: following allowed imports never leads back to the start."""
+    def reach(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for nxt in ALLOWED.get(todo.pop(), set()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    assert [p for p in ALLOWED if p in reach(p)] == []
+
+
+def test_the_loss_core_imports_torch_and_the_standard_library_only() -> None:
+    third_party = {"numpy", "transformers", "peft", "datasets", "yaml", "pydantic", "rich", "typer"}
+    for name, path in MODULES.items():
+        if _package(name) != "core":
+            continue
+        tree = ast.parse(path.read_text())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not roots & third_party, (name, roots)
+        assert not any(m for m in GRAPH[name] if m.startswith("rlft.") and _package(m) != "core"), (name, GRAPH[name])
+
+
+def test_the_package_check_sees_a_planted_upward_import() -> None:
+    GRAPH["rlft.core.losses"].add("rlft.models")
+    try:
+        assert "models" in _package_edges()["core"]
+        with pytest.raises(AssertionError):
+            test_library_packages_import_only_what_their_layer_allows()
+    finally:
+        GRAPH["rlft.core.losses"].discard("rlft.models")

@@ -62,7 +62,7 @@ def test_each_marker_names_its_parents_by_fingerprint(run: Path) -> None:
 
 def _artifact_fingerprint(stage_dir: Path) -> str:
     """What later stages pin: the fingerprint of the stage's output hashes (rlft/pipeline.py)."""
-    from rlft.manifest import fingerprint
+    from rlft.ckpt.manifest import fingerprint
 
     return fingerprint(done_marker(stage_dir)["outputs"])
 

@@ -1,4 +1,4 @@
-"""rlft.logits kernels (log-probs, entropy, distillation) vs the float64 loop reference, hand-worked cases."""
+"""rlft.core.logits kernels (log-probs, entropy, distillation) vs the float64 loop reference, hand-worked cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlft import losses
+from rlft.core import losses
 from tests import reference as ref
 
 SHAPES = [(1, 1), (3, 5), (8, 7), (5, 16)]

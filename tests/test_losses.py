@@ -1,4 +1,4 @@
-"""rlft.losses policy kernels vs the float64 loop reference, hand-worked cases, gradients, edges."""
+"""rlft.core.losses policy kernels vs the float64 loop reference, hand-worked cases, gradients, edges."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlft import losses
+from rlft.core import losses
 from tests import reference as ref
 
 SHAPES = [(1, 1), (3, 5), (8, 7), (5, 16)]

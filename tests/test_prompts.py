@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from helpers import write_recipe
 
-from rlft import data, pipeline, rollout, run, tiny
+from rlft import pipeline, rollout, run, tiny
 from rlft.cli import main
+from rlft.data import encode
+from rlft.data.batch import SFTExample
 from rlft.errors import DataError
 from rlft.stage_io import prepare_sft_data
 
@@ -60,7 +62,7 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[int]]]:
     """Prompt ids each stage generates from or trains on (the ids before the first target token)."""
     seen: dict[str, list[list[int]]] = {}
     current = [""]
-    runner, generate, tokenize = pipeline.stage_runner, rollout.generate, data.tokenize_sft
+    runner, generate, tokenize = pipeline.stage_runner, rollout.generate, encode.tokenize_sft
 
     def stage_runner(kind: str) -> Any:
         run = runner(kind)
@@ -75,14 +77,14 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[int]]]:
         seen.setdefault(current[0], []).extend(list(p) for p in prompt_ids)
         return generate(policy, tokenizer, prompt_ids, *a, **k)
 
-    def recording_tokenize(*a: Any, **k: Any) -> list[data.SFTExample]:
+    def recording_tokenize(*a: Any, **k: Any) -> list[SFTExample]:
         examples = tokenize(*a, **k)
         seen.setdefault(current[0], []).extend(ex.input_ids[: ex.loss_mask.index(1)] for ex in examples)
         return examples
 
     monkeypatch.setattr(pipeline, "stage_runner", stage_runner)
     monkeypatch.setattr(rollout, "generate", recording_generate)
-    monkeypatch.setattr(data, "tokenize_sft", recording_tokenize)
+    monkeypatch.setattr(encode, "tokenize_sft", recording_tokenize)
     return seen
 
 
@@ -96,7 +98,7 @@ def test_every_stage_renders_the_same_prompt_with_the_system_prompt(
 
     tok = tiny.build_tokenizer()
     expected = {}
-    for row in rows:  # rendered here from the chat template itself, not through rlft.data
+    for row in rows:  # rendered here from the chat template itself, not through rlft.data.encode
         chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["prompt"]}]
         text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         expected[tuple(tok(text, add_special_tokens=False)["input_ids"])] = row["prompt"]
@@ -116,7 +118,7 @@ def test_every_stage_renders_the_same_prompt_with_the_system_prompt(
 
 
 def _ctx(tmp_path: Path, stage: dict[str, Any]) -> Any:
-    from rlft.recipe_load import load_recipe
+    from rlft.recipe.load import load_recipe
 
     recipe = {"model": {"name": "tiny:nano"}, "output_dir": str(tmp_path / "runs"), "stages": {"s": stage}}
     loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
@@ -124,17 +126,16 @@ def _ctx(tmp_path: Path, stage: dict[str, Any]) -> Any:
 
 
 def test_rl_prompts_follow_max_length_and_long_rows(tmp_path: Path) -> None:
-    from rlft import rl
-
+    from rlft.rl import rounds
     rows = _rows(12)
     rows[6]["prompt"] = "x" * 200  # row 7: a prompt of 200+ tokens
     path = _write_jsonl(tmp_path / "qa.jsonl", rows)
     tok = tiny.build_tokenizer()
     grpo = {"kind": "grpo", "rewards": ["math_answer"], "prompts_per_step": 2, "group_size": 2}
     with pytest.raises(DataError) as err:
-        rl.prompt_data(_ctx(tmp_path, grpo | {"data": {"source": "qa.jsonl", "max_length": 64, "eval_size": 0}}), tok)
+        rounds.prompt_data(_ctx(tmp_path, grpo | {"data": {"source": "qa.jsonl", "max_length": 64, "eval_size": 0}}), tok)
     assert str(err.value).startswith(f"{path}:row 7: the prompt is ") and "longer than max_length 64" in str(err.value)
-    loader, _, _ = rl.prompt_data(
+    loader, _, _ = rounds.prompt_data(
         _ctx(tmp_path, grpo | {"data": {"source": "qa.jsonl", "max_length": 64, "long_rows": "drop", "eval_size": 0}}),
         tok)
     assert len(loader.examples) == 11 and all(len(p.prompt_ids) <= 64 for p in loader.examples)
@@ -183,10 +184,10 @@ def test_every_heldout_row_dropped_leaves_no_heldout_loss_but_trains(tmp_path: P
     tok = tiny.build_tokenizer()
     rows = [{"prompt": "p", "completion": "c", "_source": "/d/dev.jsonl", "_row": 1}]
     long = [{"prompt": "p", "completion": "c" * 100, "_source": "/d/dev.jsonl", "_row": 1}]
-    assert data.tokenize_sft(long, tok, 32, "drop", "dev.jsonl", required=False) == []
+    assert encode.tokenize_sft(long, tok, 32, "drop", "dev.jsonl", required=False) == []
     with pytest.raises(DataError, match=r"^/d/dev\.jsonl: all 1 rows were dropped"):
-        data.tokenize_sft(long, tok, 32, "drop", "dev.jsonl")
-    assert len(data.tokenize_sft(rows, tok, 32, "drop", "dev.jsonl", required=False)) == 1
+        encode.tokenize_sft(long, tok, 32, "drop", "dev.jsonl")
+    assert len(encode.tokenize_sft(rows, tok, 32, "drop", "dev.jsonl", required=False)) == 1
 
 
 def test_prompt_ids_is_the_prompt_part_of_sft_rows() -> None:
@@ -194,10 +195,10 @@ def test_prompt_ids_is_the_prompt_part_of_sft_rows() -> None:
     pc = {"prompt": "hi", "completion": "yo", "_system": SYSTEM}
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
             "_system": SYSTEM}
-    ids = data.prompt_ids(pc, tok)
-    assert data.prompt_ids(chat, tok) == ids
+    ids = encode.prompt_ids(pc, tok)
+    assert encode.prompt_ids(chat, tok) == ids
     for row in (pc, chat):
-        (ex,) = data.tokenize_sft([row], tok, 128, "error", "mem")
+        (ex,) = encode.tokenize_sft([row], tok, 128, "error", "mem")
         assert ex.input_ids[: ex.loss_mask.index(1)] == ids
-    assert data.conversation(pc) == [{"role": "system", "content": SYSTEM}, *chat["messages"]]
-    assert data.prompt_examples([pc], tok)[0].messages == data.conversation(pc)[:2]
+    assert encode.conversation(pc) == [{"role": "system", "content": SYSTEM}, *chat["messages"]]
+    assert encode.prompt_examples([pc], tok)[0].messages == encode.conversation(pc)[:2]

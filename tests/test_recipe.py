@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-import rlft.recipe as schema
+import rlft.recipe.schema as schema
 from rlft.errors import RecipeError
-from rlft.recipe_load import load_recipe
+from rlft.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 M = 'model: {name: "tiny:nano"}\n'  # line 1 of most bad recipes
@@ -279,7 +279,7 @@ def test_no_torch_import(recipe_dir: Path) -> None:
     good.write_text(GOOD)
     bad.write_text(M + "stages:\n  a: {kind: sft, data: !!python/object/apply:os.system ['touch canary']}\n")
     code = (
-        "import sys\nfrom rlft.errors import RecipeError\nfrom rlft.recipe_load import load_recipe\n"
+        "import sys\nfrom rlft.errors import RecipeError\nfrom rlft.recipe.load import load_recipe\n"
         f"load_recipe({str(good)!r})\n"
         f"try:\n    load_recipe({str(bad)!r})\nexcept RecipeError:\n    pass\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))\n"

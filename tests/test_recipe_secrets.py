@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rlft.errors import RecipeError
-from rlft.recipe_load import load_recipe
+from rlft.recipe.load import load_recipe
 
 HEX40 = "4c3f0b2a9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
 HEX64 = HEX40 + "0123456789abcdef01234567"

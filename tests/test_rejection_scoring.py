@@ -7,7 +7,7 @@ from itertools import combinations
 
 import pytest
 
-from rlft.rejection import KeepRules, pass_rate, select
+from rlft.rl.rejection import KeepRules, pass_rate, select
 from rlft.scoring import mean_ci, pass_at_k, wilson_ci
 
 TEXTS = ["a", "b", "a", "ccc", "", "d"]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlft import sandbox
 from rlft.errors import TrainingError, UserInputError
-from rlft.reward_runner import build_rewards, validate_reward_entry
-from rlft.rewards import REWARDS, answers_match, extract_answer
+from rlft.rewards import sandbox
+from rlft.rewards.builtin import REWARDS, answers_match, extract_answer
+from rlft.rewards.runner import build_rewards, validate_reward_entry
 
 USER_REWARDS = '''
 import os, signal, time
@@ -231,12 +231,12 @@ def _tiny_reward_model(path: Path) -> Path:
 
 
 def test_reward_model_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rlft import rewards
+    from rlft.rewards import builtin
 
     path = _tiny_reward_model(tmp_path / "rm")
     loads = []
-    real = rewards._load_reward_model
-    monkeypatch.setattr(rewards, "_load_reward_model", lambda *a: loads.append(a) or real(*a))
+    real = builtin._load_reward_model
+    monkeypatch.setattr(builtin, "_load_reward_model", lambda *a: loads.append(a) or real(*a))
     fn = REWARDS["reward_model"](model=str(path), batch_size=2)
     prompts, completions = ["2+2=", "2+2=", "hi"], ["4", "five, surely", "hello there"]
     first = fn(prompts, completions)
@@ -280,7 +280,7 @@ def test_validate_reward_entry_accepts(recipe_dir: Path) -> None:
 
 
 def test_validation_imports_no_torch() -> None:
-    code = ("import sys; from rlft.reward_runner import validate_reward_entry as v; "
+    code = ("import sys; from rlft.rewards.runner import validate_reward_entry as v; "
             "assert 'did you mean' in v('tag_cont'); assert v({'name': 'reward_model', 'options': {'model': 'x'}}) is None; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
@@ -438,7 +438,7 @@ def test_math_answer_runs_in_a_worker(recipe_dir: Path) -> None:
 
 
 def test_gsm8k_style_gold_is_compared_by_its_final_answer() -> None:
-    from rlft.rewards import answers_match, gold_answer
+    from rlft.rewards.builtin import answers_match, gold_answer
 
     gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
     assert gold_answer(gold) == "72"

@@ -1,4 +1,4 @@
-"""rlft.rl: the policy loss GRPO and PPO share, on-policy vs recomputed old log-probs."""
+"""rlft.rl.rounds: the policy loss GRPO and PPO share, on-policy vs recomputed old log-probs."""
 
 from __future__ import annotations
 
@@ -8,24 +8,25 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlft import losses, rl
-from rlft.recipe import LossSpec
+from rlft.core import losses
+from rlft.recipe.schema import LossSpec
+from rlft.rl import rounds
 from tests.test_losses import ragged_mask
 
 ESTIMATORS = ["k1", "k2", "k3"]
 
 
 def _experience(mask: torch.Tensor, adv: torch.Tensor, old_logp: torch.Tensor | None,
-                ref_logp: torch.Tensor) -> rl.Experience:
+                ref_logp: torch.Tensor) -> rounds.Experience:
     n, t = mask.shape
     ids = torch.zeros((n, t), dtype=torch.long)
-    return rl.Experience(ids, torch.ones_like(ids), ids, mask.long(), adv, old_logp, ref_logp)
+    return rounds.Experience(ids, torch.ones_like(ids), ids, mask.long(), adv, old_logp, ref_logp)
 
 
-def _loss_and_grad(logp0: torch.Tensor, exp: rl.Experience, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grad(logp0: torch.Tensor, exp: rounds.Experience, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
     logp = logp0.clone().requires_grad_(True)
     normalizer = losses.aggregation_normalizer(exp.mask, spec.aggregate, max_len=logp.shape[1])
-    loss, _ = rl.policy_loss(logp, exp, spec, normalizer)
+    loss, _ = rounds.policy_loss(logp, exp, spec, normalizer)
     loss.backward()
     assert logp.grad is not None
     return loss.detach(), logp.grad
@@ -72,7 +73,7 @@ def test_grpo_update_gradient_same_on_policy_and_recomputed(tmp_path: Path) -> N
     give the same adapter gradient for every KL estimator, importance-weighted or not."""
     from rlft import rollout
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base, reference_mode
-    from rlft.recipe import GRPOSpec, LoraSpec, ModelSpec
+    from rlft.recipe.schema import GRPOSpec, LoraSpec, ModelSpec
     from rlft.stages.grpo import build_experience
 
     mspec = ModelSpec(name="tiny:nano")
@@ -100,7 +101,7 @@ def test_grpo_update_gradient_same_on_policy_and_recomputed(tmp_path: Path) -> N
         policy.zero_grad()
         logp = rollout.completion_logprobs(policy, exp.tensors(), 1.0)
         normalizer = losses.aggregation_normalizer(exp.mask, spec.loss.aggregate)
-        rl.policy_loss(logp, exp, spec.loss, normalizer)[0].backward()
+        rounds.policy_loss(logp, exp, spec.loss, normalizer)[0].backward()
         return [p.grad.clone() for p in params]
 
     for estimator in ESTIMATORS:
@@ -119,7 +120,7 @@ class _NoTimer:
 def _rl_policy(source: str, checkpointing: bool) -> object:
     """A tiny LoRA policy (dropout 0.1 on the adapter) in the RL stages' dropout-free mode."""
     from rlft.models import attach_lora, dropout_free_mode, load_model
-    from rlft.recipe import LoraSpec, ModelSpec
+    from rlft.recipe.schema import LoraSpec, ModelSpec
 
     spec = ModelSpec(name="tiny:nano", gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
@@ -131,10 +132,9 @@ def _rl_policy(source: str, checkpointing: bool) -> object:
     return dropout_free_mode(policy)
 
 
-def _loss_grads_and_layer_starts(policy: object, exp: rl.Experience) -> tuple:
+def _loss_grads_and_layer_starts(policy: object, exp: rounds.Experience) -> tuple:
     """Loss and adapter gradients of one forward/backward, and how often each decoder layer's MLP started."""
     from rlft import rollout
-
     layers = policy.get_base_model().model.layers
     calls = [0]
 
@@ -145,7 +145,7 @@ def _loss_grads_and_layer_starts(policy: object, exp: rl.Experience) -> tuple:
     hooks = [layer.mlp.register_forward_pre_hook(count) for layer in layers]
     spec = LossSpec()
     logp = rollout.completion_logprobs(policy, exp.tensors(), 1.0)
-    loss, _ = rl.policy_loss(logp, exp, spec, losses.aggregation_normalizer(exp.mask, spec.aggregate))
+    loss, _ = rounds.policy_loss(logp, exp, spec, losses.aggregation_normalizer(exp.mask, spec.aggregate))
     loss.backward()
     for h in hooks:
         h.remove()
@@ -159,8 +159,7 @@ def test_gradient_checkpointing_is_active_in_rl_and_changes_no_number(tmp_path: 
     gradients equal those without it; dropout stays off (LoRA dropout 0.1 would make them differ)."""
     from rlft import rollout
     from rlft.models import load_tokenizer, prepare_base
-    from rlft.recipe import ModelSpec
-
+    from rlft.recipe.schema import ModelSpec
     source = prepare_base(ModelSpec(name="tiny:nano"), tmp_path)
     tok = load_tokenizer(source, ModelSpec(name="tiny:nano"))
     plain, checkpointed = _rl_policy(source, False), _rl_policy(source, True)
@@ -170,7 +169,7 @@ def test_gradient_checkpointing_is_active_in_rl_and_changes_no_number(tmp_path: 
     out = rollout.generate(plain, tok, [tok("What is 1+1?").input_ids, tok("Reverse: abc").input_ids],
                            rollout.SamplingParams(max_new_tokens=10), 4, rollout.seed_generator(5))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.0, 0.0])
-    exp = rl.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, adv, None, None)
+    exp = rounds.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, adv, None, None)
     results = {name: _loss_grads_and_layer_starts(policy, exp) for name, policy in
                (("plain", plain), ("checkpointed", checkpointed))}
     assert results["plain"][2] == 1 and results["checkpointed"][2] == 2  # recomputed in the backward

@@ -183,7 +183,7 @@ def test_output_dir_that_is_a_file(tmp_path: Path) -> None:
 def test_load_fixes_absolute_dirs_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The recipe's directory and the run directory are absolute from the moment the recipe loads:
     changing the working directory afterwards moves neither."""
-    from rlft.recipe_load import load_recipe
+    from rlft.recipe.load import load_recipe
 
     write_mini(tmp_path / "recipes")
     monkeypatch.chdir(tmp_path)

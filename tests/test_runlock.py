@@ -12,7 +12,7 @@ import pytest
 from forkserver import get_server, record_result
 
 from rlft.errors import UserInputError
-from rlft.runlock import LOCK_NAME, RunLock, read_lock_info
+from rlft.rundir.lock import LOCK_NAME, RunLock, read_lock_info
 
 
 def hold_lock(run_dir: str, ready: str, release: str) -> int:
@@ -81,7 +81,7 @@ def test_stale_lock_from_killed_holder_is_taken_over(tmp_path: Path, caplog) -> 
     holder.kill()
     assert holder.wait().returncode == -9
     assert read_lock_info(run_dir).pid == holder.pid  # the dead holder's record is still there
-    with caplog.at_level(logging.INFO, logger="rlft.runlock"):
+    with caplog.at_level(logging.INFO, logger="rlft.rundir.lock"):
         with RunLock(run_dir) as lock:
             assert read_lock_info(run_dir).pid == os.getpid() and lock.path == run_dir / LOCK_NAME
     assert f"PID {holder.pid}" in caplog.text and "no longer running" in caplog.text
@@ -91,7 +91,7 @@ def test_stale_lock_file_with_dead_pid(tmp_path: Path, caplog) -> None:
     child = get_server().start(int)  # a child that exits at once and is reaped: its PID is dead
     assert child.wait().returncode == 0
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": child.pid, "host": "h", "started": "s"}))
-    with caplog.at_level(logging.INFO, logger="rlft.runlock"):
+    with caplog.at_level(logging.INFO, logger="rlft.rundir.lock"):
         with RunLock(tmp_path):
             assert read_lock_info(tmp_path).pid == os.getpid()
     assert f"PID {child.pid} on h" in caplog.text

@@ -11,7 +11,7 @@ from typing import Any
 
 from helpers import write_recipe
 
-from rlft.data_read import read_local
+from rlft.data.files import read_local
 
 RLFT = str(Path(sys.executable).with_name("rlft"))
 SYSTEM = "Be brief."

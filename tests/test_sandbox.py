@@ -16,8 +16,8 @@ import pytest
 import sandbox_battery as battery
 from forkserver import record_result
 
-from rlft import sandbox, sandbox_init
-from rlft.reward_runner import build_rewards
+from rlft.rewards import sandbox, sandbox_init
+from rlft.rewards.runner import build_rewards
 
 LIMITS = dict(timeout_s=2.0, memory_mb=256, max_procs=8, max_file_mb=4)
 needs_isolation = pytest.mark.skipif(not sandbox.isolation_available(), reason="no namespace isolation here")

@@ -16,7 +16,7 @@ PROBE = '''\
 import json, os
 from pathlib import Path
 
-from rlft import sandbox
+from rlft.rewards import sandbox
 
 CODE = "import json, os; print(json.dumps(dict(os.environ)))"
 

@@ -19,9 +19,13 @@ import torch
 from forkserver import get_server
 from helpers import final_hashes, metrics, step_losses, write_recipe
 
-from rlft import data, distill, losses
 from rlft.cli import main
+from rlft.core import losses
+from rlft.data import encode
+from rlft.data.batch import collate, model_inputs
+from rlft.data.rows import load_rows
 from rlft.errors import UserInputError
+from rlft.rl import distill
 
 ARITH = {"source": "tiny:arith", "num_examples": 256, "eval_size": 16, "max_length": 128}
 MODES = {
@@ -116,7 +120,7 @@ def _student_with_other_tokenizer(tmp: Path) -> Path:
     from transformers import AutoTokenizer
 
     from rlft.models import prepare_base
-    from rlft.recipe import ModelSpec
+    from rlft.recipe.schema import ModelSpec
 
     src = Path(prepare_base(ModelSpec(name="tiny:student"), tmp / "models"))
     dst = tmp / "other-student"
@@ -181,7 +185,7 @@ def test_same_tokenizer_passes_and_vocab_width_is_checked() -> None:
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, dict[str, torch.Tensor]]:
     """Random tiny:nano teacher and tiny:student, and a padded batch of 4 arith rows."""
     from rlft.models import load_model, load_tokenizer, prepare_base
-    from rlft.recipe import DataSpec, ModelSpec
+    from rlft.recipe.schema import DataSpec, ModelSpec
 
     tmp = tmp_path_factory.mktemp("pair")
     models, tok = [], None
@@ -190,8 +194,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, dict[str, 
         source = prepare_base(spec, tmp)
         tok = load_tokenizer(source, spec)
         models.append(load_model(source, spec, torch.device("cpu")))
-    rows, _ = data.load_rows(DataSpec(source="tiny:arith", num_examples=8, eval_size=2), tmp, 0)
-    batch = data.collate(data.tokenize_sft(rows[:4], tok, 128, "error", "arith"), tok.pad_token_id)
+    rows, _ = load_rows(DataSpec(source="tiny:arith", num_examples=8, eval_size=2), tmp, 0)
+    batch = collate(encode.tokenize_sft(rows[:4], tok, 128, "error", "arith"), tok.pad_token_id)
     assert (batch["attention_mask"] == 0).any()  # rows of different lengths: padding is exercised
     teacher, student = models
     teacher.eval().requires_grad_(False)
@@ -224,8 +228,8 @@ def test_distill_step_is_the_token_mean_and_exact_under_micro_batching(pair: tup
     teacher, student0, batch = pair
     spec = SimpleNamespace(loss="forward_kl", beta=0.5, temperature=1.0, max_grad_norm=None)
     with torch.no_grad():
-        full = losses.forward_kl(student0(**data.model_inputs(batch)).logits[:, :-1],
-                                 teacher(**data.model_inputs(batch)).logits[:, :-1])
+        full = losses.forward_kl(student0(**model_inputs(batch)).logits[:, :-1],
+                                 teacher(**model_inputs(batch)).logits[:, :-1])
         mask = batch["loss_mask"][:, 1:].float()
         expected = float((full * mask).sum() / mask.sum())
     grads = []

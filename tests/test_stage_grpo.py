@@ -28,7 +28,7 @@ from helpers import (
 
 from rlft.cli import main
 from rlft.errors import RecipeError
-from rlft.recipe_load import load_recipe
+from rlft.recipe.load import load_recipe
 
 
 def grpo_recipe(output_dir: Path, **rl: Any) -> dict[str, Any]:
@@ -162,8 +162,7 @@ def test_reference_is_the_adapter_disabled_policy(tmp_path: Path) -> None:
     """ref_logp under `reference_mode` equals the base model's log-probs, with LoRA trained."""
     from rlft import rollout
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base, reference_mode
-    from rlft.recipe import LoraSpec, ModelSpec
-
+    from rlft.recipe.schema import LoraSpec, ModelSpec
     spec = ModelSpec(name="tiny:nano")
     source = prepare_base(spec, tmp_path)
     tok = load_tokenizer(source, spec)
@@ -247,9 +246,10 @@ def test_kill9_grpo_resume_bitwise(tmp_path: Path) -> None:
 
 def test_one_update_moves_logp_along_the_advantage(tmp_path: Path) -> None:
     """After one GRPO update, completions with A > 0 became more likely and A < 0 less likely."""
-    from rlft import rl, rollout
+    from rlft import rollout
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
-    from rlft.recipe import GRPOSpec, LoraSpec, ModelSpec
+    from rlft.recipe.schema import GRPOSpec, LoraSpec, ModelSpec
+    from rlft.rl import rounds
     from rlft.stages.grpo import build_experience
     from rlft.training import NanGuard, make_optimizer
 
@@ -267,7 +267,7 @@ def test_one_update_moves_logp_along_the_advantage(tmp_path: Path) -> None:
     exp = build_experience(policy, None, out, R, spec, sampling, _NoTimer())
     with torch.no_grad():
         before = rollout.completion_logprobs(policy, out, 1.0).sum(-1)
-    rl.update(policy, make_optimizer(policy, spec), exp, spec, NanGuard("skip", 3), 0, 1.0, lambda s: 1e-3)
+    rounds.update(policy, make_optimizer(policy, spec), exp, spec, NanGuard("skip", 3), 0, 1.0, lambda s: 1e-3)
     with torch.no_grad():
         delta = rollout.completion_logprobs(policy, out, 1.0).sum(-1) - before
     assert (delta[exp.advantages > 0] > 0).all(), (delta, exp.advantages)

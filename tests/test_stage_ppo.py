@@ -24,12 +24,14 @@ from helpers import (
     write_recipe,
 )
 
-from rlft import critic, losses, rollout
+from rlft import rollout
 from rlft.cli import main
+from rlft.core import losses
 from rlft.errors import RecipeError, UserInputError
 from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base, reference_mode
-from rlft.recipe import LoraSpec, ModelSpec, PPOSpec
-from rlft.recipe_load import load_recipe
+from rlft.recipe.load import load_recipe
+from rlft.recipe.schema import LoraSpec, ModelSpec, PPOSpec
+from rlft.rl import critic
 from rlft.stages import ppo
 
 CPU = torch.device("cpu")

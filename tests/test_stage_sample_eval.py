@@ -12,7 +12,7 @@ from forkserver import get_server, record_result, reliability_n
 from helpers import sha, write_recipe
 
 from rlft.cli import main
-from rlft.tasks import get_task
+from rlft.data.tasks import get_task
 
 DATA = {"source": "tiny:arith", "num_examples": 120, "eval_size": 40, "max_length": 128}
 

@@ -61,9 +61,11 @@ def test_outputs_load_with_plain_transformers_and_peft(learned_run: Path) -> Non
 
 
 def test_only_adapter_params_train_and_base_stays_bitwise(tmp_path: Path) -> None:
-    from rlft import data, evaluate
+    from rlft import training
+    from rlft.data import encode
+    from rlft.data.batch import collate
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
-    from rlft.recipe import LoraSpec, ModelSpec
+    from rlft.recipe.schema import LoraSpec, ModelSpec
     from rlft.training import NanGuard, sft_step
 
     spec = ModelSpec(name="tiny:nano")
@@ -72,7 +74,7 @@ def test_only_adapter_params_train_and_base_stays_bitwise(tmp_path: Path) -> Non
     model = attach_lora(load_model(source, spec, torch.device("cpu")), LoraSpec(r=4, targets="all-linear"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rows = [{"prompt": "What is 1+2?", "completion": "<answer>3</answer>"}] * 4
-    batch = data.collate(data.tokenize_sft(rows, tok, 64, "error", "mem"), tok.pad_token_id)
+    batch = collate(encode.tokenize_sft(rows, tok, 64, "error", "mem"), tok.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     sft_step(model, opt, [batch], NanGuard("skip", 3), 1.0, 1)
     for name, p in model.named_parameters():
@@ -80,7 +82,7 @@ def test_only_adapter_params_train_and_base_stays_bitwise(tmp_path: Path) -> Non
             assert not torch.equal(p, before[name]), name
         elif "lora_" not in name:
             assert torch.equal(p, before[name]), name
-    assert evaluate.sft_loss_sum(model, batch)[1] > 0
+    assert training.sft_loss_sum(model, batch)[1] > 0
 
 
 def test_microbatch_accumulation_invariance(tmp_path: Path) -> None:
@@ -134,7 +136,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path: Path) -> None:
 
 def test_nan_loss_is_skipped_counted_and_never_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """RELIABILITY.md test 14 (skip policy): the poisoned step is logged as NaN and skipped."""
-    from rlft import faults
+    from rlft.ckpt import faults
 
     monkeypatch.setenv("RLFT_FAULT", "nan_loss:3")
     faults.reset()
@@ -156,7 +158,7 @@ def test_nan_loss_is_skipped_counted_and_never_saved(tmp_path: Path, monkeypatch
 
 def test_nan_abort_policy_exits_4_with_clean_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from rlft import faults
+    from rlft.ckpt import faults
 
     monkeypatch.setenv("RLFT_FAULT", "nan_loss:3")
     faults.reset()
@@ -174,7 +176,7 @@ def test_attaching_lora_leaves_the_recipe_spec_untouched() -> None:
     """peft extends modules_to_save in place for tied layers; the recipe object must not change
     (else resume pinning sees a 'changed' recipe in a process that ran an earlier stage)."""
     from rlft.models import attach_lora, load_model, prepare_base
-    from rlft.recipe import LoraSpec, ModelSpec
+    from rlft.recipe.schema import LoraSpec, ModelSpec
 
     spec = ModelSpec(name="tiny:nano")
     import tempfile

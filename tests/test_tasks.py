@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from rlft import tasks
+from rlft.data import tasks
 from rlft.errors import UserInputError
 
 NAMES = sorted(tasks.TASKS)

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlft.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from rlft.errors import CheckpointError, UserInputError
-from rlft.trainstate import (
+from rlft.ckpt.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from rlft.ckpt.trainstate import (
     GracefulExit,
     capture_rng,
     check_inputs,
@@ -26,6 +25,7 @@ from rlft.trainstate import (
     state_dict_from_tensors,
     state_dict_to_tensors,
 )
+from rlft.errors import CheckpointError, UserInputError
 
 
 def draws(gen: torch.Generator) -> list:

@@ -18,8 +18,8 @@ import pytest
 from helpers import final_hashes, sft_recipe, write_recipe
 from test_cli import assert_one_line_error, rlft
 
+from rlft.ckpt.fsio import storage_errno, writing
 from rlft.errors import WriteError
-from rlft.fsio import storage_errno, writing
 
 LIMIT = 150_000
 

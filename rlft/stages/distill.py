@@ -29,16 +29,18 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from rlft import data, distill, evaluate, rollout, training
-from rlft.checkpoint import GracefulExit
+from rlft import evaluate, rollout, training
+from rlft.data import encode
+from rlft.data.batch import PromptLoader, SFTExample, SFTLoader, pack
+from rlft.data.rows import mix, row_format
 from rlft.errors import UserInputError
-from rlft.faults import fault_point
-from rlft.metrics import MetricsLog, progress
+from rlft.metrics import MetricsLog
 from rlft.models import device, load_named_policy, load_tokenizer
+from rlft.rl import distill
 from rlft.stage_io import StageOutput, finish_model, load_data
 
 if TYPE_CHECKING:
-    from rlft.recipe import DistillSpec
+    from rlft.recipe.schema import DistillSpec
     from rlft.run import Artifact, RunContext
 
 # data keys that do not change which prompts the teacher answers (max_row_bytes only refuses rows)
@@ -59,7 +61,12 @@ def run(ctx: RunContext[DistillSpec]) -> Artifact:
     meta["inputs"]["teacher"] = ctx.artifacts[spec.teacher].fingerprint
     start, _, _ = training.resume_stage(ctx, student, optimizer, loader, guard, meta)
     metrics = MetricsLog(ctx.stage_dir, resume_step=start, every=spec.log_every)
-    stop = GracefulExit()
+
+    def save(at: int) -> None:
+        state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
+        training.save_state(ctx.stage_dir, at, student, optimizer, state, meta, spec.keep_last)
+
+    loop = training.StageLoop(start, total, spec.save_every, f"distill {ctx.stage} ({spec.mode})", save)
 
     def evaluate_now(at: int, values: dict[str, Any]) -> None:
         if eval_ex:
@@ -73,19 +80,13 @@ def run(ctx: RunContext[DistillSpec]) -> Artifact:
     if start == 0:
         evaluate_now(0, dict(info))
     student.train()
-    for step in progress(range(start, total), total, f"distill {ctx.stage} ({spec.mode})", start=start):
+    for step in loop:
         training.set_lr(optimizer, training.lr_at(step, total, spec))
         stats = take_step(next(loader), step)
-        last = step + 1 == total
+        last = loop.is_last(step)
         metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]}, force=last)
         if last or spec.eval_every and (step + 1) % spec.eval_every == 0:
-            evaluate_now(step + 1, {})  # before the save: a resumed run never logs it twice
-        if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
-            state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
-            training.save_state(ctx.stage_dir, step + 1, student, optimizer, state, meta, spec.keep_last)
-        if stop.should_stop() and not last:
-            stop.exit()
-        fault_point("kill_step", step + 1)  # tests: die right after this step
+            evaluate_now(step + 1, {})  # before the loop saves: a resumed run never logs it twice
     metrics.close()
     return finish_model(ctx, student, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))
 
@@ -117,7 +118,7 @@ def step_function(
     sampling = rollout.SamplingParams.of(spec.sampling)
     mbs = spec.micro_batch_size or spec.batch_size
 
-    def on_policy(prompts: list[data.PromptExample], step: int) -> dict[str, float]:
+    def on_policy(prompts: list[encode.PromptExample], step: int) -> dict[str, float]:
         gen = rollout.seed_generator(seed, step)
         batches, stats = distill.student_batch(student, tokenizer, prompts, sampling, gen, mbs)
         return distill.distill_step(student, teacher, optimizer, batches, guard, spec, step + 1) | stats
@@ -127,14 +128,14 @@ def step_function(
 
 # --------------------------------------------------------------------------- data per mode
 # Each returns (loader, held-out examples, held-out prompts, data fingerprints, step-0 metrics).
-Prepared = tuple[Any, list[data.SFTExample], list[data.PromptExample], dict[str, str], dict[str, float]]
+Prepared = tuple[Any, list[SFTExample], list[encode.PromptExample], dict[str, str], dict[str, float]]
 
 
 def sequence_data(ctx: Any, tokenizer: Any) -> Prepared:
     """SFT batches of the teacher's completions, generated once (or read back on resume)."""
     spec, d = ctx.spec, ctx.spec.data[0]
     rows, eval_rows, prints = _rows(ctx)
-    rows = [p.row for p in data.prompt_examples(rows, tokenizer, d.max_length, d.long_rows)]
+    rows = [p.row for p in encode.prompt_examples(rows, tokenizer, d.max_length, d.long_rows)]
     sampling = rollout.SamplingParams.of(spec.sampling)
     key = distill.data_key({
         "teacher": ctx.artifacts[spec.teacher].fingerprint, "data": prints, "sampling": spec.sampling.model_dump(),
@@ -176,8 +177,8 @@ def on_policy_data(ctx: Any, tokenizer: Any) -> Prepared:
     """Batches of `batch_size` prompts; the student completes them at each step."""
     spec, d = ctx.spec, ctx.spec.data[0]
     rows, eval_rows, prints = _rows(ctx)
-    prompts = data.prompt_examples(rows, tokenizer, d.max_length, d.long_rows)
-    loader = data.PromptLoader(prompts, spec.batch_size, ctx.seed)
+    prompts = encode.prompt_examples(rows, tokenizer, d.max_length, d.long_rows)
+    loader = PromptLoader(prompts, spec.batch_size, ctx.seed)
     eval_ex, eval_prompts = heldout(ctx, eval_rows, tokenizer)
     return loader, eval_ex, eval_prompts, prints, {}
 
@@ -189,29 +190,29 @@ def _rows(ctx: Any) -> tuple[list[dict], list[dict], dict[str, str]]:
     """Training rows (several data sets mixed by weight), the first eval_samples held-out rows, fingerprints."""
     spec = ctx.spec
     train, held_out, prints = load_data(ctx, spec.data)
-    rows = train[0] if len(train) == 1 else data.mix(train, [d.weight for d in spec.data], ctx.seed)
+    rows = train[0] if len(train) == 1 else mix(train, [d.weight for d in spec.data], ctx.seed)
     return rows, held_out[: spec.eval_samples], prints
 
 
-def _sft_loader(ctx: Any, rows: list[dict], tokenizer: Any, name: str) -> data.SFTLoader:
+def _sft_loader(ctx: Any, rows: list[dict], tokenizer: Any, name: str) -> SFTLoader:
     spec, d = ctx.spec, ctx.spec.data[0]
-    examples = data.tokenize_sft(rows, tokenizer, d.max_length, d.long_rows, name)
+    examples = encode.tokenize_sft(rows, tokenizer, d.max_length, d.long_rows, name)
     if d.packing:
-        examples = data.pack(examples, d.max_length)
+        examples = pack(examples, d.max_length)
     mbs = spec.micro_batch_size or spec.batch_size
-    return data.SFTLoader(examples, spec.batch_size, mbs, seed=ctx.seed, pad_id=tokenizer.pad_token_id)
+    return SFTLoader(examples, spec.batch_size, mbs, seed=ctx.seed, pad_id=tokenizer.pad_token_id)
 
 
 def _has_reply(row: dict) -> bool:
-    fmt = data.row_format(row)
+    fmt = row_format(row)
     return fmt != "prompt" and (fmt != "messages" or any(m["role"] == "assistant" for m in row["messages"]))
 
 
-def heldout(ctx: Any, rows: list[dict], tokenizer: Any) -> tuple[list[data.SFTExample], list[data.PromptExample]]:
+def heldout(ctx: Any, rows: list[dict], tokenizer: Any) -> tuple[list[SFTExample], list[encode.PromptExample]]:
     """Held-out examples of rows that carry a reply (eval/loss) and prompts of rows that carry an
     answer (eval/accuracy), under the first data set's max_length/long_rows like the training rows."""
     d = ctx.spec.data[0]
     replies = [r for r in rows if _has_reply(r)]
-    examples = data.tokenize_sft(replies, tokenizer, d.max_length, d.long_rows, d.source, required=False)
+    examples = encode.tokenize_sft(replies, tokenizer, d.max_length, d.long_rows, d.source, required=False)
     graded = [r for r in rows if "answer" in r]
-    return examples, data.prompt_examples(graded, tokenizer, d.max_length, d.long_rows, required=False)
+    return examples, encode.prompt_examples(graded, tokenizer, d.max_length, d.long_rows, required=False)

@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from rlft import data, rollout, scoring
+from rlft import rollout, scoring
+from rlft.ckpt.fsio import commit_dir
+from rlft.data import encode
 from rlft.errors import UserInputError
 from rlft.metrics import console, fmt
 from rlft.models import device, load_model, load_tokenizer
-from rlft.reward_runner import build_rewards
+from rlft.rewards.runner import build_rewards
 from rlft.run import Artifact, artifacts_before
-from rlft.stage_io import commit_dir, load_data, new_staging
+from rlft.stage_io import load_data, new_staging
 
 if TYPE_CHECKING:
-    from rlft.recipe import EvalSpec
+    from rlft.recipe.schema import EvalSpec
     from rlft.run import RunContext
 
 
@@ -43,22 +45,22 @@ def run(ctx: RunContext[EvalSpec]) -> Artifact:
 
 def heldout_prompts(
     held_out: list[tuple[Any, list[dict]]], tokenizer: Any, num_prompts: int | None, stage: str
-) -> list[data.PromptExample]:
+) -> list[encode.PromptExample]:
     """The first `num_prompts` held-out prompts in a model's tokenizer, each data set's rows under
-    its own max_length/long_rows (`data.prompt_examples`, the prompts every stage renders).
+    its own max_length/long_rows (`encode.prompt_examples`, the prompts every stage renders).
 
     Raises:
         UserInputError: there is no held-out prompt to score.
     """
     prompts = [p for d, rows in held_out
-               for p in data.prompt_examples(rows, tokenizer, d.max_length, d.long_rows, required=False)]
+               for p in encode.prompt_examples(rows, tokenizer, d.max_length, d.long_rows, required=False)]
     if not prompts:
         raise UserInputError(f"stages.{stage}.data: no held-out prompts to score; set eval_size or eval_split")
     return prompts[:num_prompts] if num_prompts else prompts
 
 
 def evaluate_model(
-    model: Any, tokenizer: Any, prompts: list[data.PromptExample], score: Any, spec: Any, seed: int
+    model: Any, tokenizer: Any, prompts: list[encode.PromptExample], score: Any, spec: Any, seed: int
 ) -> dict[str, float]:
     """Greedy accuracy and avg@k / pass@k (k samples per prompt) with 95% intervals."""
     out: dict[str, float] = {"prompts": len(prompts)}

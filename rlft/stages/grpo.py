@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlft import advantages, rl, rollout, training
-from rlft.checkpoint import GracefulExit
-from rlft.faults import fault_point
-from rlft.metrics import StepTimer, progress
+from rlft import rollout, training
+from rlft.core import advantages
+from rlft.metrics import StepTimer
 from rlft.models import dropout_free_mode, load_policy
-from rlft.rl import make_reference
+from rlft.rl import rounds
+from rlft.rl.rounds import make_reference
 from rlft.stage_io import StageOutput, finish_model
 
 if TYPE_CHECKING:
-    from rlft.recipe import GRPOSpec
+    from rlft.recipe.schema import GRPOSpec
     from rlft.run import Artifact, RunContext
 
 
@@ -37,31 +37,29 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     dropout_free_mode(policy)  # departure 1: no dropout in RL
     reference = make_reference(policy, ctx)
-    loader, eval_rows, prints = rl.prompt_data(ctx, tokenizer)
-    score = rl.reward_scorer(ctx)
+    loader, eval_rows, prints = rounds.prompt_data(ctx, tokenizer)
+    score = rounds.reward_scorer(ctx)
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
     start, state, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
     opt_step = state.get("opt_step", 0)
-    stop = GracefulExit()
-    logs = rl.RoundLog(ctx, policy, tokenizer, eval_rows, start)
+
+    def save(at: int) -> None:
+        state = {"loader": loader.state_dict(), "guard": guard.state_dict(), "opt_step": opt_step}
+        training.save_state(ctx.stage_dir, at, policy, optimizer, state, meta, spec.keep_last)
+
+    loop = training.StageLoop(start, spec.steps, spec.save_every, f"grpo {ctx.stage}", save)
+    logs = rounds.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     sampling = rollout.SamplingParams.of(spec.sampling)
-    for step in progress(range(start, spec.steps), spec.steps, f"grpo {ctx.stage}", start=start):
+    for step in loop:
         timer = StepTimer()
         exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
-        updates = rl.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
+        updates = rounds.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
         opt_step += len(updates)
         timer.lap("policy")
-        stats |= rl.mean_stats(updates) | timer.times | {"optimizer_steps": opt_step}
+        stats |= rounds.mean_stats(updates) | timer.times | {"optimizer_steps": opt_step}
         logs.log(step, stats, batch, texts)
-        last = step + 1 == spec.steps
-        if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
-            state = {"loader": loader.state_dict(), "guard": guard.state_dict(), "opt_step": opt_step}
-            training.save_state(ctx.stage_dir, step + 1, policy, optimizer, state, meta, spec.keep_last)
-        if stop.should_stop() and not last:
-            stop.exit()
-        fault_point("kill_step", step + 1)  # tests: die right after this step
     history = logs.close()
     score.close()
     return finish_model(ctx, policy, tokenizer, StageOutput.from_history(history, guard.skipped))
@@ -69,44 +67,44 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
 
 def lr_fn(spec: Any) -> Any:
     """LR of 1-based optimizer step s; the schedule spans every optimizer step of the stage."""
-    return rl.lr_fn(spec, spec.num_iterations)
+    return rounds.lr_fn(spec, spec.num_iterations)
 
 
 def collect(
     policy: Any, reference: Any, tokenizer: Any, loader: Any, score: Any, spec: Any,
     sampling: rollout.SamplingParams, seed: int, step: int, timer: StepTimer,
-) -> tuple[rl.Experience, dict[str, float], list[str], list[Any]]:
+) -> tuple[rounds.Experience, dict[str, float], list[str], list[Any]]:
     """Sample G completions per prompt, score them, and build the round's Experience.
 
     With dynamic sampling (DAPO), groups whose G rewards are all equal are dropped and more
     prompts are sampled, up to `max_rounds` rounds, until B groups carry a signal.
     """
-    r = rl.sample_round(policy, tokenizer, loader, score, spec, sampling, seed, step, timer)
+    r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, seed, step, timer)
     return build_experience(policy, reference, r.out, r.rewards, spec, sampling, timer), r.stats, r.out.texts, r.rows
 
 
 def build_experience(
     policy: Any, reference: Any, out: rollout.Rollouts, R: torch.Tensor, spec: Any,
     sampling: rollout.SamplingParams, timer: StepTimer,
-) -> rl.Experience:
+) -> rounds.Experience:
     """old_logp (when off-policy), ref_logp (when beta > 0) and advantages for one round."""
     mask = out.completion_mask * (~out.truncated[:, None]) if spec.loss.mask_truncated else out.completion_mask
     tensors = (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
     on_policy = spec.num_iterations == 1 and spec.mini_batches == 1 and spec.old_logp != "recompute"
-    old_logp = None if on_policy else rl.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
+    old_logp = None if on_policy else rounds.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
     ref_logp = None
     if reference is not None:
         with reference() as ref_model:
-            ref_logp = rl.logprobs_of(ref_model, tensors, sampling.temperature, spec.micro_batch_size)
+            ref_logp = rounds.logprobs_of(ref_model, tensors, sampling.temperature, spec.micro_batch_size)
     timer.lap("reference")
     kl_tok = torch.zeros_like(mask, dtype=torch.float32)
     if ref_logp is not None and spec.loss.kl_in == "reward":
-        behaviour = old_logp if old_logp is not None else rl.logprobs_of(
+        behaviour = old_logp if old_logp is not None else rounds.logprobs_of(
             policy, tensors, sampling.temperature, spec.micro_batch_size)
         kl_tok = torch.where(mask.bool(), behaviour - ref_logp, 0.0)  # k1 per token
     adv = advantages_for(R, kl_tok, mask, spec)
     ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
-    return rl.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss)
+    return rounds.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss)
 
 
 def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, spec: Any) -> torch.Tensor:

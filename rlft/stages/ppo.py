@@ -2,16 +2,16 @@
 
 Each step is one rollout batch: B prompts x G completions (G = 1 by default), per-token rewards
 (the summed sequence reward R on each completion's last token, minus beta * k1 on every token:
-the KL to the reference in the reward), values V_t from the critic (rlft/critic.py), GAE
+the KL to the reference in the reward), values V_t from the critic (rlft/rl/critic.py), GAE
 advantages and returns, advantages whitened over the batch's counted tokens; then `ppo_epochs`
 passes of `mini_batches` optimizer steps on
 
     L = L_clip (+ beta * KL with kl_in: loss) + value_coef * L_V        (one backward, one optimizer)
 
-through GRPO's loss core (`rl.optimize`, `rl.policy_loss`). Choices, each documented or an option:
+through GRPO's loss core (`rounds.optimize`, `rounds.policy_loss`). Choices, each documented or an option:
 1. Dropout is off (as in GRPO, `models.dropout_free_mode`). old_logp and V_old are recomputed in one forward before the first
    update (with `critic: shared` that forward gives both), so the first step's ratio is exactly 1.
-2. The reference is the adapter-disabled policy (`rl.make_reference`); beta = 0 skips it.
+2. The reference is the adapter-disabled policy (`rounds.make_reference`); beta = 0 skips it.
 3. Adaptive KL (`kl_target`): after each batch beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * N/horizon,
    KL = mean over the N completions of sum_t k1 (Ziegler et al. 2019); beta is checkpointed.
 4. Early stop (`early_stop_kl`): the epochs of a batch end after an epoch whose mean approx KL
@@ -30,15 +30,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rlft import advantages, critic, losses, rl, rollout, training
-from rlft.checkpoint import GracefulExit
-from rlft.faults import fault_point
-from rlft.metrics import StepTimer, progress
+from rlft import rollout, training
+from rlft.ckpt.fsio import commit_dir
+from rlft.core import advantages, losses
+from rlft.metrics import StepTimer
 from rlft.models import dropout_free_mode, load_policy
-from rlft.stage_io import StageOutput, commit_dir, finish_model, new_staging
+from rlft.rl import critic, rounds
+from rlft.stage_io import StageOutput, finish_model, new_staging
 
 if TYPE_CHECKING:
-    from rlft.recipe import PPOSpec
+    from rlft.recipe.schema import PPOSpec
     from rlft.run import Artifact, RunContext
 
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 class PPOBatch:
     """A rollout batch ready for the epochs; every tensor (N, T), 0 at masked positions."""
 
-    exp: rl.Experience  # advantages = whitened GAE advantages; old_logp recorded
+    exp: rounds.Experience  # advantages = whitened GAE advantages; old_logp recorded
     old_values: Tensor  # V_old, the critic at sampling time
     returns: Tensor  # GAE returns, the value targets
     rewards: Tensor  # per-token rewards
@@ -83,9 +84,9 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
     """Train `ctx.spec` (a PPOSpec) and return the stage's Artifact."""
     spec = ctx.spec
     policy, tokenizer, value = load_models(ctx)
-    reference = rl.make_reference(policy, ctx)
-    loader, eval_rows, prints = rl.prompt_data(ctx, tokenizer)
-    score = rl.reward_scorer(ctx)
+    reference = rounds.make_reference(policy, ctx)
+    loader, eval_rows, prints = rounds.prompt_data(ctx, tokenizer)
+    score = rounds.reward_scorer(ctx)
     opt = make_optimization(policy, value, spec)
     kl_ctl = KLController(spec.loss.beta, spec.kl_target, spec.kl_horizon)
     meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
@@ -93,12 +94,19 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
     opt_step, kl_ctl.beta = state.get("opt_step", 0), state.get("beta", kl_ctl.beta)
     if start:
         value.load_state_tensors(tensors.get("critic", {}), str(ctx.stage_dir))
-    stop = GracefulExit()
-    logs = rl.RoundLog(ctx, policy, tokenizer, eval_rows, start)
+
+    def save(at: int) -> None:
+        state = {"loader": loader.state_dict(), "guard": opt.guard.state_dict(), "opt_step": opt_step,
+                 "beta": kl_ctl.beta}
+        training.save_state(ctx.stage_dir, at, policy, opt.optimizer, state, meta, spec.keep_last,
+                            extra_tensors={"critic": value.state_tensors()})
+
+    loop = training.StageLoop(start, spec.steps, spec.save_every, f"ppo {ctx.stage}", save)
+    logs = rounds.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     sampling = rollout.SamplingParams.of(spec.sampling)
-    for step in progress(range(start, spec.steps), spec.steps, f"ppo {ctx.stage}", start=start):
+    for step in loop:
         timer = StepTimer()
-        r = rl.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
+        r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
         batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
         timer.lap("experience")  # old_logp, V_old, ref_logp, GAE
         stats: dict[str, Any] = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
@@ -106,18 +114,9 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
         opt_step += len(updates)
         timer.lap("policy")
         kl_ctl.update(stats["kl/sequence"], len(r.out.texts))
-        stats |= rl.mean_stats(updates) | {"ppo/epochs_run": len(updates) / spec.mini_batches}
+        stats |= rounds.mean_stats(updates) | {"ppo/epochs_run": len(updates) / spec.mini_batches}
         stats |= timer.times | {"optimizer_steps": opt_step}
         logs.log(step, stats, r.rows, r.out.texts)
-        last = step + 1 == spec.steps
-        if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
-            state = {"loader": loader.state_dict(), "guard": opt.guard.state_dict(), "opt_step": opt_step,
-                     "beta": kl_ctl.beta}
-            training.save_state(ctx.stage_dir, step + 1, policy, opt.optimizer, state, meta, spec.keep_last,
-                                extra_tensors={"critic": value.state_tensors()})
-        if stop.should_stop() and not last:
-            stop.exit()
-        fault_point("kill_step", step + 1)  # tests: die right after this step
     history = logs.close()
     score.close()
     return finish(ctx, policy, tokenizer, value, history, opt.guard.skipped)
@@ -135,14 +134,14 @@ def load_models(ctx: Any) -> tuple[Any, Any, critic.Critic]:
     return policy, tokenizer, value
 
 
-def make_optimization(policy: Any, value: critic.Critic, spec: Any) -> rl.Optimization:
+def make_optimization(policy: Any, value: critic.Critic, spec: Any) -> rounds.Optimization:
     """One AdamW over the policy's adapter (first group) and the critic (second group, at critic_lr)."""
     optimizer = training.make_optimizer(policy, spec)
     optimizer.add_param_group({"params": list(value.named_params().values())})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     scales = (1.0, (spec.critic_lr or spec.lr) / spec.lr)
-    return rl.Optimization(optimizer, params, guard, rl.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm, scales)
+    return rounds.Optimization(optimizer, params, guard, rounds.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm, scales)
 
 
 @torch.no_grad()
@@ -169,13 +168,13 @@ def build_batch(
     ref_logp = None
     if reference is not None:
         with reference() as ref_model:
-            ref_logp = rl.logprobs_of(ref_model, tensors, temperature, spec.micro_batch_size)
+            ref_logp = rounds.logprobs_of(ref_model, tensors, temperature, spec.micro_batch_size)
     counted = mask.bool()
     kl = torch.where(counted, old.logp - ref_logp, 0.0) if ref_logp is not None else torch.zeros_like(old.logp)
-    rewards = rl.token_rewards(R.to(old.logp.dtype), kl, mask, beta if spec.loss.kl_in == "reward" else 0.0)
+    rewards = rounds.token_rewards(R.to(old.logp.dtype), kl, mask, beta if spec.loss.kl_in == "reward" else 0.0)
     gae = advantages.gae(rewards, old.values, mask, spec.gamma, spec.lam)
     ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
-    exp = rl.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask,
+    exp = rounds.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask,
                         advantages.whiten(gae.advantages, mask), old.logp, ref_in_loss)
     return PPOBatch(exp, old.values, gae.returns, rewards, gae.advantages, kl)
 
@@ -202,16 +201,18 @@ def ppo_loss(
     """This micro-batch's share of the step loss, L_clip (+ beta * KL in the loss) + value_coef * L_V,
     each aggregated with the whole mini-batch's `normalizer` (ALGORITHMS.md §1-§4).
 
-    Returns the loss and summed statistics for `rl.optimize` ("loss/*" are shares, summed as they are).
+    Returns the loss and summed statistics for `rounds.optimize` ("loss/*" are shares, summed as they are).
     """
-    policy_part, stats = rl.policy_loss(ev.logp, micro.exp, loss_spec, normalizer)
+    policy_part, stats = rounds.policy_loss(ev.logp, micro.exp, loss_spec, normalizer)
     value_part = losses.aggregate(losses.value_loss(ev.values, micro.old_values, micro.returns, value_clip),
                                   micro.mask, loss_spec.aggregate, normalizer)
     counted = micro.mask.bool()
     clipped = micro.old_values + (ev.values.detach() - micro.old_values).clamp(-value_clip, value_clip)
     chose_clipped = ((clipped - micro.returns).square() > (ev.values.detach() - micro.returns).square()) & counted
     loss = policy_part + value_coef * value_part
-    log_ratio = (ev.logp.detach() - micro.exp.old_logp).clamp(-losses.MAX_LOG_RATIO, losses.MAX_LOG_RATIO)
+    old_logp = micro.exp.old_logp
+    assert old_logp is not None, "PPO always records the rollout policy's log-probs"
+    log_ratio = (ev.logp.detach() - old_logp).clamp(-losses.MAX_LOG_RATIO, losses.MAX_LOG_RATIO)
     if "kl" in stats:  # the in-loss estimator; "kl" of the batch is the rollout's k1
         stats["kl/loss"] = stats.pop("kl")
     stats |= {
@@ -224,7 +225,7 @@ def ppo_loss(
 
 
 def update(
-    policy: Any, value: critic.Critic, batch: PPOBatch, spec: Any, opt: rl.Optimization, opt_step: int,
+    policy: Any, value: critic.Critic, batch: PPOBatch, spec: Any, opt: rounds.Optimization, opt_step: int,
     temperature: float, beta: float,
 ) -> list[dict[str, float]]:
     """`ppo_epochs` x `mini_batches` optimizer steps on one rollout batch, with the KL early stop."""
@@ -238,7 +239,7 @@ def update(
         kls = [u["ppo/approx_kl"] for u in epoch if "ppo/approx_kl" in u]
         return spec.early_stop_kl is None or not kls or sum(kls) / len(kls) <= spec.early_stop_kl
 
-    return rl.optimize(batch, loss_fn, opt, spec, opt_step, spec.ppo_epochs, keep_going)
+    return rounds.optimize(batch, loss_fn, opt, spec, opt_step, spec.ppo_epochs, keep_going)
 
 
 def finish(

@@ -19,19 +19,21 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlft import data, rejection, rollout
-from rlft.data_load import usage_problem
-from rlft.data_read import json_type
+from rlft import rollout
+from rlft.ckpt.fsio import atomic_write_text, commit_dir, writing
+from rlft.data import encode
+from rlft.data.files import json_type
+from rlft.data.rows import CANONICAL_COLUMNS, mix, usage_problem
 from rlft.errors import DataError, TrainingError
-from rlft.fsio import atomic_write_text, writing
 from rlft.metrics import fmt, progress, summary_table
 from rlft.models import load_model, load_tokenizer
-from rlft.reward_runner import build_rewards
+from rlft.rewards.runner import build_rewards
+from rlft.rl import rejection
 from rlft.run import Artifact
-from rlft.stage_io import commit_dir, load_data, load_prompts, new_staging, removed_on_error
+from rlft.stage_io import load_data, load_prompts, new_staging, removed_on_error
 
 if TYPE_CHECKING:
-    from rlft.recipe import SampleSpec
+    from rlft.recipe.schema import SampleSpec
     from rlft.run import RunContext
 
 
@@ -91,7 +93,7 @@ def sample_shard(
 
 
 def _finish(
-    ctx: Any, shard_dir: Path, n_shards: int, prompts: list[data.PromptExample], mixed: list[list[dict]]
+    ctx: Any, shard_dir: Path, n_shards: int, prompts: list[encode.PromptExample], mixed: list[list[dict]]
 ) -> Any:
     """Join the shards into `final/data.jsonl` plus the mix data; write stats."""
 
@@ -118,7 +120,7 @@ def _finish(
             "`threshold`, raise `per_prompt`, or train the model further, then rerun with --restart"
         )
     if mixed:  # the sampled rows have weight 1 beside each mix data set's weight
-        rows = data.mix([rows, *mixed], [1.0, *(m.weight for m in spec.mix)], ctx.seed)
+        rows = mix([rows, *mixed], [1.0, *(m.weight for m in spec.mix)], ctx.seed)
     rows = _one_schema(rows)
     stats["rows_total"] = len(rows)
     staging = new_staging(ctx.stage_dir)
@@ -134,7 +136,7 @@ def _finish(
 
 def _pin_inputs(shard_dir: Path, meta: dict[str, Any], force: bool) -> None:
     """Shards of an earlier run are reused only when the stage's inputs are unchanged (R5)."""
-    from rlft.checkpoint import check_inputs
+    from rlft.ckpt.checkpoint import check_inputs
 
     path = shard_dir / "inputs.json"
     # prompts per generation batch do not change the output (per-prompt generators)
@@ -146,7 +148,7 @@ def _pin_inputs(shard_dir: Path, meta: dict[str, Any], force: bool) -> None:
         atomic_write_text(path, json.dumps(meta, sort_keys=True))
 
 
-def mix_rows(ctx: Any, prompts: list[data.PromptExample]) -> list[list[dict[str, Any]]]:
+def mix_rows(ctx: Any, prompts: list[encode.PromptExample]) -> list[list[dict[str, Any]]]:
     """The training rows of each `mix:` data set as output rows (chat `messages` with the data
     set's system prompt, null prompt_id/sample_id), after checking that every column has one
     JSON type across the prompt data and the mix data, as the output's readers require.
@@ -166,9 +168,9 @@ def mix_rows(ctx: Any, prompts: list[data.PromptExample]) -> list[list[dict[str,
             problem = usage_problem(r, "chat", where)
             if problem is not None:
                 raise problem
-            columns = {k: v for k, v in r.items() if k not in data.CANONICAL_COLUMNS and not k.startswith("_")}
+            columns = {k: v for k, v in r.items() if k not in CANONICAL_COLUMNS and not k.startswith("_")}
             _check_types(seen, where, columns)
-            out.append({**columns, "messages": data.conversation(r), "prompt_id": None, "sample_id": None})
+            out.append({**columns, "messages": encode.conversation(r), "prompt_id": None, "sample_id": None})
         per_spec.append(out)
     return per_spec
 

@@ -14,15 +14,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from rlft import data, evaluate, training
-from rlft.checkpoint import GracefulExit
-from rlft.faults import fault_point
-from rlft.metrics import MetricsLog, progress
+from rlft import evaluate, training
+from rlft.data.batch import SFTLoader
+from rlft.metrics import MetricsLog
 from rlft.models import load_named_policy, load_policy
 from rlft.stage_io import StageOutput, finish_model, prepare_sft_data
 
 if TYPE_CHECKING:
-    from rlft.recipe import SFTSpec
+    from rlft.recipe.schema import SFTSpec
     from rlft.run import Artifact, RunContext
 
 
@@ -35,18 +34,19 @@ def run(ctx: RunContext[SFTSpec]) -> Artifact:
     else:
         policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     train_ex, eval_ex, eval_prompts, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
-    loader = data.SFTLoader(train_ex, spec.batch_size, spec.micro_batch_size or spec.batch_size, seed=ctx.seed)
+    loader = SFTLoader(train_ex, spec.batch_size, spec.micro_batch_size or spec.batch_size, seed=ctx.seed)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     meta = ctx.input_meta(fingerprints)
     start, _, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
     metrics = MetricsLog(ctx.stage_dir, resume_step=start, every=spec.log_every)
-    stop = GracefulExit()
 
     def save(at: int) -> None:
         state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
         training.save_state(ctx.stage_dir, at, policy, optimizer, state, meta, spec.keep_last)
+
+    loop = training.StageLoop(start, total, spec.save_every, f"sft {ctx.stage}", save)
 
     def evaluate_now(at: int) -> None:
         pad = tokenizer.pad_token_id
@@ -59,17 +59,12 @@ def run(ctx: RunContext[SFTSpec]) -> Artifact:
     if start == 0:
         evaluate_now(0)
     policy.train()
-    for step in progress(range(start, total), total, f"sft {ctx.stage}", start=start):
+    for step in loop:
         training.set_lr(optimizer, training.lr_at(step, total, spec))
         stats = training.sft_step(policy, optimizer, next(loader), guard, spec.max_grad_norm, step + 1)
-        last = step + 1 == total
+        last = loop.is_last(step)
         metrics.log(step + 1, stats | {"lr": optimizer.param_groups[0]["lr"]}, force=last)
         if last or spec.eval_every and (step + 1) % spec.eval_every == 0:
-            evaluate_now(step + 1)  # before the save: a resumed run never logs it twice
-        if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
-            save(step + 1)
-        if stop.should_stop() and not last:
-            stop.exit()
-        fault_point("kill_step", step + 1)  # tests: die right after this step
+            evaluate_now(step + 1)  # before the loop saves: a resumed run never logs it twice
     metrics.close()
     return finish_model(ctx, policy, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))

@@ -1,0 +1,1 @@
+"""Durable state: atomic writes and directory commits, manifests, training checkpoints, exact resume."""

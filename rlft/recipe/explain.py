@@ -1,0 +1,66 @@
+"""`rlft explain`: the resolved recipe with defaults, the stage graph, and batch arithmetic."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import yaml
+
+from rlft.data.check import data_sources
+from rlft.recipe.gates import describe
+from rlft.recipe.schema import stage_refs
+
+
+def explain_recipe(loaded: Any) -> str:
+    """Human-readable explanation of a loaded recipe."""
+    recipe = loaded.recipe
+    resolved = recipe.model_dump(mode="json", by_alias=True)
+    lines = [f"# {loaded.path}  (resolved, defaults filled in)", yaml.safe_dump(resolved, sort_keys=False)]
+    lines.append("# stage graph")
+    for name, spec in recipe.stages.items():
+        refs: dict[str, list[str]] = {}
+        for key, ref in stage_refs(name, spec):
+            field = next(p for p in reversed(key.split(".")) if not p.isdigit())
+            if not (field == "from" and spec.kind in ("distill", "eval")):  # distill/eval ignore from:
+                refs.setdefault(field, []).append(ref)
+        student = getattr(spec, "student", None)
+        if student is not None:
+            refs["student"] = [student.name]
+        parts = [f"{k}={','.join(v)}" for k, v in refs.items()]
+        data = [d.source for d in getattr(spec, "data", [])]
+        parts += [f"data={','.join(data)}"] if data else []
+        parts += [f"gate={describe(spec.gate)}"] if getattr(spec, "gate", None) else []
+        lines.append(f"  {name:<14} {spec.kind:<8} " + "  ".join(parts))
+    lines.append("\n# data files (relative to the recipe's directory; -> where symlinks lead)")
+    lines += [f"  {source.key}: {source.shown()}" for source in data_sources(loaded)]
+    lines.append("\n# batch arithmetic (per optimizer step)")
+    for name, spec in recipe.stages.items():
+        lines.append(f"  {name}: {batch_arithmetic(spec)}")
+    return "\n".join(lines)
+
+
+def batch_arithmetic(spec: Any) -> str:
+    """Prompts, completions and tokens per optimizer step of one stage."""
+    if spec.kind in ("sft", "distill"):
+        micro = spec.micro_batch_size or spec.batch_size
+        max_len = max(d.max_length for d in spec.data)
+        return (
+            f"{spec.batch_size} sequences = {spec.batch_size // micro} micro-batches x {micro}; "
+            f"<= {spec.batch_size * max_len} tokens; "
+            + (f"{spec.max_steps} steps" if spec.max_steps else f"{spec.epochs} epochs")
+        )
+    if spec.kind in ("grpo", "ppo"):
+        n = spec.prompts_per_step * spec.group_size
+        per_opt = n // spec.mini_batches
+        passes = spec.num_iterations if spec.kind == "grpo" else spec.ppo_epochs
+        return (
+            f"{spec.prompts_per_step} prompts x G={spec.group_size} = {n} completions per generation; "
+            f"{spec.mini_batches} mini-batch(es) x {passes} pass(es) = {spec.mini_batches * passes} optimizer "
+            f"steps per generation; {per_opt} completions = {math.ceil(per_opt / spec.micro_batch_size)} "
+            f"micro-batches of {spec.micro_batch_size} per optimizer step; <= "
+            f"{per_opt * spec.sampling.max_new_tokens} completion tokens; {spec.steps} generations"
+        )
+    if spec.kind == "sample":
+        return f"{spec.per_prompt} completions per prompt, batches of {spec.batch_size} prompts (no training)"
+    return f"k={spec.k} samples per prompt (no training)"
