@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -232,20 +232,38 @@ def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return -(logp * mask).sum(), mask.sum()
 
 
+class SaveSpec(Protocol):
+    """What the loop reads of a training stage's spec."""
+
+    save_every: int
+    keep_last: int
+
+
 class StageLoop:
     """The steps of a training stage, and the one cadence that follows each of them.
 
     Iterating yields step indices `start .. total - 1` under a progress bar. After the body of
-    step s has run, the loop saves (`save(s + 1)`) when `s + 1` is a multiple of `save_every`, at
+    step s has run, the loop saves a full-state checkpoint of step s + 1 (`save_state` of `model`,
+    `optimizer`, `state()` and `extra_tensors()`) when s + 1 is a multiple of `spec.save_every`, at
     the last step, and when SIGTERM/SIGINT arrived (`GracefulExit`, installed when the loop is
     made); after such a signal it then exits with 128 + signal (the last step finishes normally);
     finally the `kill_step` fault point runs (tests die right after a step). A body that raises
     skips all of it, so nothing is saved for a failed step.
     """
 
-    def __init__(self, start: int, total: int, save_every: int, desc: str, save: Callable[[int], None]) -> None:
-        self.start, self.total, self.save_every, self.desc, self.save = start, total, save_every, desc, save
+    def __init__(
+        self, start: int, total: int, desc: str, stage_dir: Path, spec: SaveSpec, model: Any,
+        optimizer: torch.optim.Optimizer, meta: dict[str, Any], state: Callable[[], dict[str, Any]],
+        extra_tensors: Callable[[], dict[str, dict[str, torch.Tensor]]] | None = None,
+    ) -> None:
+        self.start, self.total, self.desc = start, total, desc
+        self.stage_dir, self.save_every, self.keep_last = stage_dir, spec.save_every, spec.keep_last
+        self.model, self.optimizer, self.meta, self.state, self.extra_tensors = model, optimizer, meta, state, extra_tensors
         self.stop = GracefulExit()
+
+    def save(self, step: int) -> None:
+        extra = self.extra_tensors() if self.extra_tensors else None
+        save_state(self.stage_dir, step, self.model, self.optimizer, self.state(), self.meta, self.keep_last, extra)
 
     def is_last(self, step: int) -> bool:
         return step + 1 == self.total

@@ -61,12 +61,8 @@ def run(ctx: RunContext[DistillSpec]) -> Artifact:
     meta["inputs"]["teacher"] = ctx.artifacts[spec.teacher].fingerprint
     start, _, _ = training.resume_stage(ctx, student, optimizer, loader, guard, meta)
     metrics = MetricsLog(ctx.stage_dir, resume_step=start, every=spec.log_every)
-
-    def save(at: int) -> None:
-        state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
-        training.save_state(ctx.stage_dir, at, student, optimizer, state, meta, spec.keep_last)
-
-    loop = training.StageLoop(start, total, spec.save_every, f"distill {ctx.stage} ({spec.mode})", save)
+    loop = training.StageLoop(start, total, f"distill {ctx.stage} ({spec.mode})", ctx.stage_dir, spec, student,
+                              optimizer, meta, state=lambda: {"loader": loader.state_dict(), "guard": guard.state_dict()})
 
     def evaluate_now(at: int, values: dict[str, Any]) -> None:
         if eval_ex:

@@ -44,12 +44,10 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
     start, state, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
     opt_step = state.get("opt_step", 0)
-
-    def save(at: int) -> None:
-        state = {"loader": loader.state_dict(), "guard": guard.state_dict(), "opt_step": opt_step}
-        training.save_state(ctx.stage_dir, at, policy, optimizer, state, meta, spec.keep_last)
-
-    loop = training.StageLoop(start, spec.steps, spec.save_every, f"grpo {ctx.stage}", save)
+    loop = training.StageLoop(
+        start, spec.steps, f"grpo {ctx.stage}", ctx.stage_dir, spec, policy, optimizer, meta,
+        state=lambda: {"loader": loader.state_dict(), "guard": guard.state_dict(), "opt_step": opt_step},
+    )
     logs = rounds.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     sampling = rollout.SamplingParams.of(spec.sampling)
     for step in loop:

@@ -41,12 +41,8 @@ def run(ctx: RunContext[SFTSpec]) -> Artifact:
     meta = ctx.input_meta(fingerprints)
     start, _, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
     metrics = MetricsLog(ctx.stage_dir, resume_step=start, every=spec.log_every)
-
-    def save(at: int) -> None:
-        state = {"loader": loader.state_dict(), "guard": guard.state_dict()}
-        training.save_state(ctx.stage_dir, at, policy, optimizer, state, meta, spec.keep_last)
-
-    loop = training.StageLoop(start, total, spec.save_every, f"sft {ctx.stage}", save)
+    loop = training.StageLoop(start, total, f"sft {ctx.stage}", ctx.stage_dir, spec, policy, optimizer, meta,
+                              state=lambda: {"loader": loader.state_dict(), "guard": guard.state_dict()})
 
     def evaluate_now(at: int) -> None:
         pad = tokenizer.pad_token_id
