@@ -34,7 +34,7 @@ class Artifact:
     model: str | None = None  # loadable by from_pretrained: hub name or absolute directory
     data: str | None = None  # JSONL data set (sample stages), absolute
     fingerprint: str = ""  # hash of the outputs, pins later stages' inputs
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict[str, Any])
 
     @property
     def model_source(self) -> str:

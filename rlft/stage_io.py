@@ -29,7 +29,7 @@ def resolve_data_specs(ctx: Any, specs: list[Any]) -> list[Any]:
     return out
 
 
-def load_data(ctx: Any, specs: list[Any], role: str = "data") -> tuple[list[list[dict]], list[dict], dict[str, str]]:
+def load_data(ctx: Any, specs: list[Any], role: str = "data") -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]], dict[str, str]]:
     """Rows of every data spec (train per spec, held-out pooled) and their fingerprints.
 
     Each data set's row counts go into the stage's lineage record under `role` (data, mix).
@@ -43,7 +43,7 @@ def load_data(ctx: Any, specs: list[Any], role: str = "data") -> tuple[list[list
     return train, held_out, prints
 
 
-def _load_rows(ctx: Any, named: Any, spec: Any, role: str) -> tuple[list[dict], list[dict], str]:
+def _load_rows(ctx: Any, named: Any, spec: Any, role: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """Train and held-out rows of one resolved data spec and its fingerprint, recorded for the
     stage's lineage (`named` is the spec as the recipe writes it, `spec` with a stage resolved)."""
     rows, eval_rows = load_rows(spec, ctx.data_base_dir(), ctx.recipe.seed)
@@ -104,7 +104,7 @@ def prepare_sft_data(
 class StageOutput:
     """The figures a stage reports at its end (first and last eval, skipped steps)."""
 
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict[str, Any])
 
     @staticmethod
     def from_history(history: list[dict[str, Any]], skipped: int) -> StageOutput:

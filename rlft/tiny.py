@@ -164,7 +164,7 @@ def config_hash(cfg: TinyConfig, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def build_tiny_model(out_dir: Path, preset: str = "nano", overrides: dict | None = None, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: Path, preset: str = "nano", overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
     """Build (or reuse) a tiny causal LM saved as a normal Hugging Face directory.
 
     The weights depend only on the config and `seed` (bitwise, same machine). The directory is

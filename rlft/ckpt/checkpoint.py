@@ -105,7 +105,7 @@ def save_checkpoint(
         stage_dir: the stage's directory (created if missing).
         step: optimizer steps done; the dir is ``step-<step:08d>``.
         tensors: tensor groups, each written as ``<group>.safetensors``.
-        state: JSON state (None/bool/int/float/str/list/dict with str keys; round-trips exactly).
+        state: JSON state (None/bool/int/float/str/list/dict[str, Any] with str keys; round-trips exactly).
         meta: strict JSON recorded in the manifest (recipe hash, data hashes, versions, seed, ...).
         keep_last: committed checkpoints to keep (>= 1), the new one included; None keeps all.
 
@@ -138,7 +138,7 @@ def save_checkpoint(
 
 
 def _write_and_commit(
-    stage_dir: Path, step: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict, meta: dict
+    stage_dir: Path, step: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict[str, Any], meta: dict[str, Any]
 ) -> Path:
     staging = stage_dir / f".staging-{step_dir_name(step)}-{uuid.uuid4().hex}"
     final = stage_dir / step_dir_name(step)

@@ -33,7 +33,7 @@ WARN_ONLY_KEYS = frozenset({"num_threads"})
 def check_json(obj: Any, where: str) -> Any:
     """Check that `obj` round-trips through JSON exactly; return it.
 
-    Allowed: None, bool, int, float, str, list, dict with str keys (exact types: a tuple, an
+    Allowed: None, bool, int, float, str, list, dict[str, Any] with str keys (exact types: a tuple, an
     IntEnum or a numpy scalar would come back as something else).
 
     Raises:

@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Advantage estimators and reward shaping, ALGORITHMS.md §2 and §6.
 
 Rewards for a step are laid out (N,) = B groups of G consecutive completions of the same
@@ -224,7 +225,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     next_value = rewards.new_zeros(rewards.shape[0])  # (N,)
     next_adv = rewards.new_zeros(rewards.shape[0])
     zeros = torch.zeros_like(next_adv)
-    advs = []
+    advs: list[torch.Tensor] = []
     for t in range(rewards.shape[1] - 1, -1, -1):
         m = counted[:, t]
         adv = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_adv

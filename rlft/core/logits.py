@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Logit-level kernels: chosen-token log-probs, entropy, distillation divergences (ALGORITHMS.md §1, §7).
 
 These work on (N, T, V) logits. At a 150k vocabulary a full float32 log-softmax of a
@@ -62,7 +63,7 @@ def token_logprobs(
         )
     rows, chunks = _row_chunks(logits, chunk_rows)
     flat_ids = ids.reshape(-1, 1).long()
-    out = []
+    out: list[Tensor] = []
     for start, stop in chunks:
         z = rows[start:stop]
         if temperature != 1.0:
@@ -91,7 +92,7 @@ def entropy(logits: Tensor, temperature: float = 1.0, chunk_rows: int | None = D
     """
     _check_temperature(temperature)
     rows, chunks = _row_chunks(logits, chunk_rows)
-    out = []
+    out: list[Tensor] = []
     for start, stop in chunks:
         z = rows[start:stop]
         if temperature != 1.0:

@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Policy-loss kernels: PPO-clip, GSPO, KL penalties, value loss, aggregation (ALGORITHMS.md §1, §3-§5).
 
 Every kernel is a pure function over tensors and scalars returning a per-token (N, T) or

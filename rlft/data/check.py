@@ -166,7 +166,7 @@ def _read(source: DataSource) -> SourceCheck:
     return SourceCheck(source, rows, tuple(problems))
 
 
-def _row_problem(check: RowChecker, r: int, row: dict, source: DataSource) -> DataError | None:
+def _row_problem(check: RowChecker, r: int, row: dict[str, Any], source: DataSource) -> DataError | None:
     try:
         canonical = check(r, row)
     except DataError as err:

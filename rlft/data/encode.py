@@ -44,13 +44,13 @@ class PromptExample:
 
     prompt_ids: list[int]
     prompt_text: str
-    columns: dict
-    messages: list[dict]
-    row: dict  # the canonical row it was built from
+    columns: dict[str, Any]
+    messages: list[dict[str, Any]]
+    row: dict[str, Any]  # the canonical row it was built from
 
 
 def tokenize_sft(
-    rows: list[dict],
+    rows: list[dict[str, Any]],
     tokenizer: Any,
     max_length: int,
     long_rows: Literal["error", "drop", "truncate"],
@@ -114,7 +114,7 @@ def _require_eos(tokenizer: Any) -> None:
                              "use a tokenizer with eos_token set")
 
 
-def _encode_row(row: dict, tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
+def _encode_row(row: dict[str, Any], tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
     problem = usage_problem(row, "reply", where)
     if problem is not None:
         raise problem
@@ -129,13 +129,13 @@ def _encode_row(row: dict, tokenizer: Any, where: tuple) -> tuple[list[int], lis
     return ids, [1] * len(ids)
 
 
-def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+def _with_system(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
     if system_prompt is None or messages[0]["role"] == "system":
         return messages
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def prompt_messages(row: dict) -> list[dict]:
+def prompt_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The chat a row's reply follows: system message, user turn(s), no reply.
 
     The system message is the row's own (a messages row starting with one), else its data
@@ -157,7 +157,7 @@ def prompt_messages(row: dict) -> list[dict]:
     return _with_system(messages, row.get("_system"))
 
 
-def conversation(row: dict) -> list[dict]:
+def conversation(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The whole chat of a row with a reply: `prompt_messages(row)` followed by the reply (a
     messages row keeps every turn, with the data set's system message put first if it has none)."""
     if row_format(row) == "messages":
@@ -165,7 +165,7 @@ def conversation(row: dict) -> list[dict]:
     return [*prompt_messages(row), {"role": "assistant", "content": row["completion"]}]
 
 
-def prompt_ids(row: dict, tokenizer: Any) -> list[int]:
+def prompt_ids(row: dict[str, Any], tokenizer: Any) -> list[int]:
     """The prompt ids of a row, as every stage renders them: `prompt_messages(row)` through the
     chat template with the generation prompt (`render_prompt_ids`).
 
@@ -175,7 +175,7 @@ def prompt_ids(row: dict, tokenizer: Any) -> list[int]:
     return _render_prompt(row, tokenizer)[1]
 
 
-def _render_prompt(row: dict, tokenizer: Any) -> tuple[list[dict], list[int]]:
+def _render_prompt(row: dict[str, Any], tokenizer: Any) -> tuple[list[dict[str, Any]], list[int]]:
     messages = prompt_messages(row)
     try:
         return messages, render_prompt_ids(tokenizer, messages)
@@ -188,7 +188,7 @@ def _template(tokenizer: Any) -> str | None:
     return template.get("default") if isinstance(template, dict) else template
 
 
-def _encode_messages(messages: list[dict], tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
+def _encode_messages(messages: list[dict[str, Any]], tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
     template = _template(tokenizer)
     if template is None:
         raise DataError(where[0], "has chat messages but the tokenizer has no chat template; use an instruct "
@@ -200,12 +200,12 @@ def _encode_messages(messages: list[dict], tokenizer: Any, where: tuple) -> tupl
     return _prefix_diff(messages, tokenizer, where)
 
 
-def _render_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def _render_ids(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _prefix_diff(messages: list[dict], tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
+def _prefix_diff(messages: list[dict[str, Any]], tokenizer: Any, where: tuple) -> tuple[list[int], list[int]]:
     """Assistant spans by rendering prefixes, for templates without {% generation %} markers.
 
     Turn i spans render(messages[:i], generation prompt) .. render(messages[:i+1]) in the full
@@ -230,7 +230,7 @@ def _prefix_diff(messages: list[dict], tokenizer: Any, where: tuple) -> tuple[li
     return full, mask
 
 
-def render_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+def render_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     """Prompt ids ending where the assistant's reply starts.
 
     With a chat template: the rendered messages plus the generation prompt. Without one (a base
@@ -243,7 +243,7 @@ def render_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 
 
 def prompt_examples(
-    rows: list[dict], tokenizer: Any, max_length: int | None = None,
+    rows: list[dict[str, Any]], tokenizer: Any, max_length: int | None = None,
     long_rows: Literal["error", "drop", "truncate"] = "error", required: bool = True,
 ) -> list[PromptExample]:
     """Prompts (`prompt_ids`) of canonical rows, for generation: rollouts, sampling, eval.

@@ -173,7 +173,7 @@ def _skip_line(fh: Any) -> None:
             return
 
 
-def _parse_line(text: str, path: Path, lineno: int) -> dict | DataError:
+def _parse_line(text: str, path: Path, lineno: int) -> dict[str, Any] | DataError:
     name = str(path)
     try:
         row = json.loads(text)
@@ -229,7 +229,7 @@ def json_type(value: Any) -> str:
 def _consistent(items: Iterable[Item], name: str) -> Iterator[Item]:
     """Every row has the first row's columns, each column one JSON type (nulls allowed); a row
     that differs is replaced by its problem."""
-    first: tuple[int, dict] | None = None
+    first: tuple[int, dict[str, Any]] | None = None
     types: dict[str, tuple[str, int]] = {}
     for r, row in items:
         if isinstance(row, DataError):
@@ -247,7 +247,7 @@ def _consistent(items: Iterable[Item], name: str) -> Iterator[Item]:
         yield r, _type_problem(row, r, types, name) or row
 
 
-def _type_problem(row: dict, r: int, types: dict[str, tuple[str, int]], name: str) -> DataError | None:
+def _type_problem(row: dict[str, Any], r: int, types: dict[str, tuple[str, int]], name: str) -> DataError | None:
     for col, value in row.items():
         if value is None:
             continue

@@ -13,6 +13,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from rlft.errors import UserInputError
 
@@ -34,7 +35,7 @@ class Task:
     description: str
     make: Callable[[random.Random], tuple[str, str, str]]
 
-    def generate(self, n: int, seed: int) -> list[dict]:
+    def generate(self, n: int, seed: int) -> list[dict[str, Any]]:
         """`n` rows drawn from the training stream of `seed` (duplicates possible).
 
         Returns:
@@ -43,7 +44,7 @@ class Task:
         rng = random.Random(f"{self.name}/train/{seed}")
         return [self._row(rng) for _ in range(n)]
 
-    def split(self, n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    def split(self, n_train: int, n_heldout: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Training rows and held-out rows with no prompt in common.
 
         Held-out rows are drawn from a stream seeded apart from the training one and kept only
@@ -55,7 +56,7 @@ class Task:
         train = self.generate(n_train, seed)
         seen = {row["prompt"] for row in train}
         rng = random.Random(f"{self.name}/heldout/{seed}")
-        heldout: list[dict] = []
+        heldout: list[dict[str, Any]] = []
         for _ in range(100 * n_heldout + 1000):
             if len(heldout) == n_heldout:
                 break
@@ -75,7 +76,7 @@ class Task:
         got = extract_answer(completion)
         return got is not None and got == str(answer).strip()
 
-    def _row(self, rng: random.Random) -> dict:
+    def _row(self, rng: random.Random) -> dict[str, Any]:
         prompt, answer, solution = self.make(rng)
         return {"prompt": prompt, "answer": answer, "solution": solution}
 

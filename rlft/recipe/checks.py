@@ -34,7 +34,7 @@ PROMPT_KINDS = ("grpo", "ppo", "sample", "eval")
 _REWARD_FILE = re.compile(r"^(?P<file>.+\.py):(?P<fn>[^:]*)$")
 
 
-def data_problems(raw: dict, loc: Locator) -> list[Problem]:
+def data_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     """`_component_`/`_target_` keys and secrets (rlft/recipe/secret_values.py) anywhere in the recipe."""
     problems = []
     for path, _ in walk(raw):
@@ -44,12 +44,12 @@ def data_problems(raw: dict, loc: Locator) -> list[Problem]:
     return problems + secret_problems(raw, loc)
 
 
-def _stages(raw: dict) -> dict[str, Any]:
+def _stages(raw: dict[str, Any]) -> dict[str, Any]:
     stages = raw.get("stages")
     return stages if isinstance(stages, dict) else {}
 
 
-def name_problems(raw: dict, loc: Locator) -> list[Problem]:
+def name_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     """Stage names: safe directory names, not `base`."""
     problems = []
     for name in _stages(raw):
@@ -83,7 +83,7 @@ def _ref_problem(ref: str, stage: str, stages: dict[str, Any], data: bool) -> st
     return f"unknown stage '{ref}'{did_you_mean(ref, names + ['base'])}; {listed}"
 
 
-def _data_entries(name: str, spec: dict) -> Iterator[tuple[Path_, Any]]:
+def _data_entries(name: str, spec: dict[str, Any]) -> Iterator[tuple[Path_, Any]]:
     for key in ("data", "mix"):
         value = spec.get(key)
         items = list(enumerate(value)) if isinstance(value, list) else [(None, value)] if value else []
@@ -95,7 +95,7 @@ def _data_entries(name: str, spec: dict) -> Iterator[tuple[Path_, Any]]:
                 yield path, item
 
 
-def graph_problems(raw: dict, loc: Locator) -> list[Problem]:
+def graph_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     """`from:`, `teacher:`, eval `models:` and stage-name data sources point backwards, at the right kind."""
     stages, problems = _stages(raw), []
     for name, spec in stages.items():
@@ -120,7 +120,7 @@ def graph_problems(raw: dict, loc: Locator) -> list[Problem]:
     return problems
 
 
-def _tasks() -> dict | None:
+def _tasks() -> dict[str, Any] | None:
     try:
         from rlft.data.tasks import TASKS
     except ImportError:
@@ -136,13 +136,13 @@ def _missing_file(file: Path, shown: str, suffixes: tuple[str, ...]) -> str:
     return f"file not found: {shown} (looked in {file.parent}){hint}"
 
 
-def data_root(raw: dict, base_dir: Path) -> Path | None:
+def data_root(raw: dict[str, Any], base_dir: Path) -> Path | None:
     """The resolved `data_root` directory (relative to the recipe's directory), or None when unset."""
     root = raw.get("data_root")
     return (base_dir / Path(root).expanduser()).resolve() if isinstance(root, str) else None
 
 
-def source_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
+def source_problems(raw: dict[str, Any], loc: Locator, base_dir: Path) -> list[Problem]:
     """`tiny:<task>` names a task; a local data file (and a local source's eval_split file) is a
     readable data file, inside `data_root` when the recipe sets one."""
     problems, tasks = [], _tasks()
@@ -170,7 +170,7 @@ def source_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
     return problems
 
 
-def _entry(raw: dict, path: Path_) -> dict:
+def _entry(raw: dict[str, Any], path: Path_) -> dict[str, Any]:
     """The data entry (a mapping) whose `source` is at `path`."""
     node: Any = raw
     for key in path[:-1]:
@@ -192,7 +192,7 @@ def _file_problem(source: str, base_dir: Path, root: Path | None, must_exist: bo
     return None, True
 
 
-def prompt_length_problems(raw: dict, loc: Locator) -> list[Problem]:
+def prompt_length_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     """Stages that only generate from prompts refuse `long_rows: truncate` (a prompt is never cut)."""
     problems = []
     for name, spec in _stages(raw).items():
@@ -208,7 +208,7 @@ def prompt_length_problems(raw: dict, loc: Locator) -> list[Problem]:
     return problems
 
 
-def model_problems(raw: dict, loc: Locator) -> list[Problem]:
+def model_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     """`tiny:<preset>` model names (the recipe's model and stages' students) name a known preset."""
     from rlft.tiny import PRESETS  # no torch import: presets are plain dataclasses
 
@@ -226,7 +226,7 @@ def model_problems(raw: dict, loc: Locator) -> list[Problem]:
     return problems
 
 
-def _reward_entries(raw: dict) -> Iterator[tuple[Path_, Any]]:
+def _reward_entries(raw: dict[str, Any]) -> Iterator[tuple[Path_, Any]]:
     for name, spec in _stages(raw).items():
         rewards = spec.get("rewards") if isinstance(spec, dict) else None
         for i, item in enumerate(rewards if isinstance(rewards, list) else []):
@@ -234,7 +234,7 @@ def _reward_entries(raw: dict) -> Iterator[tuple[Path_, Any]]:
             yield (path + ("name",), item.get("name")) if isinstance(item, dict) else (path, item)
 
 
-def reward_file_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
+def reward_file_problems(raw: dict[str, Any], loc: Locator, base_dir: Path) -> list[Problem]:
     """`path/to/file.py:function` rewards: the file exists inside the recipe's directory."""
     problems = []
     root = base_dir.resolve()
@@ -255,7 +255,7 @@ def reward_file_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Proble
     return problems
 
 
-def reward_name_problems(raw: dict, loc: Locator, base_dir: Path, skip: set[str]) -> list[Problem]:
+def reward_name_problems(raw: dict[str, Any], loc: Locator, base_dir: Path, skip: set[str]) -> list[Problem]:
     """Reward names checked against the reward table (`rlft.rewards.runner.validate_reward_entry`).
 
     Entries whose dotted key is in `skip` (already reported) are not checked again.
@@ -286,7 +286,7 @@ def reward_name_problems(raw: dict, loc: Locator, base_dir: Path, skip: set[str]
     return problems
 
 
-def all_problems(raw: dict, loc: Locator, base_dir: Path) -> list[Problem]:
+def all_problems(raw: dict[str, Any], loc: Locator, base_dir: Path) -> list[Problem]:
     """Every check of this module."""
     problems = (
         data_problems(raw, loc)

@@ -36,7 +36,7 @@ def gate_metrics(kind: str, k: int = 4, greedy: bool = True) -> list[str]:
     return list(TRAINING_METRICS.get(kind, ()))
 
 
-def gate_problems(raw: dict, loc: Locator) -> list[Problem]:
+def gate_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     """Unknown gate metrics (with did-you-mean) and gate `models` the eval stage does not score."""
     stages = raw.get("stages")
     if not isinstance(stages, dict):
@@ -58,7 +58,7 @@ def gate_problems(raw: dict, loc: Locator) -> list[Problem]:
 
 
 def _model_problems(
-    name: str, spec: dict, models: Any, order: list[str], stages: dict, loc: Locator
+    name: str, spec: dict[str, Any], models: Any, order: list[str], stages: dict[str, Any], loc: Locator
 ) -> list[Problem]:
     """Each gate `models` entry is a stage the eval stage scores."""
     if not isinstance(models, list) or not models:

@@ -27,7 +27,7 @@ from rlft.errors import Problem, RecipeError
 from rlft.recipe.checks import all_problems
 from rlft.recipe.problems import Locator, dotted, show, validation_problems
 from rlft.recipe.schema import Recipe
-from rlft.recipe.yaml_tree import MAX_BYTES, Path_, parse_scalar_text, parse_yaml
+from rlft.recipe.yaml_tree import MAX_BYTES, Path_, Positions, parse_scalar_text, parse_yaml
 
 __all__ = ["LoadedRecipe", "load_recipe", "recipe_sha256", "resolve_run_dir"]
 
@@ -43,7 +43,7 @@ class LoadedRecipe:
     recipe: Recipe
     path: Path  # as the user gave it (messages quote it)
     base_dir: Path  # the recipe's directory, absolute: relative data and reward files resolve here
-    raw: dict  # the merged plain data (file + overrides), as written
+    raw: dict[str, Any]  # the merged plain data (file + overrides), as written
     sha256: str  # hash of the resolved recipe (defaults filled in), for resume pinning
     positions: dict[str, tuple[int, int]]  # dotted key -> (line, col) in the file
     run_dir: Path  # <output_dir>/<run_name>, absolute
@@ -63,7 +63,7 @@ def recipe_sha256(recipe: Recipe) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _set_path(raw: dict, keys: list[str], value: Any, created: set[Path_]) -> str | None:
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any, created: set[Path_]) -> str | None:
     """Set `value` at `keys` in `raw`, creating mappings on the way; an error message or None."""
     node: Any = raw
     path: Path_ = ()
@@ -95,7 +95,7 @@ def _set_path(raw: dict, keys: list[str], value: Any, created: set[Path_]) -> st
     return None
 
 
-def _apply_overrides(raw: dict, overrides: Sequence[str]) -> tuple[set[Path_], list[Problem]]:
+def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> tuple[set[Path_], list[Problem]]:
     created: set[Path_] = set()
     problems = []
     for text in overrides:
@@ -164,7 +164,7 @@ def _yaml_files(directory: Path) -> str:
     return f"; recipes there: {', '.join(names[:8])}" if names else ""
 
 
-def _parse(path: Path) -> tuple[dict, dict, list[Problem]]:
+def _parse(path: Path) -> tuple[dict[str, Any], Positions, list[Problem]]:
     file = str(path)
     raw, positions, problems = parse_yaml(_read(path), file)
     if problems and not isinstance(raw, dict):

@@ -374,7 +374,7 @@ def _describe(e: _Err, raw: Any) -> list[_Out]:
     return [_type_out(e)]
 
 
-def validation_problems(err: ValidationError, raw: dict, locator: Locator) -> list[Problem]:
+def validation_problems(err: ValidationError, raw: dict[str, Any], locator: Locator) -> list[Problem]:
     """Every pydantic error of one recipe as a Problem at the key the user wrote.
 
     An "unknown key" that suggests a missing required key replaces the "missing" message.

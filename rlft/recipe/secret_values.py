@@ -12,6 +12,7 @@ Messages name the key and what the value looks like, never the value itself.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from rlft.errors import Problem
 from rlft.recipe.problems import Locator
@@ -62,7 +63,7 @@ def commit_expected(path: Path_) -> bool:
     )
 
 
-def secret_problems(raw: dict, loc: Locator) -> list[Problem]:
+def secret_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     """One problem per key whose name or value (or which itself) looks like a secret."""
     problems = []
     for path, value in walk(raw):

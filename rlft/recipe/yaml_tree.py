@@ -55,7 +55,7 @@ else:
 class RecipeLoader(_SafeLoader):
     """Safe loader (libyaml when available: ~8x faster) with YAML 1.2 core-schema implicit scalars."""
 
-    yaml_implicit_resolvers: dict = {}
+    yaml_implicit_resolvers: dict[str, Any] = {}
 
 
 for _tag, _regexp, _first in [
@@ -168,7 +168,7 @@ class _Walker:
         self.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         return self.value(node, path)
 
-    def mapping(self, node: MappingNode, path: Path_) -> dict:
+    def mapping(self, node: MappingNode, path: Path_) -> dict[str, Any]:
         out: dict[str, Any] = {}
         first_line: dict[str, int] = {}
         explicit = []
@@ -191,7 +191,7 @@ class _Walker:
             out[key] = self.value(value_node, path + (key,))
         return out
 
-    def merge(self, node: Node, path: Path_, out: dict) -> None:
+    def merge(self, node: Node, path: Path_, out: dict[str, Any]) -> None:
         sources = node.value if isinstance(node, SequenceNode) else [node]
         for source in sources:
             if not isinstance(source, MappingNode):

@@ -122,7 +122,7 @@ def parse_tests(tests: Any) -> TestPlan:
     return TestPlan(tuple(calls), tuple(ios))
 
 
-def _io_pairs(spec: dict, label: str = "tests") -> tuple[IOTest, ...]:
+def _io_pairs(spec: dict[str, Any], label: str = "tests") -> tuple[IOTest, ...]:
     inputs, outputs = spec.get("inputs"), spec.get("outputs")
     if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs):
         raise ValueError(f"{label}: an input/output test needs 'input' and 'output' strings "

@@ -281,13 +281,13 @@ def _portable(result: Any) -> list[Any] | dict[str, str]:
     return out
 
 
-def _apply(fn: Callable[..., Any], prompts: list[str], completions: list[str], columns: dict[str, list]) -> dict:
+def _apply(fn: Callable[..., Any], prompts: list[str], completions: list[str], columns: dict[str, list]) -> dict[str, Any]:
     """Call on the batch; if that raises, once per sample to find exactly which samples fail."""
     try:
         return {"values": _portable(fn(prompts, completions, **columns))}
     except Exception:
         batch_tb = traceback.format_exc()
-    each: list[dict] = []
+    each: list[dict[str, Any]] = []
     for i in range(len(completions)):
         try:
             each.append({"values": _portable(fn([prompts[i]], [completions[i]], **{k: [v[i]] for k, v in columns.items()}))})
@@ -348,7 +348,7 @@ class _Worker:
         self.proc.stdout.close()
         self._send.send_bytes(pickle.dumps((self.spec, _without_cwd(sys.path))))
 
-    def _read(self, deadline: float, ready: bool = False) -> dict:
+    def _read(self, deadline: float, ready: bool = False) -> dict[str, Any]:
         """The next reply (the `ready` handshake only when asked), or {timeout} / {crash: code}."""
         while True:
             if not self._recv.poll(max(0.0, deadline - time.monotonic())):  # poll(0): a reply already sent counts
@@ -375,7 +375,7 @@ class _Worker:
             self.restart()
             self._send.send_bytes(data)
 
-    def result(self, deadline: float) -> dict:
+    def result(self, deadline: float) -> dict[str, Any]:
         msg = self._read(deadline)
         if "timeout" in msg or "crash" in msg or "init_error" in msg:
             self.restart()
@@ -494,7 +494,7 @@ def _close_workers(workers: list[_Worker]) -> None:
             w.close()
 
 
-def _settle(spec: FunctionSpec, reply: dict, n: int, first: bool) -> tuple[list[float], list[bool], str | None]:
+def _settle(spec: FunctionSpec, reply: dict[str, Any], n: int, first: bool) -> tuple[list[float], list[bool], str | None]:
     """Per-sample values (NaN = no value), error flags and one traceback, enforcing the contract."""
     name = spec.name
     if "timeout" in reply or "crash" in reply or "init_error" in reply:

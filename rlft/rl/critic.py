@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """The critic of PPO: a value head V_t on a transformer trunk (ALGORITHMS.md §2, "PPO with a critic").
 
     V_t = w . h_t + b        h_t: last hidden state (after the final norm) at position P-1+t
@@ -19,10 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import safetensors.torch
 import torch
@@ -31,6 +32,9 @@ from torch import Tensor
 from rlft import rollout
 from rlft.errors import CheckpointError, UserInputError
 from rlft.models import attach_lora, dropout_free_mode, is_lora, load_model, trainable_named_params
+
+if TYPE_CHECKING:
+    from rlft.recipe.schema import LoraOrFull, ModelSpec
 
 CriticKind = Literal["shared", "separate"]
 
@@ -125,7 +129,7 @@ def decoder(model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def last_hidden_state(model: Any) -> Iterator[list[Tensor]]:
+def last_hidden_state(model: Any) -> Generator[list[Tensor], None, None]:
     """Collect the decoder's last hidden state (N, L, H) of every forward run inside the block."""
     captured: list[Tensor] = []
 
@@ -161,7 +165,7 @@ def hidden_size(model: Any) -> int:
 
 
 def build_critic(
-    kind: CriticKind, policy: Any, parent: str, model_spec: Any, lora: Any, seed: int,
+    kind: CriticKind, policy: Any, parent: str, model_spec: ModelSpec, lora: LoraOrFull, seed: int,
     reward_model: RewardModel | None = None,
 ) -> Critic:
     """A critic for `policy`: a zero value head, on the policy's trunk or on a fresh copy of `parent`.
@@ -234,7 +238,7 @@ def resolve_reward_model(name: str, base_dir: Path, key: str) -> str:
     return name  # a hub name: `load_reward_model` reports it when it cannot be loaded
 
 
-def load_reward_model(source: str, model_spec: Any, dev: torch.device, key: str) -> RewardModel:
+def load_reward_model(source: str, model_spec: ModelSpec, dev: torch.device, key: str) -> RewardModel:
     """An AutoModelForSequenceClassification with one trained output, to initialise a critic from.
 
     Raises:
@@ -286,7 +290,7 @@ def _copy_head(rm: RewardModel, head: torch.nn.Linear) -> None:
             f"policy's are {head.in_features}; use a reward model of the policy's size or `critic: separate`")
     with torch.no_grad():
         head.weight.copy_(score.weight.float())
-        head.bias.copy_(score.bias.float() if score.bias is not None else torch.zeros_like(head.bias))
+        head.bias.copy_(score.bias.float() if score.bias is not None else torch.zeros_like(head.bias))  # pyright: ignore[reportUnnecessaryComparison]  (bias=False: None)
 
 
 def _copy_trunk(rm: RewardModel, trunk_model: Any) -> None:

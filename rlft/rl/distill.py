@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Distillation pieces (ALGORITHMS.md section 7), used by the `distill` stage.
 
 - `token_divergence` / `distill_step`: the per-token divergence of the student's next-token
@@ -19,7 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ from rlft.data.rows import CANONICAL_COLUMNS
 from rlft.errors import UserInputError
 from rlft.metrics import progress
 from rlft.models import load_model, trainable_named_params
+
+if TYPE_CHECKING:
+    from rlft.recipe.schema import DistillSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,7 @@ class Divergence:
 # --------------------------------------------------------------------------- the teacher
 
 
-def load_teacher(source: str, spec: Any, dev: torch.device) -> Any:
+def load_teacher(source: str, spec: ModelSpec, dev: torch.device) -> Any:
     """The teacher model from `source` in eval mode with every parameter frozen."""
     model = load_model(source, spec, dev)
     model.eval().requires_grad_(False)
@@ -166,7 +170,7 @@ def token_divergence(
 
 def distill_step(
     student: Any, teacher: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Tensor]],
-    guard: training.NanGuard, spec: Any, step: int,
+    guard: training.NanGuard, spec: DistillSpec, step: int,
 ) -> dict[str, float]:
     """One optimizer step of the divergence loss, token-mean over all micro-batches of the step.
 
@@ -222,9 +226,9 @@ def student_batch(
 
 
 def teacher_completions(
-    teacher: Any, tokenizer: Any, rows: list[dict], sampling: rollout.SamplingParams, seed: int,
+    teacher: Any, tokenizer: Any, rows: list[dict[str, Any]], sampling: rollout.SamplingParams, seed: int,
     batch_size: int,
-) -> tuple[list[dict], dict[str, float]]:
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """One teacher completion per row, as SFT rows (the row's reply replaced by the teacher's).
 
     Prompt i samples from `seed_generator(seed, i)`, so the output does not depend on how
@@ -247,7 +251,7 @@ def teacher_completions(
     return out_rows, stats
 
 
-def with_completion(row: dict, text: str) -> dict:
+def with_completion(row: dict[str, Any], text: str) -> dict[str, Any]:
     """`row` with its reply replaced by `text`: a messages row keeps its turns up to the last
     user turn; any other row becomes prompt + completion. Other columns stay, and `_system` (the
     data set's system prompt, so the student's prompt is the teacher's); other `_` keys go."""
@@ -261,7 +265,7 @@ def with_completion(row: dict, text: str) -> dict:
     return {"prompt": row["prompt"], "completion": text, **columns}
 
 
-def reply(row: dict) -> str:
+def reply(row: dict[str, Any]) -> str:
     """The assistant reply of a row made by `with_completion`."""
     return row["messages"][-1]["content"] if "messages" in row else row["completion"]
 
@@ -271,7 +275,7 @@ def data_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_teacher_data(stage_dir: Path, key: str) -> tuple[list[dict], dict[str, float]] | None:
+def read_teacher_data(stage_dir: Path, key: str) -> tuple[list[dict[str, Any]], dict[str, float]] | None:
     """Rows and stats an earlier attempt wrote for the same inputs; None when absent, made for
     other inputs (teacher, data, sampling, seed) or damaged (sha256 differs)."""
     path, meta_path = stage_dir / TEACHER_DATA, stage_dir / TEACHER_META
@@ -287,7 +291,7 @@ def read_teacher_data(stage_dir: Path, key: str) -> tuple[list[dict], dict[str, 
     return rows, meta["stats"]
 
 
-def write_teacher_data(stage_dir: Path, key: str, rows: list[dict], stats: dict[str, float]) -> None:
+def write_teacher_data(stage_dir: Path, key: str, rows: list[dict[str, Any]], stats: dict[str, float]) -> None:
     """Write `teacher_data.jsonl`, then its `teacher_data.json` (key, sha256, stats), each atomically;
     the second written last marks the first complete."""
     text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)

@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Keep rules of rejection sampling (ALGORITHMS.md section 8, step 3), as pure functions.
 
 Given the K completions of one prompt and their summed rewards, `select` returns the indices

@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """What the policy-gradient stages (GRPO, PPO) share: prompt data and rewards, sampling and
 scoring a generation round, the reference policy, the per-token policy loss from the loss core,
 per-token rewards with the KL folded in, and the mini-batch/micro-batch update loop (`optimize`,
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -24,10 +25,13 @@ from rlft.data import encode
 from rlft.data.batch import PromptLoader
 from rlft.data.rows import mix
 from rlft.models import load_model, reference_mode, trainable_named_params
-from rlft.recipe.schema import GRPOSpec, PPOSpec
+from rlft.recipe.schema import GRPOSpec, LossSpec, PPOSpec
 from rlft.rewards.runner import build_rewards
 from rlft.stage_io import load_prompts
 from rlft.training import NanGuard, apply_step, lr_at, set_lr
+
+if TYPE_CHECKING:
+    from rlft.run import RunContext
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,9 @@ class Experience:
     ref_logp: Tensor | None  # (N, T); None when the KL is not in the loss
 
     def rows(self, idx: Tensor) -> Experience:
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
         return replace(
             self,
             prompt_ids=self.prompt_ids[idx], prompt_mask=self.prompt_mask[idx],
@@ -55,7 +61,7 @@ class Experience:
         return self.prompt_ids, self.prompt_mask, self.completion_ids, self.mask
 
 
-def policy_loss(logp: Tensor, exp: Experience, spec: Any, normalizer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def policy_loss(logp: Tensor, exp: Experience, spec: LossSpec, normalizer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's share of the step loss: clipped surrogate (+ beta * KL), aggregated.
 
     `spec` is the recipe's LossSpec. Returns the loss and summed (not averaged) statistics.
@@ -85,7 +91,7 @@ def policy_loss(logp: Tensor, exp: Experience, spec: Any, normalizer: Tensor) ->
 
 
 def update(
-    policy: Any, optimizer: torch.optim.Optimizer, exp: Experience, spec: Any, guard: NanGuard,
+    policy: Any, optimizer: torch.optim.Optimizer, exp: Experience, spec: GRPOSpec | PPOSpec, guard: NanGuard,
     opt_step: int, temperature: float, lr_for: Callable[[int], float],
 ) -> list[dict[str, float]]:
     """Optimizer steps over one generation round: `mini_batches` per pass, `num_iterations` passes.
@@ -122,7 +128,7 @@ class Optimization:
 
 
 def optimize(
-    batch: Any, loss_fn: LossFn, opt: Optimization, spec: Any, opt_step: int, passes: int,
+    batch: Any, loss_fn: LossFn, opt: Optimization, spec: GRPOSpec | PPOSpec, opt_step: int, passes: int,
     keep_going: Callable[[list[dict[str, float]]], bool] | None = None,
 ) -> list[dict[str, float]]:
     """`passes` passes over a round's `batch`, each `spec.mini_batches` optimizer steps of
@@ -212,8 +218,13 @@ def concat_rollouts(parts: list[rollout.Rollouts], pad_id: int) -> rollout.Rollo
         return parts[0]
     P = max(p.prompt_ids.shape[1] for p in parts)
     T = max(p.completion_ids.shape[1] for p in parts)
-    left = lambda t, v: torch.nn.functional.pad(t, (P - t.shape[1], 0), value=v)  # noqa: E731
-    right = lambda t, v: torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
+
+    def left(t: Tensor, v: float) -> Tensor:
+        return torch.nn.functional.pad(t, (P - t.shape[1], 0), value=v)
+
+    def right(t: Tensor, v: float) -> Tensor:
+        return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)
+
     offsets = torch.tensor([0] + [int(p.group_index.max()) + 1 if len(p.texts) else 0 for p in parts[:-1]]).cumsum(0)
     return rollout.Rollouts(
         torch.cat([left(p.prompt_ids, pad_id) for p in parts]),
@@ -312,19 +323,19 @@ def mean_stats(updates: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def make_reference(policy: Any, ctx: Any) -> Any:
+def make_reference(policy: Any, ctx: RunContext[GRPOSpec] | RunContext[PPOSpec]) -> Any:
     """pi_ref for the KL term: None when beta = 0; the adapter-disabled policy for LoRA;
     a frozen copy of the parent model for full fine-tuning."""
     if ctx.spec.loss.beta == 0:
         return None
     if ctx.lora() != "full":
         return lambda: reference_mode(policy)
-    frozen = load_model(ctx.parent().model, ctx.model_spec(), next(policy.parameters()).device)
+    frozen = load_model(ctx.parent().model_source, ctx.model_spec(), next(policy.parameters()).device)
     frozen.eval().requires_grad_(False)
     return lambda: contextlib.nullcontext(frozen)
 
 
-def lr_fn(spec: Any, passes: int) -> Callable[[int], float]:
+def lr_fn(spec: GRPOSpec | PPOSpec, passes: int) -> Callable[[int], float]:
     """LR of 1-based optimizer step s; the schedule spans every optimizer step of the stage
     (steps * mini_batches * passes; with PPO's KL early stop it may end before its last step)."""
     total = spec.steps * spec.mini_batches * passes
@@ -351,7 +362,9 @@ def token_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Ten
     return kl_part + torch.where(last, rewards[:, None].to(kl.dtype), 0.0)
 
 
-def prompt_data(ctx: Any, tokenizer: Any) -> tuple[PromptLoader, list[encode.PromptExample], dict[str, str]]:
+def prompt_data(
+    ctx: RunContext[GRPOSpec] | RunContext[PPOSpec], tokenizer: Any,
+) -> tuple[PromptLoader[encode.PromptExample], list[encode.PromptExample], dict[str, str]]:
     """The stage's prompt loader (data sets mixed by weight), its held-out prompts and data fingerprints."""
     spec = ctx.spec
     train, held_out, prints = load_prompts(ctx, spec.data, tokenizer)
@@ -359,7 +372,7 @@ def prompt_data(ctx: Any, tokenizer: Any) -> tuple[PromptLoader, list[encode.Pro
     return PromptLoader(examples, spec.prompts_per_step, ctx.seed), held_out, prints
 
 
-def reward_scorer(ctx: Any) -> Any:
+def reward_scorer(ctx: RunContext[GRPOSpec] | RunContext[PPOSpec]) -> Any:
     """The stage's summed, weighted reward functions (closed by the stage at its end)."""
     spec = ctx.spec
     return build_rewards(
@@ -374,7 +387,7 @@ class RoundLog:
     start, every `eval_every` rounds and at the end. On a resume both files are cut back to the
     checkpoint's round."""
 
-    def __init__(self, ctx: Any, policy: Any, tokenizer: Any, eval_prompts: list[encode.PromptExample], start: int):
+    def __init__(self, ctx: RunContext[GRPOSpec] | RunContext[PPOSpec], policy: Any, tokenizer: Any, eval_prompts: list[encode.PromptExample], start: int):
         from rlft.metrics import MetricsLog
 
         spec = ctx.spec

@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Distil a teacher stage's model into a (smaller) student (ALGORITHMS.md section 7).
 
 Modes (`mode:`):
@@ -28,6 +29,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from rlft import evaluate, rollout, training
 from rlft.data import encode
@@ -87,13 +90,13 @@ def run(ctx: RunContext[DistillSpec]) -> Artifact:
     return finish_model(ctx, student, tokenizer, StageOutput.from_history(metrics.history, guard.skipped))
 
 
-def load_student(ctx: Any) -> tuple[Any, Any]:
+def load_student(ctx: RunContext[DistillSpec]) -> tuple[Any, Any]:
     """The student (a tiny:<preset> is built first) with LoRA or full fine-tuning per `ctx.lora()`."""
     key = f"stages.{ctx.stage}.student"
     return load_named_policy(ctx.spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
 
 
-def logit_teacher(ctx: Any, student: Any, tokenizer: Any) -> Any:
+def logit_teacher(ctx: RunContext[DistillSpec], student: Any, tokenizer: Any) -> Any:
     """The frozen teacher for a logit-level mode, after checking it shares the student's tokenizer."""
     spec, source = ctx.spec, ctx.artifacts[ctx.spec.teacher].model_source
     distill.check_same_tokenizer(tokenizer, load_tokenizer(source, ctx.model_spec()), ctx.stage, spec.mode)
@@ -103,7 +106,7 @@ def logit_teacher(ctx: Any, student: Any, tokenizer: Any) -> Any:
 
 
 def step_function(
-    spec: Any, models: tuple[Any, Any, Any], optimizer: Any, guard: training.NanGuard, seed: int
+    spec: DistillSpec, models: tuple[Any, Any, Any], optimizer: torch.optim.Optimizer, guard: training.NanGuard, seed: int
 ) -> Callable[[Any, int], dict[str, float]]:
     """(the loader's next item, 0-based step) -> the step's stats, for the stage's mode."""
     student, teacher, tokenizer = models
@@ -127,7 +130,7 @@ def step_function(
 Prepared = tuple[Any, list[SFTExample], list[encode.PromptExample], dict[str, str], dict[str, float]]
 
 
-def sequence_data(ctx: Any, tokenizer: Any) -> Prepared:
+def sequence_data(ctx: RunContext[DistillSpec], tokenizer: Any) -> Prepared:
     """SFT batches of the teacher's completions, generated once (or read back on resume)."""
     spec, d = ctx.spec, ctx.spec.data[0]
     rows, eval_rows, prints = _rows(ctx)
@@ -154,7 +157,7 @@ def sequence_data(ctx: Any, tokenizer: Any) -> Prepared:
     return loader, eval_ex, eval_prompts, prints, info
 
 
-def logits_data(ctx: Any, tokenizer: Any) -> Prepared:
+def logits_data(ctx: RunContext[DistillSpec], tokenizer: Any) -> Prepared:
     """SFT batches of the data's own sequences, for the teacher and student to score."""
     rows, eval_rows, prints = _rows(ctx)
     bare = next((r for r in rows if not _has_reply(r)), None)
@@ -169,7 +172,7 @@ def logits_data(ctx: Any, tokenizer: Any) -> Prepared:
     return loader, eval_ex, eval_prompts, prints, {}
 
 
-def on_policy_data(ctx: Any, tokenizer: Any) -> Prepared:
+def on_policy_data(ctx: RunContext[DistillSpec], tokenizer: Any) -> Prepared:
     """Batches of `batch_size` prompts; the student completes them at each step."""
     spec, d = ctx.spec, ctx.spec.data[0]
     rows, eval_rows, prints = _rows(ctx)
@@ -182,7 +185,7 @@ def on_policy_data(ctx: Any, tokenizer: Any) -> Prepared:
 PREPARE = {"sequence": sequence_data, "logits": logits_data, "on_policy": on_policy_data}
 
 
-def _rows(ctx: Any) -> tuple[list[dict], list[dict], dict[str, str]]:
+def _rows(ctx: RunContext[DistillSpec]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
     """Training rows (several data sets mixed by weight), the first eval_samples held-out rows, fingerprints."""
     spec = ctx.spec
     train, held_out, prints = load_data(ctx, spec.data)
@@ -190,7 +193,7 @@ def _rows(ctx: Any) -> tuple[list[dict], list[dict], dict[str, str]]:
     return rows, held_out[: spec.eval_samples], prints
 
 
-def _sft_loader(ctx: Any, rows: list[dict], tokenizer: Any, name: str) -> SFTLoader:
+def _sft_loader(ctx: RunContext[DistillSpec], rows: list[dict[str, Any]], tokenizer: Any, name: str) -> SFTLoader:
     spec, d = ctx.spec, ctx.spec.data[0]
     examples = encode.tokenize_sft(rows, tokenizer, d.max_length, d.long_rows, name)
     if d.packing:
@@ -199,12 +202,12 @@ def _sft_loader(ctx: Any, rows: list[dict], tokenizer: Any, name: str) -> SFTLoa
     return SFTLoader(examples, spec.batch_size, mbs, seed=ctx.seed, pad_id=tokenizer.pad_token_id)
 
 
-def _has_reply(row: dict) -> bool:
+def _has_reply(row: dict[str, Any]) -> bool:
     fmt = row_format(row)
     return fmt != "prompt" and (fmt != "messages" or any(m["role"] == "assistant" for m in row["messages"]))
 
 
-def heldout(ctx: Any, rows: list[dict], tokenizer: Any) -> tuple[list[SFTExample], list[encode.PromptExample]]:
+def heldout(ctx: RunContext[DistillSpec], rows: list[dict[str, Any]], tokenizer: Any) -> tuple[list[SFTExample], list[encode.PromptExample]]:
     """Held-out examples of rows that carry a reply (eval/loss) and prompts of rows that carry an
     answer (eval/accuracy), under the first data set's max_length/long_rows like the training rows."""
     d = ctx.spec.data[0]

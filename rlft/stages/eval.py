@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Score stages' models on held-out prompts with a verifier: greedy accuracy, avg@k and the
 unbiased pass@k from k samples per prompt, each with a 95% confidence interval."""
 
@@ -44,7 +45,7 @@ def run(ctx: RunContext[EvalSpec]) -> Artifact:
 
 
 def heldout_prompts(
-    held_out: list[tuple[Any, list[dict]]], tokenizer: Any, num_prompts: int | None, stage: str
+    held_out: list[tuple[Any, list[dict[str, Any]]]], tokenizer: Any, num_prompts: int | None, stage: str
 ) -> list[encode.PromptExample]:
     """The first `num_prompts` held-out prompts in a model's tokenizer, each data set's rows under
     its own max_length/long_rows (`encode.prompt_examples`, the prompts every stage renders).
@@ -60,7 +61,7 @@ def heldout_prompts(
 
 
 def evaluate_model(
-    model: Any, tokenizer: Any, prompts: list[encode.PromptExample], score: Any, spec: Any, seed: int
+    model: Any, tokenizer: Any, prompts: list[encode.PromptExample], score: Any, spec: EvalSpec, seed: int
 ) -> dict[str, float]:
     """Greedy accuracy and avg@k / pass@k (k samples per prompt) with 95% intervals."""
     out: dict[str, float] = {"prompts": len(prompts)}

@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """GRPO with verifiable rewards on a LoRA policy (ALGORITHMS.md sections 1-6).
 
 Each step is one generation round: B prompts, G completions each, rewards, group advantages,
@@ -14,6 +15,7 @@ Departures from the paper, each an option or a documented choice:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,13 +65,13 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     return finish_model(ctx, policy, tokenizer, StageOutput.from_history(history, guard.skipped))
 
 
-def lr_fn(spec: Any) -> Any:
+def lr_fn(spec: GRPOSpec) -> Callable[[int], float]:
     """LR of 1-based optimizer step s; the schedule spans every optimizer step of the stage."""
     return rounds.lr_fn(spec, spec.num_iterations)
 
 
 def collect(
-    policy: Any, reference: Any, tokenizer: Any, loader: Any, score: Any, spec: Any,
+    policy: Any, reference: Any, tokenizer: Any, loader: Any, score: Any, spec: GRPOSpec,
     sampling: rollout.SamplingParams, seed: int, step: int, timer: StepTimer,
 ) -> tuple[rounds.Experience, dict[str, float], list[str], list[Any]]:
     """Sample G completions per prompt, score them, and build the round's Experience.
@@ -82,7 +84,7 @@ def collect(
 
 
 def build_experience(
-    policy: Any, reference: Any, out: rollout.Rollouts, R: torch.Tensor, spec: Any,
+    policy: Any, reference: Any, out: rollout.Rollouts, R: torch.Tensor, spec: GRPOSpec,
     sampling: rollout.SamplingParams, timer: StepTimer,
 ) -> rounds.Experience:
     """old_logp (when off-policy), ref_logp (when beta > 0) and advantages for one round."""
@@ -105,12 +107,12 @@ def build_experience(
     return rounds.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss)
 
 
-def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, spec: Any) -> torch.Tensor:
+def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, spec: GRPOSpec) -> torch.Tensor:
     """(N,) or (N, T) advantages for the recipe's estimator; KL-in-reward folded in first."""
     a = spec.advantage
     if a.estimator == "reinforce_pp":
         return advantages.reinforce_pp(R, kl_tok, mask, spec.loss.beta)
-    R = R - spec.loss.beta * kl_tok.sum(-1)
+    shaped = R - spec.loss.beta * kl_tok.sum(-1)
     if a.estimator == "rloo":
-        return advantages.rloo(R, spec.group_size)
-    return advantages.grouped(R, spec.group_size, a.scale, a.delta)
+        return advantages.rloo(shaped, spec.group_size)
+    return advantages.grouped(shaped, spec.group_size, a.scale, a.delta)

@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """PPO with a critic on a LoRA policy (ALGORITHMS.md sections 1-3; Schulman et al. 2017, Ziegler et al. 2019).
 
 Each step is one rollout batch: B prompts x G completions (G = 1 by default), per-token rewards
@@ -39,7 +40,7 @@ from rlft.rl import critic, rounds
 from rlft.stage_io import StageOutput, finish_model, new_staging
 
 if TYPE_CHECKING:
-    from rlft.recipe.schema import PPOSpec
+    from rlft.recipe.schema import LossSpec, PPOSpec
     from rlft.run import Artifact, RunContext
 
 
@@ -120,7 +121,7 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
     return finish(ctx, policy, tokenizer, value, history, opt.guard.skipped)
 
 
-def load_models(ctx: Any) -> tuple[Any, Any, critic.Critic]:
+def load_models(ctx: RunContext[PPOSpec]) -> tuple[Any, Any, critic.Critic]:
     """Policy (LoRA attached, eval mode), tokenizer and critic; a bad `reward_model` fails first."""
     spec, key = ctx.spec, f"stages.{ctx.stage}.reward_model"
     source = critic.resolve_reward_model(spec.reward_model, ctx.data_base_dir(), key) if spec.reward_model else None
@@ -132,7 +133,7 @@ def load_models(ctx: Any) -> tuple[Any, Any, critic.Critic]:
     return policy, tokenizer, value
 
 
-def make_optimization(policy: Any, value: critic.Critic, spec: Any) -> rounds.Optimization:
+def make_optimization(policy: Any, value: critic.Critic, spec: PPOSpec) -> rounds.Optimization:
     """One AdamW over the policy's adapter (first group) and the critic (second group, at critic_lr)."""
     optimizer = training.make_optimizer(policy, spec)
     optimizer.add_param_group({"params": list(value.named_params().values())})
@@ -152,7 +153,7 @@ def evaluate_batch(policy: Any, value: critic.Critic, tensors: tuple[Tensor, ...
 
 
 def build_batch(
-    policy: Any, value: critic.Critic, reference: Any, out: rollout.Rollouts, R: Tensor, spec: Any,
+    policy: Any, value: critic.Critic, reference: Any, out: rollout.Rollouts, R: Tensor, spec: PPOSpec,
     temperature: float, beta: float,
 ) -> PPOBatch:
     """Per-token rewards, V_old, GAE advantages (whitened) and returns of one rollout batch.
@@ -194,7 +195,7 @@ def batch_stats(batch: PPOBatch) -> dict[str, float]:
 
 
 def ppo_loss(
-    ev: critic.Evaluation, micro: PPOBatch, loss_spec: Any, value_coef: float, value_clip: float, normalizer: Tensor,
+    ev: critic.Evaluation, micro: PPOBatch, loss_spec: LossSpec, value_coef: float, value_clip: float, normalizer: Tensor,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's share of the step loss, L_clip (+ beta * KL in the loss) + value_coef * L_V,
     each aggregated with the whole mini-batch's `normalizer` (ALGORITHMS.md §1-§4).
@@ -223,7 +224,7 @@ def ppo_loss(
 
 
 def update(
-    policy: Any, value: critic.Critic, batch: PPOBatch, spec: Any, opt: rounds.Optimization, opt_step: int,
+    policy: Any, value: critic.Critic, batch: PPOBatch, spec: PPOSpec, opt: rounds.Optimization, opt_step: int,
     temperature: float, beta: float,
 ) -> list[dict[str, float]]:
     """`ppo_epochs` x `mini_batches` optimizer steps on one rollout batch, with the KL early stop."""
@@ -241,7 +242,7 @@ def update(
 
 
 def finish(
-    ctx: Any, policy: Any, tokenizer: Any, value: critic.Critic, history: list[dict[str, Any]], skipped: int,
+    ctx: RunContext[PPOSpec], policy: Any, tokenizer: Any, value: critic.Critic, history: list[dict[str, Any]], skipped: int,
 ) -> Any:
     """`final/` as every model stage writes it, then `final/critic/` (value head, separate trunk).
 

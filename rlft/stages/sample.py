@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Rejection sampling: a trained model writes K completions per prompt, verifiers score them,
 the keep rules pick the good ones, and the result is an SFT data set (ALGORITHMS.md section 8).
 
@@ -69,7 +70,7 @@ def run(ctx: RunContext[SampleSpec]) -> Artifact:
 
 def sample_shard(
     model: Any, tokenizer: Any, prompts: list[Any], first_index: int, score: Any,
-    sampling: rollout.SamplingParams, rules: rejection.KeepRules, spec: Any, seed: int,
+    sampling: rollout.SamplingParams, rules: rejection.KeepRules, spec: SampleSpec, seed: int,
 ) -> list[dict[str, Any]]:
     """Rows for one shard: one line per prompt with its kept completions and pass rate."""
     out = []
@@ -93,7 +94,7 @@ def sample_shard(
 
 
 def _finish(
-    ctx: Any, shard_dir: Path, n_shards: int, prompts: list[encode.PromptExample], mixed: list[list[dict]]
+    ctx: RunContext[SampleSpec], shard_dir: Path, n_shards: int, prompts: list[encode.PromptExample], mixed: list[list[dict[str, Any]]]
 ) -> Any:
     """Join the shards into `final/data.jsonl` plus the mix data; write stats."""
 
@@ -148,7 +149,7 @@ def _pin_inputs(shard_dir: Path, meta: dict[str, Any], force: bool) -> None:
         atomic_write_text(path, json.dumps(meta, sort_keys=True))
 
 
-def mix_rows(ctx: Any, prompts: list[encode.PromptExample]) -> list[list[dict[str, Any]]]:
+def mix_rows(ctx: RunContext[SampleSpec], prompts: list[encode.PromptExample]) -> list[list[dict[str, Any]]]:
     """The training rows of each `mix:` data set as output rows (chat `messages` with the data
     set's system prompt, null prompt_id/sample_id), after checking that every column has one
     JSON type across the prompt data and the mix data, as the output's readers require.

@@ -1,3 +1,4 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Supervised fine-tuning: cold start, retrain on sampled data, sequence-level distillation.
 
 Departures from a plain loop, each for exactness:
