@@ -25,8 +25,8 @@ from rlft.data import encode, tasks
 from rlft.metrics import StepTimer
 from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
 from rlft.recipe.schema import GRPOSpec, LoraSpec, ModelSpec
-from rlft.rewards.builtin import build_rewards
-from rlft.rl import rounds
+from rlft.rewards.runner import build_rewards
+from rlft.rl import learner
 from rlft.stages.grpo import build_experience, make_reference
 from rlft.training import NanGuard, make_optimizer
 
@@ -99,7 +99,7 @@ def _run(policy, tok, prompts, score, reference, spec, steps):  # noqa: ANN001, 
         R = score([b.prompt_text for b in batch for _ in range(G)], out.texts, cols).total
         timer.lap("rewards")
         exp = build_experience(policy, reference, out, R, spec, sampling, timer)
-        rounds.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, sampling.temperature, lambda s: spec.lr)
+        learner.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, sampling.temperature, lambda s: spec.lr)
         timer.lap("update")
         if step == 0:
             continue

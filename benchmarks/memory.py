@@ -104,13 +104,13 @@ def _measure(args: argparse.Namespace, stage: str, on: bool) -> dict[str, float]
 
 
 def _grpo_step(args: argparse.Namespace, policy: Any, tok: Any, tmp: Path) -> Any:
-    """One round's update (rounds.update) on a sampled, scored round, in the GRPO stage's mode."""
+    """One round's update (learner.update) on a sampled, scored round, in the GRPO stage's mode."""
     from rlft import rollout
     from rlft.data import encode, tasks
     from rlft.models import dropout_free_mode
     from rlft.recipe.schema import GRPOSpec
-    from rlft.rewards.builtin import build_rewards
-    from rlft.rl import rounds
+    from rlft.rewards.runner import build_rewards
+    from rlft.rl import learner
     from rlft.stages.grpo import build_experience
     from rlft.training import NanGuard, make_optimizer
 
@@ -130,16 +130,15 @@ def _grpo_step(args: argparse.Namespace, policy: Any, tok: Any, tmp: Path) -> An
     score.close()
     exp = build_experience(policy, None, out, R, spec, sampling, _NoTimer())
     optimizer = make_optimizer(policy, spec)
-    return lambda: rounds.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, 1.0, lambda s: spec.lr)
+    return lambda: learner.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, 1.0, lambda s: spec.lr)
 
 
 def _sft_step(args: argparse.Namespace, policy: Any, tok: Any) -> Any:
-    """One SFT optimizer step (the stage's train_step, train mode) on `--sft-batch` worked additions."""
+    """One SFT optimizer step (training.sft_step, as the SFT stage runs it, train mode) on `--sft-batch` worked additions."""
     from rlft.data import encode, tasks
     from rlft.data.batch import collate
     from rlft.recipe.schema import SFTSpec
-    from rlft.stages.sft import train_step
-    from rlft.training import NanGuard, make_optimizer
+    from rlft.training import NanGuard, make_optimizer, sft_step
 
     rows = tasks.get_task("arith").generate(args.sft_batch, seed=0)
     examples = encode.tokenize_sft([{"prompt": r["prompt"], "completion": r["solution"]} for r in rows], tok, 512,
@@ -147,7 +146,7 @@ def _sft_step(args: argparse.Namespace, policy: Any, tok: Any) -> Any:
     batch = collate(examples, tok.pad_token_id)
     optimizer = make_optimizer(policy, SFTSpec.model_validate({"kind": "sft", "data": "tiny:arith"}))
     policy.train()
-    return lambda: train_step(policy, optimizer, [batch], NanGuard("skip", 10), 1.0, 1)
+    return lambda: sft_step(policy, optimizer, [batch], NanGuard("skip", 10), 1.0, 1)
 
 
 class _NoTimer:

@@ -201,3 +201,21 @@ def test_the_package_check_sees_a_planted_upward_import() -> None:
             test_library_packages_import_only_what_their_layer_allows()
     finally:
         GRAPH["rlft.core.losses"].discard("rlft.models")
+
+
+def test_every_rlft_import_in_the_benchmarks_resolves() -> None:
+    """Benchmarks run by hand, so a moved module would break them silently: every `from rlft...
+    import name` in them (inside functions too) must name a module and an attribute that exist."""
+    import importlib
+
+    missing = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "rlft":
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and f"{node.module}.{a.name}" not in MODULES]
+            elif isinstance(node, ast.Import):
+                missing += [f"{path.name}: {a.name}" for a in node.names
+                            if a.name.startswith("rlft.") and a.name not in MODULES]
+    assert missing == []

@@ -10,23 +10,23 @@ from torch.testing import assert_close
 
 from rlft.core import losses
 from rlft.recipe.schema import LossSpec
-from rlft.rl import rounds
+from rlft.rl import learner
 from tests.test_losses import ragged_mask
 
 ESTIMATORS = ["k1", "k2", "k3"]
 
 
 def _experience(mask: torch.Tensor, adv: torch.Tensor, old_logp: torch.Tensor | None,
-                ref_logp: torch.Tensor) -> rounds.Experience:
+                ref_logp: torch.Tensor) -> learner.Experience:
     n, t = mask.shape
     ids = torch.zeros((n, t), dtype=torch.long)
-    return rounds.Experience(ids, torch.ones_like(ids), ids, mask.long(), adv, old_logp, ref_logp)
+    return learner.Experience(ids, torch.ones_like(ids), ids, mask.long(), adv, old_logp, ref_logp)
 
 
-def _loss_and_grad(logp0: torch.Tensor, exp: rounds.Experience, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grad(logp0: torch.Tensor, exp: learner.Experience, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
     logp = logp0.clone().requires_grad_(True)
     normalizer = losses.aggregation_normalizer(exp.mask, spec.aggregate, max_len=logp.shape[1])
-    loss, _ = rounds.policy_loss(logp, exp, spec, normalizer)
+    loss, _ = learner.policy_loss(logp, exp, spec, normalizer)
     loss.backward()
     assert logp.grad is not None
     return loss.detach(), logp.grad
@@ -101,7 +101,7 @@ def test_grpo_update_gradient_same_on_policy_and_recomputed(tmp_path: Path) -> N
         policy.zero_grad()
         logp = rollout.completion_logprobs(policy, exp.tensors(), 1.0)
         normalizer = losses.aggregation_normalizer(exp.mask, spec.loss.aggregate)
-        rounds.policy_loss(logp, exp, spec.loss, normalizer)[0].backward()
+        learner.policy_loss(logp, exp, spec.loss, normalizer)[0].backward()
         return [p.grad.clone() for p in params]
 
     for estimator in ESTIMATORS:
@@ -132,7 +132,7 @@ def _rl_policy(source: str, checkpointing: bool) -> object:
     return dropout_free_mode(policy)
 
 
-def _loss_grads_and_layer_starts(policy: object, exp: rounds.Experience) -> tuple:
+def _loss_grads_and_layer_starts(policy: object, exp: learner.Experience) -> tuple:
     """Loss and adapter gradients of one forward/backward, and how often each decoder layer's MLP started."""
     from rlft import rollout
     layers = policy.get_base_model().model.layers
@@ -145,7 +145,7 @@ def _loss_grads_and_layer_starts(policy: object, exp: rounds.Experience) -> tupl
     hooks = [layer.mlp.register_forward_pre_hook(count) for layer in layers]
     spec = LossSpec()
     logp = rollout.completion_logprobs(policy, exp.tensors(), 1.0)
-    loss, _ = rounds.policy_loss(logp, exp, spec, losses.aggregation_normalizer(exp.mask, spec.aggregate))
+    loss, _ = learner.policy_loss(logp, exp, spec, losses.aggregation_normalizer(exp.mask, spec.aggregate))
     loss.backward()
     for h in hooks:
         h.remove()
@@ -169,7 +169,7 @@ def test_gradient_checkpointing_is_active_in_rl_and_changes_no_number(tmp_path: 
     out = rollout.generate(plain, tok, [tok("What is 1+1?").input_ids, tok("Reverse: abc").input_ids],
                            rollout.SamplingParams(max_new_tokens=10), 4, rollout.seed_generator(5))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.0, 0.0])
-    exp = rounds.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, adv, None, None)
+    exp = learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask, adv, None, None)
     results = {name: _loss_grads_and_layer_starts(policy, exp) for name, policy in
                (("plain", plain), ("checkpointed", checkpointed))}
     assert results["plain"][2] == 1 and results["checkpointed"][2] == 2  # recomputed in the backward

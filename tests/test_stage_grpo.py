@@ -249,7 +249,7 @@ def test_one_update_moves_logp_along_the_advantage(tmp_path: Path) -> None:
     from rlft import rollout
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
     from rlft.recipe.schema import GRPOSpec, LoraSpec, ModelSpec
-    from rlft.rl import rounds
+    from rlft.rl import learner
     from rlft.stages.grpo import build_experience
     from rlft.training import NanGuard, make_optimizer
 
@@ -267,7 +267,7 @@ def test_one_update_moves_logp_along_the_advantage(tmp_path: Path) -> None:
     exp = build_experience(policy, None, out, R, spec, sampling, _NoTimer())
     with torch.no_grad():
         before = rollout.completion_logprobs(policy, out, 1.0).sum(-1)
-    rounds.update(policy, make_optimizer(policy, spec), exp, spec, NanGuard("skip", 3), 0, 1.0, lambda s: 1e-3)
+    learner.update(policy, make_optimizer(policy, spec), exp, spec, NanGuard("skip", 3), 0, 1.0, lambda s: 1e-3)
     with torch.no_grad():
         delta = rollout.completion_logprobs(policy, out, 1.0).sum(-1) - before
     assert (delta[exp.advantages > 0] > 0).all(), (delta, exp.advantages)

@@ -1,3 +1,3 @@
-# pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
-"""RL loops: GRPO/PPO rounds (sample, score, build experience, update), the PPO critic, distillation
-steps and teacher data, the sample stage's keep rules. The math they call lives in `rlft.core`."""
+"""RL loops: the actor side of GRPO/PPO (rounds: sample, score), the learner side (experience,
+policy loss, update), the PPO critic, distillation steps and teacher data, the sample stage's keep
+rules. The math they call lives in `rlft.core`."""

@@ -1,205 +1,34 @@
 # pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
-"""What the policy-gradient stages (GRPO, PPO) share: prompt data and rewards, sampling and
-scoring a generation round, the reference policy, the per-token policy loss from the loss core,
-per-token rewards with the KL folded in, and the mini-batch/micro-batch update loop (`optimize`,
-which takes each stage's loss as a callback).
+"""The actor side of GRPO and PPO: prompt data and rewards, sampling and scoring a generation round
+(with DAPO dynamic sampling), the reference policy, and the round's metrics and samples log. The
+update of the policy on a round lives in `rlft.rl.learner`.
 
-ALGORITHMS.md sections 1, 2, 3, 4, 5. The update is exact under micro-batching: the
-aggregation normaliser is computed once per optimizer step over the whole mini-batch.
+ALGORITHMS.md sections 2, 5.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from rlft import rollout
-from rlft.ckpt.faults import fault_active, fault_point
-from rlft.core import advantages, losses
+from rlft.core import advantages
 from rlft.data import encode
 from rlft.data.batch import PromptLoader
 from rlft.data.rows import mix
-from rlft.models import load_model, reference_mode, trainable_named_params
-from rlft.recipe.schema import GRPOSpec, LossSpec, PPOSpec
+from rlft.models import load_model, reference_mode
+from rlft.recipe.schema import GRPOSpec, PPOSpec
 from rlft.rewards.runner import build_rewards
 from rlft.stage_io import load_prompts
-from rlft.training import NanGuard, apply_step, lr_at, set_lr
 
 if TYPE_CHECKING:
     from rlft.run import RunContext
 
 
-@dataclass(frozen=True)
-class Experience:
-    """A generation round ready for updates. N rows; tensors on the policy's device."""
-
-    prompt_ids: Tensor  # (N, P) left-padded
-    prompt_mask: Tensor  # (N, P)
-    completion_ids: Tensor  # (N, T) right-padded
-    mask: Tensor  # (N, T) counted tokens (truncated rows zeroed when they are masked out)
-    advantages: Tensor  # (N,) per sequence, or (N, T) per token
-    old_logp: Tensor | None  # (N, T); None = fully on-policy, use logp.detach() (ALGORITHMS.md §1)
-    ref_logp: Tensor | None  # (N, T); None when the KL is not in the loss
-
-    def rows(self, idx: Tensor) -> Experience:
-        def pick(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[idx]
-
-        return replace(
-            self,
-            prompt_ids=self.prompt_ids[idx], prompt_mask=self.prompt_mask[idx],
-            completion_ids=self.completion_ids[idx], mask=self.mask[idx],
-            advantages=self.advantages[idx], old_logp=pick(self.old_logp), ref_logp=pick(self.ref_logp),
-        )
-
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.prompt_ids, self.prompt_mask, self.completion_ids, self.mask
-
-
-def policy_loss(logp: Tensor, exp: Experience, spec: LossSpec, normalizer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """This micro-batch's share of the step loss: clipped surrogate (+ beta * KL), aggregated.
-
-    `spec` is the recipe's LossSpec. Returns the loss and summed (not averaged) statistics.
-    On-policy (`exp.old_logp` None) old_logp is logp.detach() for the ratio and for the KL's
-    importance weight alike: r = 1 in value, but its gradient (d r = d logp) still weights the KL,
-    so the gradient equals the one with old_logp recomputed (ALGORITHMS.md §1, §3).
-    """
-    old_logp = exp.old_logp if exp.old_logp is not None else logp.detach()
-    adv = exp.advantages
-    if spec.ratio == "sequence":
-        out = losses.gspo_loss(logp, old_logp, adv, exp.mask, spec.eps_low, spec.eps_high, spec.dual_clip)
-        per_token = out.loss[:, None].expand_as(logp)
-        clip_low, clip_high = (out.clipped_low[:, None] & exp.mask.bool()), (out.clipped_high[:, None] & exp.mask.bool())
-    else:
-        a = adv[:, None] if adv.dim() == 1 else adv
-        out = losses.clipped_surrogate(logp, old_logp, a, spec.eps_low, spec.eps_high, spec.dual_clip)
-        per_token = out.loss
-        clip_low, clip_high = out.clipped_low & exp.mask.bool(), out.clipped_high & exp.mask.bool()
-    counted = exp.mask.bool()
-    stats = {"clip/low": clip_low.sum().float(), "clip/high": clip_high.sum().float(), "tokens": counted.sum().float()}
-    if exp.ref_logp is not None and spec.beta > 0:
-        is_old = old_logp if spec.importance_sampling_kl else None
-        kl = losses.kl_penalty(logp, exp.ref_logp, spec.kl_estimator, old_logp=is_old)
-        per_token = per_token + spec.beta * kl
-        stats["kl"] = torch.where(counted, kl.detach(), 0.0).sum()
-    return losses.aggregate(per_token, exp.mask, spec.aggregate, normalizer), stats
-
-
-def update(
-    policy: Any, optimizer: torch.optim.Optimizer, exp: Experience, spec: GRPOSpec | PPOSpec, guard: NanGuard,
-    opt_step: int, temperature: float, lr_for: Callable[[int], float],
-) -> list[dict[str, float]]:
-    """Optimizer steps over one generation round: `mini_batches` per pass, `num_iterations` passes.
-
-    `spec` is the stage spec (GRPOSpec). Returns one stats dict per optimizer step.
-    """
-
-    def loss_fn(micro: Experience, normalizer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logp, ent = rollout.completion_logprobs(policy, micro.tensors(), temperature, with_entropy=True)
-        loss, stats = policy_loss(logp, micro, spec.loss, normalizer)
-        stats["entropy"] = torch.where(micro.mask.bool(), ent, 0.0).sum()
-        return loss, stats
-
-    params = list(trainable_named_params(policy).values())
-    opt = Optimization(optimizer, params, guard, lr_for, spec.max_grad_norm)
-    return optimize(exp, loss_fn, opt, spec, opt_step, getattr(spec, "num_iterations", 1))
-
-
-LossFn = Callable[[Any, Tensor], tuple[Tensor, dict[str, Tensor]]]
-
-
-@dataclass(frozen=True)
-class Optimization:
-    """What an optimizer step needs besides the batch: the optimizer, every parameter it updates
-    (NaN-checked and norm-clipped together), the guard, the LR of 1-based step s, the clip norm,
-    and per param group a factor on that LR (empty: every group at lr_for(s))."""
-
-    optimizer: torch.optim.Optimizer
-    params: list[torch.nn.Parameter]
-    guard: NanGuard
-    lr_for: Callable[[int], float]
-    max_grad_norm: float | None
-    lr_scales: tuple[float, ...] = ()
-
-
-def optimize(
-    batch: Any, loss_fn: LossFn, opt: Optimization, spec: GRPOSpec | PPOSpec, opt_step: int, passes: int,
-    keep_going: Callable[[list[dict[str, float]]], bool] | None = None,
-) -> list[dict[str, float]]:
-    """`passes` passes over a round's `batch`, each `spec.mini_batches` optimizer steps of
-    `spec.micro_batch_size`-row micro-batches; the loss core of GRPO and PPO.
-
-    `batch` has `.mask` (N, T) and `.rows(idx)` (an Experience, a PPO batch). `loss_fn(micro,
-    normalizer)` returns the micro-batch's share of the step loss (`losses.aggregate` with the
-    whole mini-batch's `normalizer`, so accumulation is exact) and summed stats: "tokens" (counted
-    tokens) divides the others, except "loss/*" keys, which are already shares and are summed.
-    After each pass, `keep_going(that pass's stats)` False ends the round (PPO's KL early stop).
-
-    Returns:
-        One stats dict per optimizer step taken.
-    """
-    # dynamic sampling may leave fewer rows than planned: split as evenly as possible
-    n = batch.mask.shape[0]
-    minis = [m for m in torch.arange(n, device=batch.mask.device).tensor_split(spec.mini_batches) if len(m)]
-    max_len = spec.loss.max_len or spec.sampling.max_new_tokens
-    out: list[dict[str, float]] = []
-    for _ in range(passes):
-        done = []
-        for rows in minis:
-            mini = batch.rows(rows)
-            normalizer = losses.aggregation_normalizer(mini.mask, spec.loss.aggregate, max_len)
-            opt_step += 1
-            done.append(_accumulate_and_step(mini, loss_fn, opt, normalizer, spec.micro_batch_size, opt_step))
-        out += done
-        if keep_going is not None and not keep_going(done):
-            break
-    return out
-
-
-def _accumulate_and_step(
-    mini: Any, loss_fn: LossFn, opt: Optimization, normalizer: Tensor, micro_batch_size: int, opt_step: int,
-) -> dict[str, float]:
-    set_lr(opt.optimizer, opt.lr_for(opt_step))
-    for group, scale in zip(opt.optimizer.param_groups, opt.lr_scales, strict=False):
-        group["lr"] *= scale
-    size = mini.mask.shape[0]
-    sums: dict[str, Tensor] = {}
-    total = torch.zeros((), device=mini.mask.device)
-    for s in range(0, size, micro_batch_size):
-        micro = mini.rows(torch.arange(s, min(s + micro_batch_size, size), device=mini.mask.device))
-        loss, stats = loss_fn(micro, normalizer)
-        if fault_active("nan_loss", opt_step):
-            loss = loss * float("nan")
-        loss.backward()
-        total += loss.detach()
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v
-        fault_point("micro_batch", opt_step)  # tests: die with gradients half accumulated
-    return _optimizer_step(opt.optimizer, opt.params, total, sums, opt.guard, opt.max_grad_norm, opt_step)
-
-
-def _optimizer_step(
-    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], total: Tensor, sums: dict[str, Tensor],
-    guard: NanGuard, max_grad_norm: float | None, opt_step: int,
-) -> dict[str, float]:
-    tokens = float(sums.pop("tokens").clamp(min=1))
-    stats = {k: float(v) if k.startswith("loss/") else float(v) / tokens for k, v in sums.items()}
-    lr = optimizer.param_groups[0]["lr"]
-    grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, opt_step)
-    if grad_norm is None:
-        return {"loss/policy": float("nan"), "skipped": guard.skipped}
-    return {"loss/policy": float(total), "grad_norm": grad_norm, "lr": lr, "skipped": guard.skipped, **stats}
-
-
-@torch.no_grad()
-def logprobs_of(model: Any, exp_tensors: tuple[Tensor, ...], temperature: float, micro_batch_size: int) -> Tensor:
-    """(N, T) log-probs without a graph (old_logp before the first update, ref_logp)."""
-    return rollout.completion_logprobs(model, exp_tensors, temperature, micro_batch_size=micro_batch_size)
 
 
 def select_groups(out: rollout.Rollouts, keep: Tensor, group_size: int) -> rollout.Rollouts:
@@ -236,9 +65,6 @@ def concat_rollouts(parts: list[rollout.Rollouts], pad_id: int) -> rollout.Rollo
         [t for p in parts for t in p.texts],
         torch.cat([p.group_index + int(o) for p, o in zip(parts, offsets, strict=True)]),
     )
-
-
-# --------------------------------------------------------------------------- a generation round
 
 
 @dataclass(frozen=True)
@@ -315,14 +141,6 @@ def round_stats(out: rollout.Rollouts, result: Any, G: int) -> dict[str, float]:
     return stats
 
 
-def mean_stats(updates: list[dict[str, float]]) -> dict[str, float]:
-    """The mean of each metric over a round's optimizer steps; `skipped` is the running count."""
-    keys = dict.fromkeys(k for u in updates for k in u if k != "skipped")  # first-seen order
-    out = {k: sum(u[k] for u in updates if k in u) / max(1, sum(k in u for u in updates)) for k in keys}
-    out["skipped"] = updates[-1]["skipped"] if updates else 0
-    return out
-
-
 def make_reference(policy: Any, ctx: RunContext[GRPOSpec] | RunContext[PPOSpec]) -> Any:
     """pi_ref for the KL term: None when beta = 0; the adapter-disabled policy for LoRA;
     a frozen copy of the parent model for full fine-tuning."""
@@ -333,33 +151,6 @@ def make_reference(policy: Any, ctx: RunContext[GRPOSpec] | RunContext[PPOSpec])
     frozen = load_model(ctx.parent().model_source, ctx.model_spec(), next(policy.parameters()).device)
     frozen.eval().requires_grad_(False)
     return lambda: contextlib.nullcontext(frozen)
-
-
-def lr_fn(spec: GRPOSpec | PPOSpec, passes: int) -> Callable[[int], float]:
-    """LR of 1-based optimizer step s; the schedule spans every optimizer step of the stage
-    (steps * mini_batches * passes; with PPO's KL early stop it may end before its last step)."""
-    total = spec.steps * spec.mini_batches * passes
-    return lambda s: lr_at(s - 1, total, spec)
-
-
-def token_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
-    """Per-token rewards of ALGORITHMS.md §2/§3 with the KL in the reward:
-
-        rew_{i,t} = R_i * [t = last counted token of i] - beta * kl_{i,t}      (counted tokens; 0 elsewhere)
-
-    Args:
-        rewards: (N,) sequence rewards.
-        kl: (N, T) per-token KL estimate (k1 = logp - ref_logp), or zeros.
-        mask: (N, T) 1 for counted tokens.
-        beta: KL coefficient.
-
-    Returns:
-        (N, T) float rewards.
-    """
-    counted = mask.bool()
-    last = counted & (mask.long().cumsum(-1) == counted.sum(-1, keepdim=True))  # (N, T)
-    kl_part = torch.where(counted, -beta * kl, torch.zeros_like(kl))
-    return kl_part + torch.where(last, rewards[:, None].to(kl.dtype), 0.0)
 
 
 def prompt_data(

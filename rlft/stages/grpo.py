@@ -24,7 +24,7 @@ from rlft import rollout, training
 from rlft.core import advantages
 from rlft.metrics import StepTimer
 from rlft.models import dropout_free_mode, load_policy
-from rlft.rl import rounds
+from rlft.rl import learner, rounds
 from rlft.rl.rounds import make_reference
 from rlft.stage_io import StageOutput, finish_model
 
@@ -55,10 +55,10 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     for step in loop:
         timer = StepTimer()
         exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
-        updates = rounds.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
+        updates = learner.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
         opt_step += len(updates)
         timer.lap("policy")
-        stats |= rounds.mean_stats(updates) | timer.times | {"optimizer_steps": opt_step}
+        stats |= learner.mean_stats(updates) | timer.times | {"optimizer_steps": opt_step}
         logs.log(step, stats, batch, texts)
     history = logs.close()
     score.close()
@@ -67,13 +67,13 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
 
 def lr_fn(spec: GRPOSpec) -> Callable[[int], float]:
     """LR of 1-based optimizer step s; the schedule spans every optimizer step of the stage."""
-    return rounds.lr_fn(spec, spec.num_iterations)
+    return learner.lr_fn(spec, spec.num_iterations)
 
 
 def collect(
     policy: Any, reference: Any, tokenizer: Any, loader: Any, score: Any, spec: GRPOSpec,
     sampling: rollout.SamplingParams, seed: int, step: int, timer: StepTimer,
-) -> tuple[rounds.Experience, dict[str, float], list[str], list[Any]]:
+) -> tuple[learner.Experience, dict[str, float], list[str], list[Any]]:
     """Sample G completions per prompt, score them, and build the round's Experience.
 
     With dynamic sampling (DAPO), groups whose G rewards are all equal are dropped and more
@@ -86,25 +86,25 @@ def collect(
 def build_experience(
     policy: Any, reference: Any, out: rollout.Rollouts, R: torch.Tensor, spec: GRPOSpec,
     sampling: rollout.SamplingParams, timer: StepTimer,
-) -> rounds.Experience:
+) -> learner.Experience:
     """old_logp (when off-policy), ref_logp (when beta > 0) and advantages for one round."""
     mask = out.completion_mask * (~out.truncated[:, None]) if spec.loss.mask_truncated else out.completion_mask
     tensors = (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
     on_policy = spec.num_iterations == 1 and spec.mini_batches == 1 and spec.old_logp != "recompute"
-    old_logp = None if on_policy else rounds.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
+    old_logp = None if on_policy else learner.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
     ref_logp = None
     if reference is not None:
         with reference() as ref_model:
-            ref_logp = rounds.logprobs_of(ref_model, tensors, sampling.temperature, spec.micro_batch_size)
+            ref_logp = learner.logprobs_of(ref_model, tensors, sampling.temperature, spec.micro_batch_size)
     timer.lap("reference")
     kl_tok = torch.zeros_like(mask, dtype=torch.float32)
     if ref_logp is not None and spec.loss.kl_in == "reward":
-        behaviour = old_logp if old_logp is not None else rounds.logprobs_of(
+        behaviour = old_logp if old_logp is not None else learner.logprobs_of(
             policy, tensors, sampling.temperature, spec.micro_batch_size)
         kl_tok = torch.where(mask.bool(), behaviour - ref_logp, 0.0)  # k1 per token
     adv = advantages_for(R, kl_tok, mask, spec)
     ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
-    return rounds.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss)
+    return learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss)
 
 
 def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, spec: GRPOSpec) -> torch.Tensor:

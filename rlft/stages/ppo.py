@@ -9,7 +9,7 @@ passes of `mini_batches` optimizer steps on
 
     L = L_clip (+ beta * KL with kl_in: loss) + value_coef * L_V        (one backward, one optimizer)
 
-through GRPO's loss core (`rounds.optimize`, `rounds.policy_loss`). Choices, each documented or an option:
+through GRPO's loss core (`learner.optimize`, `learner.policy_loss`). Choices, each documented or an option:
 1. Dropout is off (as in GRPO, `models.dropout_free_mode`). old_logp and V_old are recomputed in one forward before the first
    update (with `critic: shared` that forward gives both), so the first step's ratio is exactly 1.
 2. The reference is the adapter-disabled policy (`rounds.make_reference`); beta = 0 skips it.
@@ -36,7 +36,7 @@ from rlft.ckpt.fsio import commit_dir
 from rlft.core import advantages, losses
 from rlft.metrics import StepTimer
 from rlft.models import dropout_free_mode, load_policy
-from rlft.rl import critic, rounds
+from rlft.rl import critic, learner, rounds
 from rlft.stage_io import StageOutput, finish_model, new_staging
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 class PPOBatch:
     """A rollout batch ready for the epochs; every tensor (N, T), 0 at masked positions."""
 
-    exp: rounds.Experience  # advantages = whitened GAE advantages; old_logp recorded
+    exp: learner.Experience  # advantages = whitened GAE advantages; old_logp recorded
     old_values: Tensor  # V_old, the critic at sampling time
     returns: Tensor  # GAE returns, the value targets
     rewards: Tensor  # per-token rewards
@@ -113,7 +113,7 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
         opt_step += len(updates)
         timer.lap("policy")
         kl_ctl.update(stats["kl/sequence"], len(r.out.texts))
-        stats |= rounds.mean_stats(updates) | {"ppo/epochs_run": len(updates) / spec.mini_batches}
+        stats |= learner.mean_stats(updates) | {"ppo/epochs_run": len(updates) / spec.mini_batches}
         stats |= timer.times | {"optimizer_steps": opt_step}
         logs.log(step, stats, r.rows, r.out.texts)
     history = logs.close()
@@ -133,14 +133,14 @@ def load_models(ctx: RunContext[PPOSpec]) -> tuple[Any, Any, critic.Critic]:
     return policy, tokenizer, value
 
 
-def make_optimization(policy: Any, value: critic.Critic, spec: PPOSpec) -> rounds.Optimization:
+def make_optimization(policy: Any, value: critic.Critic, spec: PPOSpec) -> learner.Optimization:
     """One AdamW over the policy's adapter (first group) and the critic (second group, at critic_lr)."""
     optimizer = training.make_optimizer(policy, spec)
     optimizer.add_param_group({"params": list(value.named_params().values())})
     params = [p for group in optimizer.param_groups for p in group["params"]]
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     scales = (1.0, (spec.critic_lr or spec.lr) / spec.lr)
-    return rounds.Optimization(optimizer, params, guard, rounds.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm, scales)
+    return learner.Optimization(optimizer, params, guard, learner.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm, scales)
 
 
 @torch.no_grad()
@@ -167,13 +167,13 @@ def build_batch(
     ref_logp = None
     if reference is not None:
         with reference() as ref_model:
-            ref_logp = rounds.logprobs_of(ref_model, tensors, temperature, spec.micro_batch_size)
+            ref_logp = learner.logprobs_of(ref_model, tensors, temperature, spec.micro_batch_size)
     counted = mask.bool()
     kl = torch.where(counted, old.logp - ref_logp, 0.0) if ref_logp is not None else torch.zeros_like(old.logp)
-    rewards = rounds.token_rewards(R.to(old.logp.dtype), kl, mask, beta if spec.loss.kl_in == "reward" else 0.0)
+    rewards = learner.token_rewards(R.to(old.logp.dtype), kl, mask, beta if spec.loss.kl_in == "reward" else 0.0)
     gae = advantages.gae(rewards, old.values, mask, spec.gamma, spec.lam)
     ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
-    exp = rounds.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask,
+    exp = learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask,
                         advantages.whiten(gae.advantages, mask), old.logp, ref_in_loss)
     return PPOBatch(exp, old.values, gae.returns, rewards, gae.advantages, kl)
 
@@ -200,9 +200,9 @@ def ppo_loss(
     """This micro-batch's share of the step loss, L_clip (+ beta * KL in the loss) + value_coef * L_V,
     each aggregated with the whole mini-batch's `normalizer` (ALGORITHMS.md §1-§4).
 
-    Returns the loss and summed statistics for `rounds.optimize` ("loss/*" are shares, summed as they are).
+    Returns the loss and summed statistics for `learner.optimize` ("loss/*" are shares, summed as they are).
     """
-    policy_part, stats = rounds.policy_loss(ev.logp, micro.exp, loss_spec, normalizer)
+    policy_part, stats = learner.policy_loss(ev.logp, micro.exp, loss_spec, normalizer)
     value_part = losses.aggregate(losses.value_loss(ev.values, micro.old_values, micro.returns, value_clip),
                                   micro.mask, loss_spec.aggregate, normalizer)
     counted = micro.mask.bool()
@@ -224,7 +224,7 @@ def ppo_loss(
 
 
 def update(
-    policy: Any, value: critic.Critic, batch: PPOBatch, spec: PPOSpec, opt: rounds.Optimization, opt_step: int,
+    policy: Any, value: critic.Critic, batch: PPOBatch, spec: PPOSpec, opt: learner.Optimization, opt_step: int,
     temperature: float, beta: float,
 ) -> list[dict[str, float]]:
     """`ppo_epochs` x `mini_batches` optimizer steps on one rollout batch, with the KL early stop."""
@@ -238,7 +238,7 @@ def update(
         kls = [u["ppo/approx_kl"] for u in epoch if "ppo/approx_kl" in u]
         return spec.early_stop_kl is None or not kls or sum(kls) / len(kls) <= spec.early_stop_kl
 
-    return rounds.optimize(batch, loss_fn, opt, spec, opt_step, spec.ppo_epochs, keep_going)
+    return learner.optimize(batch, loss_fn, opt, spec, opt_step, spec.ppo_epochs, keep_going)
 
 
 def finish(
