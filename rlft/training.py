@@ -120,6 +120,26 @@ def apply_step(
     return float(grad_norm)
 
 
+def backward_into(loss: torch.Tensor, total: torch.Tensor, step: int) -> None:
+    """Backpropagate one micro-batch's share of the step loss and add it to the step's `total`
+    (in place). The `nan_loss` fault point turns the share NaN (tests of the NaN guard)."""
+    if fault_active("nan_loss", step):
+        loss = loss * float("nan")
+    loss.backward()
+    total += loss.detach()
+
+
+def finish_step(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], total: torch.Tensor, guard: NanGuard,
+    max_grad_norm: float | None, step: int, n_tokens: torch.Tensor,
+) -> dict[str, float]:
+    """`apply_step` on the accumulated gradients, and the step's metrics (loss NaN when skipped)."""
+    grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, step)
+    if grad_norm is None:
+        return {"loss": float("nan"), "skipped": guard.skipped}
+    return {"loss": float(total), "grad_norm": grad_norm, "tokens": int(n_tokens), "skipped": guard.skipped}
+
+
 def save_state(
     stage_dir: Path,
     step: int,
@@ -210,15 +230,8 @@ def sft_step(
     total = torch.zeros((), device=dev)
     for mb in micro_batches:
         loss_sum, _ = sft_loss_sum(policy, {k: v.to(dev) for k, v in mb.items()})
-        loss = loss_sum / n_tokens
-        if fault_active("nan_loss", step):
-            loss = loss * float("nan")
-        loss.backward()
-        total += loss.detach()
-    grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, step)
-    if grad_norm is None:
-        return {"loss": float("nan"), "skipped": guard.skipped}
-    return {"loss": float(total), "grad_norm": grad_norm, "tokens": int(n_tokens), "skipped": guard.skipped}
+        backward_into(loss_sum / n_tokens, total, step)
+    return finish_step(optimizer, params, total, guard, max_grad_norm, step, n_tokens)
 
 
 def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from rlft import evaluate, rollout, training
-from rlft.ckpt.faults import fault_active
 from rlft.ckpt.fsio import atomic_write_text
 from rlft.core import losses
 from rlft.data import encode
@@ -184,15 +183,8 @@ def distill_step(
     total = torch.zeros((), device=dev)
     for mb in micro_batches:
         per_token, mask = token_divergence(student, teacher, {k: v.to(dev) for k, v in mb.items()}, divergence)
-        loss = losses.aggregate(per_token, mask, "token", n_tokens)
-        if fault_active("nan_loss", step):
-            loss = loss * float("nan")
-        loss.backward()
-        total += loss.detach()
-    grad_norm = training.apply_step(optimizer, params, total, guard, spec.max_grad_norm, step)
-    if grad_norm is None:
-        return {"loss": float("nan"), "skipped": guard.skipped}
-    return {"loss": float(total), "grad_norm": grad_norm, "tokens": int(n_tokens), "skipped": guard.skipped}
+        training.backward_into(losses.aggregate(per_token, mask, "token", n_tokens), total, step)
+    return training.finish_step(optimizer, params, total, guard, spec.max_grad_norm, step, n_tokens)
 
 
 # --------------------------------------------------------------------------- on-policy data

@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from rlft import rollout
-from rlft.ckpt.faults import fault_active, fault_point
+from rlft.ckpt.faults import fault_point
 from rlft.core import losses
 from rlft.models import trainable_named_params
 from rlft.recipe.schema import GRPOSpec, LossSpec, PPOSpec
-from rlft.training import NanGuard, apply_step, lr_at, set_lr
+from rlft.training import NanGuard, apply_step, backward_into, lr_at, set_lr
 
 if TYPE_CHECKING:
     pass
@@ -169,10 +169,7 @@ def _accumulate_and_step(
     for s in range(0, size, micro_batch_size):
         micro = mini.rows(torch.arange(s, min(s + micro_batch_size, size), device=mini.mask.device))
         loss, stats = loss_fn(micro, normalizer)
-        if fault_active("nan_loss", opt_step):
-            loss = loss * float("nan")
-        loss.backward()
-        total += loss.detach()
+        backward_into(loss, total, opt_step)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
         fault_point("micro_batch", opt_step)  # tests: die with gradients half accumulated
