@@ -213,7 +213,7 @@ def shrink_config(config: Any) -> Any:
 def report(loaded: LoadedRecipe) -> str:
     """Per stage: rows, prompt/completion token counts, the first rendered prompt, rewards returned;
     then a warning for each stage that renders a data set's prompt differently from a stage it reads."""
-    from rlft.prompt_report import mismatches, stage_prompts
+    from rlft.prompt_report import answer_problems, mismatches, stage_prompts
 
     prompts = stage_prompts(loaded)
     lines = [f"dry run of {loaded.path} in {loaded.run_dir}: every stage ran"]
@@ -231,7 +231,7 @@ def report(loaded: LoadedRecipe) -> str:
         rewards = _rewards(loaded.run_dir / stage, marker)
         if rewards:
             lines.append("  rewards: " + ", ".join(f"{k}={v:.3g}" for k, v in rewards.items()))
-    warnings = mismatches(loaded, prompts)
+    warnings = mismatches(loaded, prompts) + answer_problems(loaded, prompts)
     lines += ["", *[f"warning: {w}" for w in warnings]] if warnings else []
     return "\n".join(lines)
 

@@ -2,10 +2,11 @@
 
 A stage's prompt is its first data set's first row through `rlft.data.prompt_ids` (system
 prompt, chat template, generation prompt) with the tokenizer of the model it trains or
-scores: the exact text the model sees. Two stages that read the same data set should render
-the same prompt for the same row when one reads the other's model (`from:`, `teacher:`, an
-eval's `models:`); a system prompt dropped from the eval stage, for one, scores the trained
-model on prompts it never saw, and is reported here.
+scores: the exact text the model sees. Its frame is the same rendering with each user turn's
+text replaced by a placeholder. A stage that reads another's model (`from:`, `teacher:`, an
+eval's `models:`) should frame its prompts as that stage did: a system prompt dropped from the
+eval stage, for one, scores the trained model on prompts it never saw; each such pair is
+reported. Stages scored by an answer reward also get their gold answers checked.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from typing import Any
 
 from rlft.recipe_load import LoadedRecipe
 
+USER_TEXT = "<<the row's question>>"
+ANSWER_ROWS = 8  # rows whose gold answers are checked
+ANSWER_REWARDS = {"math_answer", "exact_answer"}
+MAX_ANSWER_WORDS = 4  # a gold answer longer than this is a sentence, not an answer
+
 
 @dataclass(frozen=True)
 class StagePrompt:
@@ -22,6 +28,8 @@ class StagePrompt:
     text: str  # the rendered prompt, decoded
     prompt_tokens: int
     completion_tokens: int | None  # the row's reference completion, when it has one
+    frame: str = ""  # the prompt with each user turn's text replaced by USER_TEXT: what stages must share
+    answers: tuple = ()  # the `answer` column of the first rows, when the data set has one
 
 
 def stage_prompts(loaded: LoadedRecipe) -> dict[str, StagePrompt]:
@@ -32,7 +40,7 @@ def stage_prompts(loaded: LoadedRecipe) -> dict[str, StagePrompt]:
         UserInputError: a tokenizer that does not load.
     """
     from rlft import models
-    from rlft.data import prompt_ids
+    from rlft.data import prompt_ids, prompt_messages, render_prompt_ids
     from rlft.data_load import load_rows
 
     tokenizers: dict[str, Any] = {}
@@ -53,11 +61,14 @@ def stage_prompts(loaded: LoadedRecipe) -> dict[str, StagePrompt]:
         row = rows[0]
         ids = prompt_ids(row, tokenizer)
         completion = row.get("completion")
+        frame = [{**m, "content": USER_TEXT} if m["role"] == "user" else m for m in prompt_messages(row)]
         out[stage] = StagePrompt(
             source=data[0].source,
             text=tokenizer.decode(ids),
             prompt_tokens=len(ids),
             completion_tokens=None if completion is None else len(tokenizer(completion, add_special_tokens=False)["input_ids"]),
+            frame=tokenizer.decode(render_prompt_ids(tokenizer, frame)),
+            answers=tuple(r["answer"] for r in rows[:ANSWER_ROWS] if "answer" in r),
         )
     return out
 
@@ -74,17 +85,16 @@ def reads_models_of(loaded: LoadedRecipe, stage: str) -> list[str]:
 
 
 def mismatches(loaded: LoadedRecipe, prompts: dict[str, StagePrompt]) -> list[str]:
-    """One line per pair of stages that read the same data set, one reading the other's model,
-    and render its first row's prompt differently."""
+    """One line per pair of stages, one reading the other's model, whose prompts are framed
+    differently (system prompt, template, generation prompt), whatever their questions."""
     out = []
     for stage, mine in prompts.items():
         for other in reads_models_of(loaded, stage):
             theirs = prompts.get(other)
-            if theirs is None or theirs.source != mine.source or theirs.text == mine.text:
+            if theirs is None or theirs.frame == mine.frame:
                 continue
-            out.append(f"stage {stage} renders the prompts of {mine.source} differently from stage {other}, whose "
-                       f"model it reads ({_difference(theirs.text, mine.text)}); give both the same system_prompt "
-                       "and columns")
+            out.append(f"stage {stage} frames its prompts differently from stage {other}, whose model it reads "
+                       f"({_difference(theirs.frame, mine.frame)}); give both the same system_prompt")
     return out
 
 
@@ -92,3 +102,27 @@ def _difference(a: str, b: str) -> str:
     """Where two renderings part: the first differing position with a little context."""
     i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     return f"from character {i}: {a[i:i + 40]!r} vs {b[i:i + 40]!r}"
+
+
+def answer_problems(loaded: LoadedRecipe, prompts: dict[str, StagePrompt]) -> list[str]:
+    """One line per stage scored by an answer reward whose gold answers are not answers: no
+    `answer` column, or one holding a sentence (GSM8K's worked solution without its `#### n`)."""
+    from rlft.rewards import gold_answer
+
+    out = []
+    for stage, shown in prompts.items():
+        spec = loaded.recipe.stages[stage]
+        names = {r.name for r in getattr(spec, "rewards", [])} & ANSWER_REWARDS
+        if not names:
+            continue
+        reward = sorted(names)[0]
+        if not shown.answers:
+            out.append(f"stage {stage}: {reward} compares with an `answer` column, and {shown.source} has none "
+                       "(map one with columns: {YOUR_COLUMN: answer})")
+            continue
+        bad = [a for a in shown.answers if not gold_answer(a) or len(gold_answer(a).split()) > MAX_ANSWER_WORDS]
+        if bad:
+            out.append(f"stage {stage}: {len(bad)} of the first {len(shown.answers)} gold answers of {shown.source} "
+                       f"are not a final answer {reward} can compare with, e.g. {str(bad[0])[:60]!r} (end it with "
+                       "`#### <answer>`, as GSM8K does, or keep only the answer)")
+    return out
