@@ -32,8 +32,11 @@ class StagePrompt:
     answers: tuple = ()  # the `answer` column of the first rows, when the data set has one
 
 
-def stage_prompts(loaded: LoadedRecipe) -> dict[str, StagePrompt]:
+def stage_prompts(loaded: LoadedRecipe, build: bool = True) -> dict[str, StagePrompt]:
     """The rendered first prompt of every stage whose first data set is not another stage's output.
+
+    With `build` False nothing is written: a tiny:<preset> model's tokenizer is made in memory
+    (`rlft explain`); otherwise tokenizers load from the models as the stages load them.
 
     Raises:
         DataError: the row cannot be read or rendered (as the stage itself would fail).
@@ -50,7 +53,14 @@ def stage_prompts(loaded: LoadedRecipe) -> dict[str, StagePrompt]:
         if not data:
             continue
         model = getattr(spec, "student", None) or loaded.recipe.model
-        source = models.prepare_base(model, loaded.run_dir / "models", loaded.base_dir)
+        if not build and model.name.startswith("tiny:"):
+            source = model.name
+            if source not in tokenizers:
+                from rlft.tiny import build_tokenizer
+
+                tokenizers[source] = build_tokenizer()
+        else:
+            source = models.prepare_base(model, loaded.run_dir / "models", loaded.base_dir)
         if source not in tokenizers:
             tokenizers[source] = models.load_tokenizer(source, model)
         tokenizer = tokenizers[source]
@@ -126,3 +136,20 @@ def answer_problems(loaded: LoadedRecipe, prompts: dict[str, StagePrompt]) -> li
                        f"are not a final answer {reward} can compare with, e.g. {str(bad[0])[:60]!r} (end it with "
                        "`#### <answer>`, as GSM8K does, or keep only the answer)")
     return out
+
+
+def prompts_section(loaded: LoadedRecipe) -> list[str]:
+    """`rlft explain`'s prompt report: each stage's first prompt as rendered, then the warnings;
+    one line saying why when a tokenizer or data set cannot be read here (offline, say)."""
+    from rlft.errors import RlftError
+
+    lines = ["# prompts (each stage's first row, rendered with its model's chat template)"]
+    try:
+        prompts = stage_prompts(loaded, build=False)
+    except (RlftError, OSError, ValueError) as err:
+        return [*lines, f"  not rendered: {err}".splitlines()[0]]
+    for stage, shown in prompts.items():
+        lines.append(f"  {stage}: {shown.prompt_tokens} prompt tokens ({shown.source})")
+        lines += [f"    | {line}" for line in shown.text.splitlines()]
+    lines += [f"warning: {w}" for w in mismatches(loaded, prompts) + answer_problems(loaded, prompts)]
+    return lines

@@ -163,3 +163,14 @@ def test_stand_in_needs_dry_run_and_an_existing_path(tmp_path: Path) -> None:
     assert "expected HUB_NAME=LOCAL_PATH" in line
     line = assert_one_line_error(rlft("run", recipe, "--dry-run", "--stand-in", "x=/nonexistent/dir", cwd=tmp_path))
     assert "/nonexistent/dir does not exist" in line
+
+
+def test_explain_shows_each_stage_prompt_and_the_planted_mismatch(tmp_path: Path, standin: Path) -> None:
+    proc = rlft("explain", str(plant(tmp_path, standin, evaluate={"system_prompt": None})), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    section = proc.stdout.split("# prompts", 1)[1]
+    assert "  rl: " in section and f"    | {SYSTEM}<|im_end|>" in section, section
+    eval_part = section.split("  eval: ", 1)[1]
+    assert SYSTEM not in eval_part.split("warning:", 1)[0]  # the eval prompt really has no system turn
+    assert "warning: stage eval frames its prompts differently from stage rl" in section
+    assert not (tmp_path / "runs").exists()  # explain writes nothing
