@@ -139,8 +139,9 @@ def _shrink_data(entry: Any, stand_ins: dict[str, str], stages: dict[str, Any]) 
             data.pop("eval_split", None)
     if data["source"] not in stages:  # a sample stage's output is already small
         data["num_examples"] = min(int(data.get("num_examples") or ROWS), ROWS)
-    if data.get("eval_split") is None and not isinstance(data.get("eval_size", 0.0), int):
-        data["eval_size"] = 2 if data.get("eval_size", None) not in (0, 0.0) else 0
+    size = data.get("eval_size")
+    if data.get("eval_split") is None and size not in (None, 0, 0.0):
+        data["eval_size"] = 2  # a fraction or count of the real rows would be none or all of 16
     return data
 
 
