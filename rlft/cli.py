@@ -36,6 +36,12 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_defaul
 ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even though recipe, data or model changed.")]
 RestartOpt = Annotated[bool, typer.Option("--restart", help="Discard the stage's earlier checkpoints and start over.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log more; show tracebacks.")]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Rehearse on CPU: shrunk random models of the same architectures, real tokenizers, "
+    "a few rows, 2 steps per stage, in runs/<run_name>-dry-run.")]
+StandInOpt = Annotated[list[str] | None, typer.Option(
+    "--stand-in", help="With --dry-run: use a local directory or file for a hub model or data set, "
+    "e.g. --stand-in Qwen/Qwen2.5-0.5B-Instruct=./qwen (repeatable).")]
 
 
 # Warnings of rlft's dependencies about each other that a user of rlft cannot act on, each
@@ -86,17 +92,36 @@ def _check_data(loaded: LoadedRecipe, stages: list[str] | None = None) -> None:
 @app.command()
 def run(
     recipe: RecipeArg, set_: SetOpt = None, force: ForceOpt = False, restart: RestartOpt = False,
-    verbose: VerboseOpt = False,
+    verbose: VerboseOpt = False, dry_run: DryRunOpt = False, stand_in: StandInOpt = None,
 ) -> None:
     """Run every stage of RECIPE in order; finished stages are skipped, an interrupted one resumes."""
     _setup_logging(verbose)
-    loaded = _load(recipe, set_)
+    loaded = _dry(_load(recipe, set_), dry_run, stand_in)
     _check_data(loaded)
     from rlft.pipeline import run_pipeline
     from rlft.rundir.results import print_run_table
 
     artifacts = run_pipeline(loaded, resume=True, force=force, restart=restart)
     print_run_table(loaded, artifacts)
+    _dry_report(loaded, dry_run)
+
+
+def _dry(loaded: LoadedRecipe, dry_run: bool, stand_in: list[str] | None) -> LoadedRecipe:
+    """The recipe to run: `loaded` itself, or with --dry-run its CPU rehearsal (rlft/dry_run.py)."""
+    if not dry_run:
+        if stand_in:
+            raise UserInputError("--stand-in is used with --dry-run only; a real run loads what the recipe names")
+        return loaded
+    from rlft import dry_run as dry
+
+    return dry.dry_recipe(loaded, dry.parse_stand_ins(stand_in, loaded.base_dir))
+
+
+def _dry_report(loaded: LoadedRecipe, dry_run: bool) -> None:
+    if dry_run:
+        from rlft.dry_run import report
+
+        typer.echo(report(loaded))
 
 
 @app.command()
@@ -108,6 +133,7 @@ def stage(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest committed checkpoint.")] = False,
     set_: SetOpt = None, force: ForceOpt = False, restart: RestartOpt = False, verbose: VerboseOpt = False,
+    dry_run: DryRunOpt = False, stand_in: StandInOpt = None,
 ) -> None:
     """Run one stage of RECIPE (its parents must have finished); a finished stage is left as it is."""
     if resume and restart:
@@ -117,11 +143,12 @@ def stage(
         from rlft.rundir.paths import find_saved_recipe
 
         recipe = find_saved_recipe()
-    loaded = _load(recipe, set_)
+    loaded = _dry(_load(recipe, set_), dry_run, stand_in)
     _check_data(loaded, [stage_name(loaded, name)])
     from rlft.pipeline import run_pipeline
 
     run_pipeline(loaded, only=stage_name(loaded, name), resume=resume, force=force, restart=restart)
+    _dry_report(loaded, dry_run)
 
 
 @app.command()
@@ -153,7 +180,7 @@ def explain(
     if recipe is None or run is not None:
         raise UserInputError("explain takes either a recipe (rlft explain RECIPE [--set k=v]) or a run directory "
                               "(rlft explain --run runs/NAME)")
-    from rlft.recipe.explain import explain_recipe
+    from rlft.explain import explain_recipe
 
     typer.echo(explain_recipe(_load(recipe, set_)))
 

@@ -146,6 +146,9 @@ ALLOWED: dict[str, set[str]] = {
     "stage_io": {"errors", "ckpt", "data", "metrics", "models", "run"},
     "rl": {"errors", "ckpt", "core", "data", "evaluate", "metrics", "models", "recipe", "rewards", "rollout",
            "stage_io", "training"},
+    "prompt_report": {"errors", "data", "models", "recipe", "rewards", "run", "tiny"},
+    "explain": {"errors", "data", "prompt_report", "recipe"},
+    "dry_run": {"errors", "ckpt", "models", "prompt_report", "recipe"},
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from rlft.data.check import data_sources
+from rlft.prompt_report import prompts_section
 from rlft.recipe.gates import describe
 from rlft.recipe.schema import stage_refs
 
@@ -37,6 +38,7 @@ def explain_recipe(loaded: Any) -> str:
     lines.append("\n# batch arithmetic (per optimizer step)")
     for name, spec in recipe.stages.items():
         lines.append(f"  {name}: {batch_arithmetic(spec)}")
+    lines += ["", *prompts_section(loaded)]
     return "\n".join(lines)
 
 
