@@ -110,11 +110,13 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
         stats |= timer.times | {"optimizer_steps": opt_step}
         logs.log(step, stats, r.rows, r.out.texts)
         last = step + 1 == spec.steps
-        if (step + 1) % spec.save_every == 0 or last or stop.should_stop():
+        alarmed = logs.alarms.stop is not None
+        if (step + 1) % spec.save_every == 0 or last or stop.should_stop() or alarmed:
             state = {"loader": loader.state_dict(), "guard": opt.guard.state_dict(), "opt_step": opt_step,
                      "beta": kl_ctl.beta}
             training.save_state(ctx.stage_dir, step + 1, policy, opt.optimizer, state, meta, spec.keep_last,
                                 extra_tensors={"critic": value.state_tensors()})
+        logs.stop_if_alarmed()
         if stop.should_stop() and not last:
             stop.exit()
         fault_point("kill_step", step + 1)  # tests: die right after this step
