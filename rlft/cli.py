@@ -185,6 +185,22 @@ def explain(
     typer.echo(explain_recipe(_load(recipe, set_)))
 
 
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directory (runs/NAME); with --compare, two or more.", show_default=False)],
+    compare: Annotated[bool, typer.Option("--compare", help="Overlay the given runs on one page.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory; default RUN/report (first run).")] = None,
+) -> None:
+    """Write an HTML page (and PNGs) of a run's metrics, alarms, pipeline and samples; works while it runs."""
+    if compare and len(runs) < 2:
+        raise UserInputError("--compare overlays two or more runs: rlft report --compare runs/A runs/B")
+    if not compare and len(runs) > 1:
+        raise UserInputError(f"{len(runs)} run directories given; overlay them with --compare, or give one")
+    from rlft.rundir.report import write_report
+
+    typer.echo(f"report: {write_report(runs, out)}")
+
+
 def stage_name(loaded: Any, name: str) -> str:
     """The stage NAME means: a stage of that name, else the one stage whose kind is NAME.
 

@@ -96,7 +96,7 @@ class RunContext(Generic[Spec]):
         inputs = _flatten(
             {
                 # the gate judges the result, it does not change it: not an input
-                f"stages.{self.stage}": spec.model_dump(mode="json", by_alias=True, exclude={"gate"}),
+                f"stages.{self.stage}": spec.model_dump(mode="json", by_alias=True, exclude={"gate", "alarms"}),
                 "model": self.recipe.model.model_dump(mode="json"),
                 "lora": lora if isinstance(lora, str) else lora.model_dump(mode="json"),
             }
@@ -197,7 +197,7 @@ def stage_inputs_hash(loaded: LoadedRecipe, stage: str, artifacts: dict[str, Art
     spec = loaded.recipe.stages[stage]
     parents = [r for r in input_stages(loaded, stage) if r in artifacts]
     blob = {
-        "stage": {k: v for k, v in loaded.raw["stages"][stage].items() if k != "gate"},  # not an input
+        "stage": {k: v for k, v in loaded.raw["stages"][stage].items() if k not in ("gate", "alarms")},  # not inputs
         "model": loaded.raw["model"],
         "lora": loaded.raw.get("lora"),
         "seed": loaded.recipe.seed,

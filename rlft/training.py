@@ -252,14 +252,23 @@ class SaveSpec(Protocol):
     keep_last: int
 
 
+class Halt(Protocol):
+    """A training-health monitor that can stop the stage (the RL stages' alarms)."""
+
+    def alarmed(self) -> bool: ...
+
+    def stop_if_alarmed(self) -> None: ...
+
+
 class StageLoop:
     """The steps of a training stage, and the one cadence that follows each of them.
 
     Iterating yields step indices `start .. total - 1` under a progress bar. After the body of
     step s has run, the loop saves a full-state checkpoint of step s + 1 (`save_state` of `model`,
     `optimizer`, `state()` and `extra_tensors()`) when s + 1 is a multiple of `spec.save_every`, at
-    the last step, and when SIGTERM/SIGINT arrived (`GracefulExit`, installed when the loop is
-    made); after such a signal it then exits with 128 + signal (the last step finishes normally);
+    the last step, when SIGTERM/SIGINT arrived (`GracefulExit`, installed when the loop is made)
+    and when `halt` (a `stop` alarm) fired; then `halt` raises (exit 4), and after a signal the loop
+    exits with 128 + signal (the last step finishes normally);
     finally the `kill_step` fault point runs (tests die right after a step). A body that raises
     skips all of it, so nothing is saved for a failed step.
     """
@@ -268,10 +277,12 @@ class StageLoop:
         self, start: int, total: int, desc: str, stage_dir: Path, spec: SaveSpec, model: Any,
         optimizer: torch.optim.Optimizer, meta: dict[str, Any], state: Callable[[], dict[str, Any]],
         extra_tensors: Callable[[], dict[str, dict[str, torch.Tensor]]] | None = None,
+        halt: Halt | None = None,
     ) -> None:
         self.start, self.total, self.desc = start, total, desc
         self.stage_dir, self.save_every, self.keep_last = stage_dir, spec.save_every, spec.keep_last
         self.model, self.optimizer, self.meta, self.state, self.extra_tensors = model, optimizer, meta, state, extra_tensors
+        self.halt = halt
         self.stop = GracefulExit()
 
     def save(self, step: int) -> None:
@@ -285,8 +296,11 @@ class StageLoop:
         for step in progress(range(self.start, self.total), self.total, self.desc, start=self.start):
             yield step
             done, last = step + 1, self.is_last(step)
-            if done % self.save_every == 0 or last or self.stop.should_stop():
+            halting = self.halt is not None and self.halt.alarmed()
+            if done % self.save_every == 0 or last or self.stop.should_stop() or halting:
                 self.save(done)
+            if halting and self.halt is not None:
+                self.halt.stop_if_alarmed()  # raises: exit 4 naming the alarm and step
             if self.stop.should_stop() and not last:
                 self.stop.exit()
             fault_point("kill_step", done)  # tests: die right after this step

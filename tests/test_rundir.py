@@ -214,6 +214,7 @@ def test_make_demo_as_typed_tells_the_r1_story(tmp_path: Path) -> None:
     assert "| eval | rl | greedy |" in (run / "results.md").read_text()
     acc = {m: v["greedy"] for m, v in json.loads((run / "eval/final/eval.json").read_text()).items()}
     assert acc["rl"] >= acc["cold_start"] + R1_MIN_RL_GAIN, acc
+    assert (run / "rl/alarms.jsonl").read_text() == ""  # a healthy run: no default alarm fires
     assert acc["retrain"] >= acc["rl"] - 0.05, acc
     assert acc["distill"] > acc["student_baseline"] + 0.1, acc
     for name in ("rl", "grpo"):

@@ -302,3 +302,4 @@ def test_tiny_grpo_recipe_beats_its_cold_start(tmp_path: Path) -> None:
     rewards = [r["reward/mean"] for r in rl_rows if "reward/mean" in r]
     k = len(rewards) // 10
     assert sum(rewards[-k:]) / k > sum(rewards[:k]) / k + 0.1, rewards
+    assert (tmp_path / "tiny-grpo/rl/alarms.jsonl").read_text() == ""  # a healthy run: no default alarm fires

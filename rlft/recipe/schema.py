@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rlft.recipe.alarm_spec import AlarmsSpec
+
 # \Z, not $: `$` also matches before a trailing newline, which would let "run\n" through.
 SAFE_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 RESERVED_STAGE_NAMES = {"base"}
@@ -289,6 +291,8 @@ class RolloutStageSpec(TrainSpec):
         default=False, description="Run model-written code without namespace isolation (recorded in the manifest)."
     )
     log_samples_every: int = Field(default=10, ge=1, description="Write sample completions every this many steps.")
+    alarms: AlarmsSpec = Field(default_factory=AlarmsSpec, description="Training-health alarms checked on each "
+                               "logged step (warn, or stop with a checkpoint and exit 4); not an input of the stage.")
     eval_max_new_tokens: int | None = Field(default=None, ge=1, description="Held-out generation length (default sampling's).")
     lr: float = Field(default=1e-5, gt=0, description="Peak learning rate (AdamW).")
 

@@ -23,6 +23,7 @@ from rlft.data.rows import mix
 from rlft.models import load_model, reference_mode
 from rlft.recipe.schema import GRPOSpec, PPOSpec
 from rlft.rewards.runner import build_rewards
+from rlft.rl.alarms import AlarmMonitor, unparsed_stats
 from rlft.stage_io import load_prompts
 
 if TYPE_CHECKING:
@@ -185,6 +186,8 @@ class RoundLog:
         self.spec, self.policy, self.tokenizer = spec, policy, tokenizer
         self.metrics = MetricsLog(ctx.stage_dir, start, every=spec.log_every)
         self.samples = MetricsLog(ctx.stage_dir, start, False, "samples.jsonl")
+        self.alarms = AlarmMonitor(spec.alarms, ctx.stage, ctx.stage_dir, start)
+        self.reward_names = [e.name for e in spec.rewards]
         self.held_out = eval_prompts[: spec.eval_samples]
         self.max_new = spec.eval_max_new_tokens or spec.sampling.max_new_tokens
         if start == 0:
@@ -202,12 +205,26 @@ class RoundLog:
         evaluate = last or bool(spec.eval_every and (step + 1) % spec.eval_every == 0)
         if evaluate:
             stats["eval/accuracy"] = self.accuracy()
+        stats |= unparsed_stats(self.reward_names, texts)
         self.metrics.log(step + 1, stats, force=evaluate)
+        if self.metrics.history and self.metrics.history[-1]["step"] == step + 1:
+            self.alarms.check(self.metrics.history)
         if step % spec.log_samples_every == 0:
             for row, text in zip(rows[:2], texts[:: spec.group_size][:2], strict=False):
                 self.samples.log(step + 1, {"prompt": row.prompt_text, "completion": text, **row.columns})
 
+    def alarmed(self) -> bool:
+        """A `stop` alarm fired this round: the stage saves a checkpoint, then `stop_if_alarmed`."""
+        return self.alarms.stop is not None
+
+    def stop_if_alarmed(self) -> None:
+        """After the checkpoint: TrainingError (exit 4) when a `stop` alarm fired this round."""
+        if self.alarms.stop is not None:
+            self.close()
+            self.alarms.raise_if_stopped()
+
     def close(self) -> list[dict[str, Any]]:
         self.metrics.close()
         self.samples.close()
+        self.alarms.close()
         return self.metrics.history

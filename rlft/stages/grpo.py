@@ -46,11 +46,12 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     meta = ctx.input_meta(prints) | {"unsafe_code_exec": score.unsafe_code_exec}
     start, state, _ = training.resume_stage(ctx, policy, optimizer, loader, guard, meta)
     opt_step = state.get("opt_step", 0)
+    logs = rounds.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     loop = training.StageLoop(
         start, spec.steps, f"grpo {ctx.stage}", ctx.stage_dir, spec, policy, optimizer, meta,
         state=lambda: {"loader": loader.state_dict(), "guard": guard.state_dict(), "opt_step": opt_step},
+        halt=logs,
     )
-    logs = rounds.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     sampling = rollout.SamplingParams.of(spec.sampling)
     for step in loop:
         timer = StepTimer()

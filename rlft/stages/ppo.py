@@ -95,13 +95,14 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
     opt_step, kl_ctl.beta = state.get("opt_step", 0), state.get("beta", kl_ctl.beta)
     if start:
         value.load_state_tensors(tensors.get("critic", {}), str(ctx.stage_dir))
+    logs = rounds.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     loop = training.StageLoop(
         start, spec.steps, f"ppo {ctx.stage}", ctx.stage_dir, spec, policy, opt.optimizer, meta,
         state=lambda: {"loader": loader.state_dict(), "guard": opt.guard.state_dict(), "opt_step": opt_step,
                        "beta": kl_ctl.beta},
         extra_tensors=lambda: {"critic": value.state_tensors()},
+        halt=logs,
     )
-    logs = rounds.RoundLog(ctx, policy, tokenizer, eval_rows, start)
     sampling = rollout.SamplingParams.of(spec.sampling)
     for step in loop:
         timer = StepTimer()
