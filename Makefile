@@ -39,7 +39,7 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check rlft tests benchmarks
-	$(BIN)/pyright rlft
+	$(BIN)/pyright -p pyproject.toml
 
 docs: setup
 	$(BIN)/python -m rlft.recipe.docgen > docs/recipe-reference.md

@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rlft.errors import UserInputError
 
@@ -207,7 +207,8 @@ def render(runs: list[RunData], out_dir: Path) -> dict[str, Any]:
                         lo, hi = zip(*(wilson(y, st.eval_samples) for y in ys), strict=True) if ys else ((), ())
                         ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
                     record["lines"].setdefault(run.name, {})[key] = [
-                        [float(x), float(y)] for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)]
+                        [float(x), float(y)] for x, y in zip(cast(list[float], line.get_xdata()),
+                                                             cast(list[float], line.get_ydata()), strict=True)]
                 for alarm in st.alarms:
                     ax.axvline(alarm["step"], color="red" if alarm.get("action") == "stop" else "orange", ls="--", lw=1)
                     ax.annotate(alarm.get("alarm", "alarm"), (alarm["step"], 1), xycoords=("data", "axes fraction"),
