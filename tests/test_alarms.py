@@ -22,6 +22,7 @@ from rlft.rl.alarms import reward_hacking, unparsed_stats
 
 REWARDS = (
     "def const(prompts, completions, **kw):\n    return [0.5 for c in completions]\n"
+    "def picky(prompts, completions, **kw):\n    return [1.0 if '<answer>' in c else None for c in completions]\n"
     "def digits(prompts, completions, **kw):\n    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]\n"
 )
 
@@ -39,6 +40,9 @@ FAULTS: dict[str, tuple[dict[str, Any], str]] = {
     "constant_reward": ({"rewards": ["r.py:const"], "steps": 5}, "zero_variance"),
     # the random base never writes an <answer>: task_verifier cannot read one
     "no_answers": ({"rewards": ["task_verifier", "r.py:digits"], "steps": 3}, "unparsed"),
+    # a user reward that returns None (none_as: skip) where it finds no <answer>: the same alarm
+    "user_reward_abstains": ({"rewards": ["r.py:digits", {"name": "r.py:picky", "options": {"none_as": "skip"}}],
+                              "steps": 3}, "unparsed"),
 }
 
 
@@ -145,3 +149,19 @@ def test_unparsed_counts_per_answer_reward() -> None:
     stats = unparsed_stats(["task_verifier", "math_answer", "think_format", "my.py:fn"], texts)
     # task_verifier reads only <answer> tags; math_answer also a bare last number
     assert stats == {"unparsed/task_verifier": pytest.approx(2 / 3), "unparsed/math_answer": pytest.approx(1 / 3)}
+
+
+def test_unparsed_of_a_reward_that_abstains_leaves_errors_out() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlft.recipe.schema import RewardEntry
+    from rlft.rl.alarms import abstained_stats, abstaining_rewards
+
+    entries = [RewardEntry(name="my.py:fn", options={"none_as": "skip"}), RewardEntry(name="other.py:fn"),
+               RewardEntry(name="task_verifier", options={"none_as": "skip"})]
+    assert abstaining_rewards(entries) == ["my.py:fn"]  # task_verifier is counted from the text
+    nan = float("nan")
+    result = SimpleNamespace(per_function={"my.py:fn": torch.tensor([nan, nan, nan, 1.0])}, errors={"my.py:fn": 1})
+    assert abstained_stats(["my.py:fn"], result) == {"unparsed/my.py:fn": 0.5}  # 3 NaN, 1 of them an error
