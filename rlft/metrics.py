@@ -1,4 +1,4 @@
-"""Metrics sinks (metrics.jsonl, TensorBoard) and rich progress bars.
+"""Metrics sinks (metrics.jsonl, TensorBoard, and the wandb/MLflow loggers of `report_to`) and progress.
 
 A resumed stage truncates `metrics.jsonl` back to the checkpoint's step before appending,
 so the file of a resumed run equals the file of an uninterrupted one. NaN/Inf values are
@@ -25,6 +25,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from rlft import loggers
 
 console = Console(stderr=True)
 
@@ -55,7 +57,8 @@ class MetricsLog:
         _rewrite_jsonl(self.path, self.history)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
-        if tensorboard:
+        self._sinks = loggers.open_sinks(stage_dir) if tensorboard else []  # report_to: wandb, mlflow
+        if tensorboard and loggers.wants("tensorboard"):
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -75,6 +78,8 @@ class MetricsLog:
             for key, value in values.items():
                 if isinstance(value, int | float) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
+        for sink in self._sinks:
+            sink.log(step, values)
 
     def close(self) -> None:
         self._file.flush()
@@ -82,6 +87,8 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        for sink in self._sinks:
+            sink.close()
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -102,7 +109,11 @@ def _rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def progress(items: Iterable[int], total: int, description: str, start: int = 0) -> Iterator[int]:
-    """Iterate `items` behind a rich progress bar with ETA (plain when not a terminal)."""
+    """Iterate `items` behind a rich progress bar with ETA; not on a terminal (a log file, CI), one
+    plain line every RLFT_PROGRESS_EVERY seconds (default 30) and at the end instead."""
+    if not console.is_terminal:
+        yield from _plain_progress(items, total, description, start)
+        return
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -117,6 +128,30 @@ def progress(items: Iterable[int], total: int, description: str, start: int = 0)
         for item in items:
             yield item
             bar.update(task, advance=1)
+
+
+def _plain_progress(items: Iterable[int], total: int, description: str, start: int) -> Iterator[int]:
+    try:
+        every = float(os.environ.get("RLFT_PROGRESS_EVERY", "30"))
+    except ValueError:
+        every = 30.0  # a malformed setting must not stop a run
+    t0 = last = time.monotonic()
+    done = start
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every or done == total:
+            last = now
+            rate = (now - t0) / max(1, done - start)
+            eta = rate * (total - done)
+            console.print(f"{description}: {done}/{total} ({100 * done / max(1, total):.0f}%) "
+                          f"elapsed {_hms(now - t0)} eta {_hms(eta)}", soft_wrap=True, highlight=False)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class StepTimer:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rlft import hints
+from rlft import hints, loggers
 from rlft.ckpt.manifest import fingerprint, hash_tree
 from rlft.errors import UserInputError
 from rlft.recipe import gates
@@ -62,6 +62,7 @@ def run_pipeline(
     from rlft.rundir.paths import prepare_run_dir, save_recipe
 
     run_dir = loaded.run_dir
+    loggers.configure(loaded.recipe.report_to)
     prepare_run_dir(run_dir)
     with RunLock(run_dir):
         save_recipe(loaded)

@@ -1,5 +1,5 @@
 """Training-health alarms: each one fired by a planted fault in a tiny GRPO run (and named in
-alarms.jsonl), a `stop` alarm saves a checkpoint and exits 4 naming the alarm and the step, the
+alarms.jsonl; the KL, clip and unparsed ones also in a tiny PPO run, beside a healthy PPO control), a `stop` alarm saves a checkpoint and exits 4 naming the alarm and the step, the
 report marks it, and changing an alarm never counts as a changed input. That the defaults stay
 quiet on the healthy shipped recipes is checked by the slow end-to-end runs of tiny-grpo.yaml
 (test_stage_grpo.py) and tiny-r1.yaml (test_rundir.py), whose runs take minutes."""
@@ -22,6 +22,7 @@ from rlft.rl.alarms import reward_hacking, unparsed_stats
 
 REWARDS = (
     "def const(prompts, completions, **kw):\n    return [0.5 for c in completions]\n"
+    "def picky(prompts, completions, **kw):\n    return [1.0 if '<answer>' in c else None for c in completions]\n"
     "def digits(prompts, completions, **kw):\n    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]\n"
 )
 
@@ -39,6 +40,9 @@ FAULTS: dict[str, tuple[dict[str, Any], str]] = {
     "constant_reward": ({"rewards": ["r.py:const"], "steps": 5}, "zero_variance"),
     # the random base never writes an <answer>: task_verifier cannot read one
     "no_answers": ({"rewards": ["task_verifier", "r.py:digits"], "steps": 3}, "unparsed"),
+    # a user reward that returns None (none_as: skip) where it finds no <answer>: the same alarm
+    "user_reward_abstains": ({"rewards": ["r.py:digits", {"name": "r.py:picky", "options": {"none_as": "skip"}}],
+                              "steps": 3}, "unparsed"),
 }
 
 
@@ -58,6 +62,37 @@ def test_planted_fault_fires_its_alarm(fault: str, tmp_path: Path) -> None:
     assert fired[alarm]["action"] == "warn" and fired[alarm]["step"] >= 1 and fired[alarm]["message"]
     rows = [json.loads(line) for line in (tmp_path / "runs/rep/rl/metrics.jsonl").read_text().splitlines()]
     assert fired[alarm]["step"] in {r["step"] for r in rows}  # judged on a logged step
+
+
+def tiny_ppo(output_dir: Path, **rl: Any) -> dict[str, Any]:
+    spec = {"kind": "ppo", "data": {"source": "tiny:arith", "num_examples": 64, "eval_size": 4, "max_length": 128},
+            "rewards": ["r.py:digits"], "steps": 4, "prompts_per_step": 4, "ppo_epochs": 1, "mini_batches": 1,
+            "micro_batch_size": 4, "lr": 1e-2, "sampling": {"temperature": 1.0, "max_new_tokens": 16},
+            "loss": {"beta": 0.05}, "save_every": 100, "eval_every": 0} | rl
+    return tiny_grpo(output_dir) | {"stages": {"rl": spec}}
+
+
+# the same faults in PPO (a critic, the KL in the reward); "healthy" is the control: lr 1e-2 fires nothing
+PPO_FAULTS: dict[str, tuple[dict[str, Any], str | None]] = {
+    "lr_spikes_kl": ({"lr": 0.1, "steps": 3}, "kl_spike"),
+    "epochs4_blow_ratio": ({"lora": "full", "lr": 0.1, "ppo_epochs": 4, "steps": 2, "loss": {"beta": 0.0}}, "clip_blowup"),
+    "no_answers": ({"rewards": ["task_verifier", "r.py:digits"], "steps": 3}, "unparsed"),
+    "healthy": ({}, None),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(PPO_FAULTS))
+def test_planted_fault_fires_its_alarm_in_ppo(fault: str, tmp_path: Path) -> None:
+    settings, alarm = PPO_FAULTS[fault]
+    (tmp_path / "r.py").write_text(REWARDS)
+    assert main(["run", str(write_recipe(tmp_path / "r.yaml", tiny_ppo(tmp_path / "runs", **settings)))]) == 0
+    fired = {a["alarm"]: a for a in _alarms(tmp_path / "runs/rep/rl")}
+    if alarm is None:
+        assert fired == {}
+        assert (tmp_path / "runs/rep/rl/alarms.jsonl").is_file()  # checked, and nothing fired
+    else:
+        assert alarm in fired, fired
+        assert fired[alarm]["action"] == "warn" and fired[alarm]["step"] >= 1 and fired[alarm]["message"]
 
 
 def test_stop_alarm_saves_exits_4_and_the_report_marks_it(tmp_path: Path) -> None:
@@ -114,3 +149,19 @@ def test_unparsed_counts_per_answer_reward() -> None:
     stats = unparsed_stats(["task_verifier", "math_answer", "think_format", "my.py:fn"], texts)
     # task_verifier reads only <answer> tags; math_answer also a bare last number
     assert stats == {"unparsed/task_verifier": pytest.approx(2 / 3), "unparsed/math_answer": pytest.approx(1 / 3)}
+
+
+def test_unparsed_of_a_reward_that_abstains_leaves_errors_out() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlft.recipe.schema import RewardEntry
+    from rlft.rl.alarms import abstained_stats, abstaining_rewards
+
+    entries = [RewardEntry(name="my.py:fn", options={"none_as": "skip"}), RewardEntry(name="other.py:fn"),
+               RewardEntry(name="task_verifier", options={"none_as": "skip"})]
+    assert abstaining_rewards(entries) == ["my.py:fn"]  # task_verifier is counted from the text
+    nan = float("nan")
+    result = SimpleNamespace(per_function={"my.py:fn": torch.tensor([nan, nan, nan, 1.0])}, errors={"my.py:fn": 1})
+    assert abstained_stats(["my.py:fn"], result) == {"unparsed/my.py:fn": 0.5}  # 3 NaN, 1 of them an error

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -112,33 +113,66 @@ def test_compare_overlays_two_runs(run_dir: Path, tmp_path: Path) -> None:
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SIZE = (1280, 4000)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+@needs_chromium
 def test_headless_browser_screenshot(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "page"
     assert rlft("report", str(run_dir), "--out", str(out)).returncode == 0
-    shot = screenshot(out / "index.html", tmp_path / "shot.png", tmp_path / "profile")
-    from PIL import Image  # pillow comes with matplotlib
-
-    with Image.open(shot) as img:
-        assert img.size == (1280, 2000)
-        colours = img.convert("RGB").getcolors(maxcolors=1 << 20)
-        assert colours is not None and len(colours) > 50  # plots drawn, not a blank or error page
+    console = screenshot(out / "index.html", tmp_path / "shot.png", tmp_path / "profile")
+    assert console == []  # no JS error, no console message of any kind
+    check_image(tmp_path / "shot.png")
 
 
-def screenshot(page: Path, png: Path, profile: Path) -> Path:
-    """Render `page` in headless Chromium and save a screenshot; fails on a nonzero exit or no image."""
+@needs_chromium
+def test_the_browser_checks_see_a_console_error_and_a_blank_page(tmp_path: Path) -> None:
+    """The checks above are not vacuous: a page with a console error and an uncaught exception is
+    reported, and a blank page fails the image check."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><body><h1>x</h1><script>console.error("planted"); notDefined();</script></body></html>')
+    console = screenshot(bad, tmp_path / "bad.png", tmp_path / "p1")
+    assert len(console) == 2 and '"planted"' in console[0] and "notDefined is not defined" in console[1], console
+    blank = tmp_path / "blank.html"
+    blank.write_text("<html><body></body></html>")
+    assert screenshot(blank, tmp_path / "blank.png", tmp_path / "p2") == []
+    with pytest.raises(AssertionError, match="blank"):
+        check_image(tmp_path / "blank.png")
+
+
+def screenshot(page: Path, png: Path, profile: Path) -> list[str]:
+    """Render `page` in headless Chromium (a fresh profile) and save a SIZE screenshot; returns the
+    page's console messages (JS errors included); fails on a nonzero exit or no image."""
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--window-size=1280,2000", f"--screenshot={png}", page.resolve().as_uri()]
+           "--enable-logging=stderr", "--v=0", f"--window-size={SIZE[0]},{SIZE[1]}", f"--screenshot={png}",
+           page.resolve().as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and png.is_file(), proc.stderr[-2000:]
-    return png
+    return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
 
 
-if __name__ == "__main__":  # python tests/test_report_html.py RUN_DIR SHOT.png: screenshot of a run's report
+def check_image(png: Path) -> None:
+    """A valid PNG of SIZE that is not blank: its pixels vary, in many colours."""
+    from PIL import Image, ImageStat  # pillow comes with matplotlib
+
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as img:
+        img.verify()
+    with Image.open(png) as img:
+        assert img.size == SIZE, img.size
+        stddev = ImageStat.Stat(img.convert("L")).stddev[0]
+        colours = img.convert("RGB").getcolors(maxcolors=1 << 22)
+    assert stddev > 10 and colours is not None and len(colours) > 50, f"blank page: stddev {stddev:.1f}, colours {colours and len(colours)}"
+
+
+if __name__ == "__main__":  # python tests/test_report_html.py RUN_DIR SHOT.png: checked screenshot of a run's report
     from rlft.rundir.report import write_report
 
     index = write_report([Path(sys.argv[1])])
-    print(screenshot(index, Path(sys.argv[2]), Path(sys.argv[2]).with_suffix(".profile")))
+    shot = Path(sys.argv[2])
+    console = screenshot(index, shot, Path(tempfile.mkdtemp(prefix="rlft-chromium-")))
+    check_image(shot)
+    assert console == [], console
+    print(shot)

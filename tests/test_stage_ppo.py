@@ -394,3 +394,4 @@ def test_tiny_ppo_recipe_learns_and_its_critic_explains_the_returns(tmp_path: Pa
     assert all(isinstance(v, float) for v in explained) and sum(explained) / k > 0, explained
     summary = json.loads((tmp_path / "tiny-ppo" / "rl" / "final" / "metrics.json").read_text())
     assert summary["value/explained_variance_last"] == pytest.approx(sum(explained) / k)
+    assert (tmp_path / "tiny-ppo/rl/alarms.jsonl").read_text() == ""  # a healthy run: no default alarm fires

@@ -73,7 +73,8 @@ class Unparsed(_Strict):
 
     action: Action = Field(default="warn", description=ACTION)
     max: float = Field(default=0.5, gt=0, le=1, description="Fire when unparsed/<reward> (math_answer, exact_answer, "
-                       "task_verifier), averaged over the last `window` logged steps, is above this.")
+                       "task_verifier: no answer in the text; any other reward with the option `none_as: skip`: "
+                       "the share it returned None for), averaged over the last `window` logged steps, is above this.")
     window: int = Field(default=3, ge=1, description="Logged steps averaged.")
 
 

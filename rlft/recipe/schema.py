@@ -509,6 +509,10 @@ class Recipe(Strict):
     model: ModelSpec = Field(description="The base model.")
     lora: LoraOrFull = Field(default_factory=LoraSpec, description="LoRA defaults for every stage; full = no adapter.")
     stages: dict[str, StageSpec] = Field(min_length=1, description="Named stages, run in the order written.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Metric loggers beside metrics.jsonl; wandb and mlflow "
+        "are optional extras (pip install 'rlft[wandb]' / 'rlft[mlflow]'), configured by their environment variables."
+    )
 
     @field_validator("run_name")
     @classmethod

@@ -129,6 +129,25 @@ def unparsed_stats(reward_names: list[str], completions: list[str]) -> dict[str,
     return out
 
 
+def abstaining_rewards(entries: list[Any]) -> list[str]:
+    """Rewards whose None means "no answer I could read": the recipe's entries with the option
+    `none_as: skip` (the built-in answer rewards are counted from the text instead)."""
+    return [e.name for e in entries if e.options.get("none_as") == "skip" and e.name not in _ANSWER_REWARDS]
+
+
+def abstained_stats(names: list[str], result: Any) -> dict[str, float]:
+    """unparsed/<reward> of rewards that abstain (None with `none_as: skip`): the share of samples
+    where `names`' function returned None. Its NaN values are abstentions or errors; errors are
+    counted in `result.errors`, so they are left out."""
+    out: dict[str, float] = {}
+    for name in names:
+        values = result.per_function[name]
+        if values.numel():
+            skipped = int(values.isnan().sum()) - int(result.errors.get(name, 0))
+            out[f"unparsed/{name}"] = max(0, skipped) / values.numel()
+    return out
+
+
 @dataclass(frozen=True)
 class Fired:
     alarm: str

@@ -23,7 +23,7 @@ from rlft.data.rows import mix
 from rlft.models import load_model, reference_mode
 from rlft.recipe.schema import GRPOSpec, PPOSpec
 from rlft.rewards.runner import build_rewards
-from rlft.rl.alarms import AlarmMonitor, unparsed_stats
+from rlft.rl.alarms import AlarmMonitor, abstained_stats, abstaining_rewards, unparsed_stats
 from rlft.stage_io import load_prompts
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def sample_round(
         result = score([b.prompt_text for b in batch for _ in range(G)], out.texts, columns)
         timer.lap("rewards")
         if r == 0:
-            stats = round_stats(out, result, G)
+            stats = round_stats(out, result, G) | abstained_stats(abstaining_rewards(spec.rewards), result)
         keep = torch.ones(len(batch), dtype=torch.bool)
         if dynamic:
             keep = ~advantages.zero_variance_groups(result.total, G).cpu()
