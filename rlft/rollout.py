@@ -449,14 +449,24 @@ def completion_logprobs(
     temperature: float,
     micro_batch_size: int | None = None,
     with_entropy: bool = False,
+    share_prompts: bool = True,
 ) -> Any:
-    """Log-probs of the completion tokens under `model`, from one forward over prompt + completion.
+    """Log-probs of the completion tokens under `model`: the training-time forward.
 
         logp_{i,t} = log softmax(z_{i, P-1+t} / temperature)[completion_ids_{i,t}]
 
-    This is the training-time forward (logp, old_logp, ref_logp of ALGORITHMS.md §1, §3): it
-    returns a graph when grad is enabled. Under no_grad it matches `Rollouts.sample_logp` of the
-    same model and temperature to float rounding (KV-cache decode vs full forward).
+    This is logp, old_logp and ref_logp of ALGORITHMS.md §1, §3: it returns a graph when grad is
+    enabled. Under no_grad it matches `Rollouts.sample_logp` of the same model and temperature to
+    float rounding (KV-cache decode vs one forward).
+
+    Work skipped (ALGORITHMS.md §9), none of it changing the result beyond float rounding:
+    - consecutive rows with the same prompt (the G completions of a group) forward the prompt
+      once and run their completions on its keys/values (`share_prompts`); autograd sums the
+      prompt's gradient over the rows. Not while activation checkpointing is on with a graph
+      (the checkpointed layers drop the cache), where one full forward per row runs instead;
+    - each micro-batch is cut to its own longest prompt and last counted completion token, so
+      left padding and padding after the completions are not computed;
+    - the LM head runs only at the positions that predict completion tokens.
 
     Args:
         model: causal LM (plain HF or peft); its train/eval mode is left as the caller set it.
@@ -465,6 +475,7 @@ def completion_logprobs(
         temperature: sampling temperature; 0 (greedy) scores at temperature 1, like generate.
         micro_batch_size: rows per forward; None = all N at once.
         with_entropy: also return the (N, T) per-token entropy (no graph), a metric.
+        share_prompts: forward a prompt shared by consecutive rows once.
 
     Returns:
         (N, T) float32 log-probs, 0 where completion_mask is 0; with_entropy: (logp, entropy).
@@ -474,19 +485,79 @@ def completion_logprobs(
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch
     n_rows, steps = completion_ids.shape
     step = micro_batch_size or n_rows
-    keep = _logits_kwargs(model, steps + 1)  # positions P-1 .. P+T-1; the last is dropped below
+    temp = temperature if temperature > 0 else 1.0
     parts, entropies = [], []
     for s in range(0, n_rows, step):
-        ids = torch.cat([prompt_ids[s : s + step], completion_ids[s : s + step]], dim=1)
-        mask = torch.cat([prompt_mask[s : s + step], completion_mask[s : s + step]], dim=1).ne(0).long()
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
-                       **keep).logits[:, -steps - 1 : -1]  # (n, T, V)
-        lp = token_logprobs(logits.float(), completion_ids[s : s + step], temperature if temperature > 0 else 1.0)
-        parts.append(torch.where(completion_mask[s : s + step].bool(), lp, 0.0))
+        rows = slice(s, s + step)
+        logits, cols = completion_logits(
+            model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows], share_prompts)
+        counted = completion_mask[rows, :cols].bool()
+        lp = torch.where(counted, token_logprobs(logits.float(), completion_ids[rows, :cols], temp), 0.0)
+        parts.append(torch.nn.functional.pad(lp, (0, steps - cols)))
         if with_entropy:  # a metric only: no graph
             with torch.no_grad():
-                ent = entropy(logits.detach().float(), temperature if temperature > 0 else 1.0)
-            entropies.append(torch.where(completion_mask[s : s + step].bool(), ent, 0.0))
+                ent = torch.where(counted, entropy(logits.detach().float(), temp), 0.0)
+            entropies.append(torch.nn.functional.pad(ent, (0, steps - cols)))
     if with_entropy:
         return torch.cat(parts), torch.cat(entropies)
     return torch.cat(parts)
+
+
+def completion_logits(
+    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+    share_prompts: bool = True,
+) -> tuple[Tensor, int]:
+    """Logits predicting completion tokens 0..C-1 of each row, (n, C, V), and C.
+
+    C is one past the last counted completion column of the micro-batch (at least 1): columns
+    after it are padding in every row and are not computed. See `completion_logprobs` for the
+    prompt sharing and the padding left out.
+    """
+    counted_cols = completion_mask.ne(0).any(0).nonzero()
+    cols = int(counted_cols[-1]) + 1 if len(counted_cols) else 1
+    real_cols = prompt_mask.ne(0).any(0).nonzero()
+    first = min(int(real_cols[0]), prompt_mask.shape[1] - 1) if len(real_cols) else prompt_mask.shape[1] - 1
+    p_ids, p_mask = prompt_ids[:, first:], prompt_mask[:, first:].ne(0).long()
+    c_ids, c_mask = completion_ids[:, :cols], completion_mask[:, :cols].ne(0).long()
+    heads, owner = _prompt_runs(p_ids, p_mask)
+    if share_prompts and len(heads) < len(p_ids) and not _drops_cache(model):
+        return _shared_prompt_logits(model, p_ids[heads], p_mask[heads], owner, c_ids, c_mask), cols
+    ids, mask = torch.cat([p_ids, c_ids], dim=1), torch.cat([p_mask, c_mask], dim=1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+                   **_logits_kwargs(model, cols + 1)).logits
+    return logits[:, -cols - 1 : -1], cols
+
+
+def _prompt_runs(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Runs of consecutive rows with the same prompt: the first row of each run (U,) and each
+    row's run (n,)."""
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)
+    starts = torch.cat([same.new_ones(1), ~same])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+def _drops_cache(model: Any) -> bool:
+    """True when a forward with a graph would run checkpointed layers, which drop the KV cache."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
+
+
+def _shared_prompt_logits(
+    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, owner: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+) -> Tensor:
+    """Forward the U distinct prompts once, expand their keys/values to the n rows (`owner`: row ->
+    prompt), forward the completions on them. (n, C, V) logits predicting completion tokens."""
+    pre = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+                use_cache=True, **_logits_kwargs(model, 1))
+    first = pre.logits[owner, -1:]  # (n, 1, V): predicts completion token 0
+    cols = completion_ids.shape[1]
+    if cols == 1:
+        return first
+    cache = getattr(pre, cache_keyword(model))
+    cache.batch_select_indices(owner)  # differentiable indexing: the prompt's gradient sums over its rows
+    mask = torch.cat([prompt_mask[owner], completion_mask], dim=1)
+    out = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                position_ids=_positions(mask)[:, prompt_ids.shape[1] : -1], use_cache=True,
+                **{cache_keyword(model): cache})
+    return torch.cat([first, out.logits], dim=1)
