@@ -1,11 +1,22 @@
-"""Time one GRPO step on a tiny model, split into its phases, and print a table.
+"""Process CPU time of one GRPO step, the training forward of today against a plain full forward.
 
-    python -m benchmarks.grpo_step                       # nano preset, B=8 prompts x G=8, 64 new tokens
-    python -m benchmarks.grpo_step --preset small --steps 5 --beta 0.05
+    python -m benchmarks.grpo_step                    # both shapes, 3 timed steps each
+    python -m benchmarks.grpo_step --shape a --steps 5
 
-Phases: generation (KV-cached sampling), rewards, reference (old/ref log-probs), policy
-forward/backward, optimizer (clip + AdamW step). The same library functions the GRPO stage
-calls; fixed seeds, so two runs on one machine time the same work.
+Shapes (full fine-tuning, fp32, temperature 1, token-mean loss, beta 0, mu 1, AdamW):
+  a  ~4.0M-parameter Qwen2, the byte-level tiny tokenizer, 8 chat prompts (tiny arith task,
+     ~55 tokens) x G=8, 32 new tokens.
+  b  ~29M-parameter Qwen2, 4 prompts of 32-160 tokens x G=8, up to 256 new tokens; three one-character
+     stop strings end completions at a spread of lengths (the random model rarely emits EOS).
+
+Two variants run alternately, step by step, each on its own copy of the same initial weights:
+  plain   one forward per row over [prompt; completion] at the batch's full padded width (the
+          forward before shared prompts and padding cuts);
+  rlft    `rollout.completion_logprobs` as the GRPO stage runs it.
+Columns: CPU-seconds per step (process time: robust on a shared machine), completion tokens per
+CPU-second, the share of a matmul FLOP floor (the step's linear-layer FLOPs over a fp32 matmul rate
+measured in this run, 6 flops per parameter per trained token, 2 per sampled token), and the
+padding share of the tokens the training forward fed the model.
 """
 
 from __future__ import annotations
@@ -14,119 +25,192 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from rlft import rollout
+from rlft.core.logits import token_logprobs
 from rlft.data import encode, tasks
 from rlft.metrics import StepTimer
-from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
-from rlft.recipe.schema import GRPOSpec, LoraSpec, ModelSpec
-from rlft.rewards.runner import build_rewards
+from rlft.models import load_model, load_tokenizer, prepare_base
+from rlft.recipe.schema import GRPOSpec, ModelSpec
 from rlft.rl import learner
-from rlft.stages.grpo import build_experience, make_reference
+from rlft.stages.grpo import build_experience
 from rlft.training import NanGuard, make_optimizer
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "a": {"tiny": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 1024},
+          "prompts": 8, "group_size": 8, "max_new_tokens": 32, "stop": []},
+    "b": {"tiny": {"hidden_size": 512, "num_layers": 10, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1376,
+                   "max_position": 1024},
+          "prompts": 4, "group_size": 8, "max_new_tokens": 256, "stop": ["Q", "#", "~"], "prompt_len": (32, 160)},
+}
+
+
+def plain_logprobs(model: Any, batch: Any, temperature: float, micro_batch_size: int | None = None,
+                   with_entropy: bool = False, share_prompts: bool = True) -> Any:
+    """The plain training forward: every row's prompt and completion at the full padded width."""
+    del share_prompts
+    p_ids, p_mask, c_ids, c_mask = batch
+    n, steps = c_ids.shape
+    step = micro_batch_size or n
+    parts, ents = [], []
+    for s in range(0, n, step):
+        ids = torch.cat([p_ids[s : s + step], c_ids[s : s + step]], 1)
+        mask = torch.cat([p_mask[s : s + step], c_mask[s : s + step]], 1).ne(0).long()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=False, logits_to_keep=steps + 1).logits[:, -steps - 1 : -1]
+        counted = c_mask[s : s + step].bool()
+        parts.append(torch.where(counted, token_logprobs(logits.float(), c_ids[s : s + step], temperature), 0.0))
+        ents.append(torch.zeros_like(parts[-1]))
+    return (torch.cat(parts), torch.cat(ents)) if with_entropy else torch.cat(parts)
+
+
+@dataclass
+class Totals:
+    cpu: dict[str, float] = field(default_factory=dict)
+    completion_tokens: int = 0
+    fed_tokens: int = 0  # tokens the training forwards fed the model
+    real_tokens: int = 0  # distinct prompt tokens + counted completion tokens of the trained rows
+    flops: float = 0.0
+    steps: int = 0
+
+
+class CpuTimer(StepTimer):
+    """StepTimer's laps in process CPU time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._t = time.process_time()
+
+    def lap(self, name: str) -> None:
+        now = time.process_time()
+        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + now - self._t
+        self._t = now
+
+
+def matmul_rate(hidden: int, seconds: float = 1.0) -> float:
+    """Best fp32 matmul FLOP/s of this process on a (512, h) x (h, 4h) product, measured now."""
+    a, b = torch.randn(512, hidden), torch.randn(hidden, 4 * hidden)
+    best, end = 0.0, time.process_time() + seconds
+    while time.process_time() < end:
+        t0 = time.process_time()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * 512 * hidden * 4 * hidden / max(time.process_time() - t0, 1e-9))
+    return best
+
+
+def matmul_params(model: Any) -> int:
+    """Parameters a token's forward multiplies by: every linear layer incl. the LM head, no embeddings."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def shape_prompts(shape: dict[str, Any], tok: Any, steps: int) -> list[list[int]]:
+    """Prompt ids for every step: tiny arith chat prompts (a), or arith questions padded with text to
+    a length drawn from shape['prompt_len'] (b)."""
+    n = shape["prompts"] * steps
+    rows = tasks.get_task("arith").generate(n, seed=0)
+    examples = encode.prompt_examples([{**r, "task": "arith"} for r in rows], tok)
+    if "prompt_len" not in shape:
+        return [e.prompt_ids for e in examples]
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = shape["prompt_len"]
+    filler = tok.encode(" the numbers below are small integers; add them with care and show your work." * 8)
+    out = []
+    for e in examples:
+        length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        ids = (filler + e.prompt_ids)[-length:]
+        out.append(ids)
+    return out
+
+
+def run_shape(name: str, shape: dict[str, Any], steps: int, tmp: Path) -> dict[str, Totals]:
+    mspec = ModelSpec.model_validate({"name": "tiny:nano", "tiny": shape["tiny"]})
+    source = prepare_base(mspec, tmp / name)
+    tok = load_tokenizer(source, mspec)
+    spec = GRPOSpec.model_validate({
+        "kind": "grpo", "data": "tiny:arith", "rewards": ["math_answer"], "prompts_per_step": shape["prompts"],
+        "group_size": shape["group_size"], "micro_batch_size": shape["prompts"] * shape["group_size"],
+        "sampling": {"max_new_tokens": shape["max_new_tokens"], "stop": shape["stop"]},
+        "loss": {"beta": 0.0, "aggregate": "token"}, "lr": 1e-5,
+    })
+    sampling = rollout.SamplingParams.of(spec.sampling)
+    prompts = shape_prompts(shape, tok, steps + 1)
+    variants: dict[str, Any] = {"plain": plain_logprobs, "rlft": rollout.completion_logprobs}
+    policies, optimizers, totals = {}, {}, {}
+    for v in variants:
+        torch.manual_seed(0)
+        policies[v] = load_model(source, mspec, torch.device("cpu")).eval()
+        optimizers[v] = make_optimizer(policies[v], spec)
+        totals[v] = Totals()
+    n_mat = matmul_params(policies["rlft"])
+    real = rollout.completion_logprobs
+    B, G = shape["prompts"], shape["group_size"]
+    for step in range(steps + 1):  # step 0 warms up
+        batch = prompts[step * B : (step + 1) * B]
+        for v, forward in variants.items():
+            policy, fed = policies[v], [0]
+            rollout.completion_logprobs = forward  # the learner calls rollout.completion_logprobs
+            timer = CpuTimer()
+            out = rollout.generate(policy, tok, batch, sampling, G, rollout.seed_generator(0, step))
+            timer.lap("generation")
+            R = torch.tensor([float(len(t) % 5) / 4 for t in out.texts])  # any reward with a spread
+            exp = build_experience(policy, None, out, R, spec, sampling, timer)
+            hook = policy.get_decoder().embed_tokens.register_forward_hook(
+                lambda m, a, o, fed=fed: fed.__setitem__(0, fed[0] + a[0].numel()))
+            learner.update(policy, optimizers[v], exp, spec, NanGuard("skip", 10), 0, sampling.temperature,
+                           lambda s: spec.lr)
+            hook.remove()
+            timer.lap("policy")
+            rollout.completion_logprobs = real
+            if step == 0:
+                continue
+            t = totals[v]
+            t.steps += 1
+            for k, val in timer.times.items():
+                t.cpu[k] = t.cpu.get(k, 0.0) + val
+            c_tokens = int(out.completion_mask.sum())
+            p_tokens = int(out.prompt_mask[::G].sum())
+            t.completion_tokens += c_tokens
+            t.fed_tokens += fed[0]
+            t.real_tokens += p_tokens + c_tokens
+            t.flops += 2 * n_mat * (p_tokens + c_tokens) + 6 * n_mat * (p_tokens + c_tokens)
+    return totals
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="nano")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--beta", type=float, default=0.0)
-    p.add_argument("--mu", type=int, default=1)
+    p.add_argument("--shape", choices=["a", "b", "both"], default="both")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     args = p.parse_args()
-
-    model_spec = ModelSpec(name=f"tiny:{args.preset}")
-    spec = GRPOSpec.model_validate({
-        "kind": "grpo", "data": "tiny:arith", "rewards": ["math_answer", "think_format"],
-        "prompts_per_step": args.prompts, "group_size": args.group_size, "micro_batch_size": 64,
-        "num_iterations": args.mu, "sampling": {"max_new_tokens": args.max_new_tokens},
-        "loss": {"beta": args.beta},
-    })
+    shapes = ["a", "b"] if args.shape == "both" else [args.shape]
+    table = Table(caption=f"GRPO step, process CPU time, torch threads={torch.get_num_threads()} "
+                          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), {args.steps} steps each")
+    for col in ("shape", "forward", "CPU-s/step", "generation", "policy", "compl. tok/CPU-s", "FLOP-floor share",
+                "padding fed", "speed-up"):
+        table.add_column(col, justify="left" if col in ("shape", "forward") else "right")
     with tempfile.TemporaryDirectory() as tmp:
-        source = prepare_base(model_spec, Path(tmp))
-        tok = load_tokenizer(source, model_spec)
-        torch.manual_seed(0)
-        policy = attach_lora(load_model(source, model_spec, torch.device("cpu")), LoraSpec(r=8)).eval()
-        rows = tasks.get_task("arith").generate(args.prompts * (args.steps + 1), seed=0)
-        prompts = encode.prompt_examples([{**r, "task": "arith"} for r in rows], tok)
-        score = build_rewards([e.model_dump() for e in spec.rewards], Path(tmp))
-        reference = make_reference(policy, _Ctx(spec))
-        times, tokens = _run(policy, tok, prompts, score, reference, spec, args.steps)
-        score.close()
-    _print(args, times, tokens)
-
-
-class _Ctx:
-    """The two things `make_reference` asks of a run context."""
-
-    def __init__(self, spec: GRPOSpec):
-        self.spec = spec
-
-    def lora(self) -> LoraSpec:
-        return LoraSpec(r=8)
-
-
-def _run(policy, tok, prompts, score, reference, spec, steps):  # noqa: ANN001, ANN202
-    optimizer = make_optimizer(policy, spec)
-    opt_time = [0.0]
-    inner = optimizer.step
-
-    def timed_step(*a, **k):  # noqa: ANN002, ANN003, ANN202
-        t0 = time.perf_counter()
-        out = inner(*a, **k)
-        opt_time[0] += time.perf_counter() - t0
-        return out
-
-    optimizer.step = timed_step  # type: ignore[method-assign]
-    sampling = rollout.SamplingParams(max_new_tokens=spec.sampling.max_new_tokens)
-    G, B = spec.group_size, spec.prompts_per_step
-    totals: dict[str, float] = {}
-    tokens = 0
-    for step in range(steps + 1):  # step 0 warms up
-        batch = prompts[step * B : (step + 1) * B]
-        timer = StepTimer()
-        opt_time[0] = 0.0
-        out = rollout.generate(policy, tok, [b.prompt_ids for b in batch], sampling, G, rollout.seed_generator(0, step))
-        timer.lap("generation")
-        cols = {k: [b.columns.get(k) for b in batch for _ in range(G)] for k in batch[0].columns}
-        R = score([b.prompt_text for b in batch for _ in range(G)], out.texts, cols).total
-        timer.lap("rewards")
-        exp = build_experience(policy, reference, out, R, spec, sampling, timer)
-        learner.update(policy, optimizer, exp, spec, NanGuard("skip", 10), 0, sampling.temperature, lambda s: spec.lr)
-        timer.lap("update")
-        if step == 0:
-            continue
-        tokens += int(out.completion_mask.sum())
-        split = dict(timer.times)
-        split["time/optimizer"] = opt_time[0]
-        split["time/policy fwd+bwd"] = split.pop("time/update") - opt_time[0]
-        for k, v in split.items():
-            totals[k] = totals.get(k, 0.0) + v / steps
-    return totals, tokens
-
-
-def _print(args, times: dict[str, float], tokens: int) -> None:  # noqa: ANN001
-    total = sum(times.values())
-    table = Table(caption=(
-        f"GRPO step, tiny:{args.preset}, B={args.prompts} x G={args.group_size}, {args.max_new_tokens} new tokens, "
-        f"beta={args.beta}, mu={args.mu}, torch threads={torch.get_num_threads()} "
-        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"))
-    for col in ("phase", "s/step", "share"):
-        table.add_column(col, justify="right" if col != "phase" else "left")
-    order = ["time/generation", "time/rewards", "time/reference", "time/policy fwd+bwd", "time/optimizer"]
-    for key in order:
-        table.add_row(key.removeprefix("time/"), f"{times.get(key, 0.0):.4f}", f"{times.get(key, 0.0) / total:.0%}")
-    table.add_row("total", f"{total:.4f}", "100%")
-    Console().print(table)
-    print(f"completion tokens/s (whole step): {tokens / args.steps / total:,.0f}; "
-          f"generation only: {tokens / args.steps / times['time/generation']:,.0f}")
+        for name in shapes:
+            totals = run_shape(name, SHAPES[name], args.steps, Path(tmp))
+            hidden = SHAPES[name]["tiny"]["hidden_size"]
+            rate = matmul_rate(hidden)
+            base = sum(totals["plain"].cpu.values()) / totals["plain"].steps
+            for v, t in totals.items():
+                per_step = sum(t.cpu.values()) / t.steps
+                table.add_row(
+                    name, v, f"{per_step:.3f}", f"{t.cpu['time/generation'] / t.steps:.3f}",
+                    f"{t.cpu['time/policy'] / t.steps:.3f}", f"{t.completion_tokens / sum(t.cpu.values()):,.0f}",
+                    f"{t.flops / rate / sum(t.cpu.values()):.0%}", f"{1 - t.real_tokens / max(t.fed_tokens, 1):.0%}",
+                    f"{base / per_step:.2f}x")
+            Console().print(f"shape {name}: {totals['rlft'].completion_tokens / totals['rlft'].steps:.0f} completion "
+                            f"tokens/step, fp32 matmul rate {rate / 1e9:.1f} GFLOP/s")
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

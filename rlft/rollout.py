@@ -462,8 +462,8 @@ def completion_logprobs(
     Work skipped (ALGORITHMS.md §9), none of it changing the result beyond float rounding:
     - consecutive rows with the same prompt (the G completions of a group) forward the prompt
       once and run their completions on its keys/values (`share_prompts`); autograd sums the
-      prompt's gradient over the rows. Not while activation checkpointing is on with a graph
-      (the checkpointed layers drop the cache), where one full forward per row runs instead;
+      prompt's gradient over the rows. Not under activation checkpointing (the checkpointed
+      layers drop the cache), where one full forward per row runs instead;
     - each micro-batch is cut to its own longest prompt and last counted completion token, so
       left padding and padding after the completions are not computed;
     - the LM head runs only at the positions that predict completion tokens.
@@ -520,7 +520,7 @@ def completion_logits(
     p_ids, p_mask = prompt_ids[:, first:], prompt_mask[:, first:].ne(0).long()
     c_ids, c_mask = completion_ids[:, :cols], completion_mask[:, :cols].ne(0).long()
     heads, owner = _prompt_runs(p_ids, p_mask)
-    if share_prompts and len(heads) < len(p_ids) and not _drops_cache(model):
+    if share_prompts and len(heads) < len(p_ids) and not _checkpointed(model):
         return _shared_prompt_logits(model, p_ids[heads], p_mask[heads], owner, c_ids, c_mask), cols
     ids, mask = torch.cat([p_ids, c_ids], dim=1), torch.cat([p_mask, c_mask], dim=1)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
@@ -536,10 +536,10 @@ def _prompt_runs(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tenso
     return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
 
 
-def _drops_cache(model: Any) -> bool:
-    """True when a forward with a graph would run checkpointed layers, which drop the KV cache."""
-    if not torch.is_grad_enabled():
-        return False
+def _checkpointed(model: Any) -> bool:
+    """True when activation checkpointing is on: the checkpointed layers drop the KV cache in a
+    forward with a graph, so such a model takes the plain path in every forward (with or without a
+    graph), and its policy, old and reference log-probs are computed alike."""
     return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
 
 

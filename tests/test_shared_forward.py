@@ -128,7 +128,7 @@ def test_activation_checkpointing_takes_the_plain_path_with_the_same_numbers(tmp
     source = prepare_base(mspec, tmp_path)
     torch.manual_seed(0)
     model = dropout_free_mode(attach_lora(load_model(source, mspec, torch.device("cpu")), LoraSpec(r=4)))
-    assert rollout._drops_cache(model)
+    assert rollout._checkpointed(model)
     tensors = batch(model.config.vocab_size, seed=5)
     weights = torch.randn(tensors[2].shape, generator=torch.Generator().manual_seed(6))
     got = rollout.completion_logprobs(model, tensors, 1.0)

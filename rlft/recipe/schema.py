@@ -259,6 +259,17 @@ class LossSpec(Strict):
     )
     mask_truncated: bool = Field(default=False, description="Leave completions cut at max_new_tokens out of the loss.")
     max_len: int | None = Field(default=None, ge=1, description="L_max of the constant aggregation; default max_new_tokens.")
+    tis_cap: float | None = Field(
+        default=None, ge=1, description="Truncated importance sampling: weight each token's clipped term by "
+        "min(exp(old_logp - sampler logp), tis_cap) for a sampler that disagrees with the trainer "
+        "(ALGORITHMS.md §10); null = off. Token-level ratio only."
+    )
+
+    @model_validator(mode="after")
+    def _check_tis(self) -> LossSpec:
+        if self.tis_cap is not None and self.ratio == "sequence":
+            raise ValueError("tis_cap weights each token; with ratio: sequence (GSPO) leave tis_cap unset")
+        return self
 
 
 class AdvantageSpec(Strict):
@@ -321,8 +332,10 @@ class GRPOSpec(RolloutStageSpec):
     group_size: int = Field(default=8, description="Completions G per prompt; >= 2.")
     mini_batches: int = Field(default=1, ge=1, description="Optimizer steps per generation round.")
     num_iterations: int = Field(default=1, ge=1, description="mu: passes over each generation round.")
-    old_logp: Literal["auto", "recompute", "detach"] = Field(
-        default="auto", description="auto: logp.detach() when fully on-policy, else recompute once before updating."
+    old_logp: Literal["auto", "recompute", "detach", "sampler"] = Field(
+        default="auto", description="auto: logp.detach() when fully on-policy, else recompute once before updating; "
+        "sampler: the sampler's own log-probs (no forward; equal to recompute to float rounding with the "
+        "built-in engine, not with another engine or precision)."
     )
     loss: LossSpec = Field(default_factory=LossSpec, description="Policy loss options.")
     advantage: AdvantageSpec = Field(default_factory=AdvantageSpec, description="Advantage options.")
@@ -341,6 +354,9 @@ class GRPOSpec(RolloutStageSpec):
                 "old_logp: detach is only exact when fully on-policy; with num_iterations > 1 or "
                 "mini_batches > 1 use old_logp: recompute (or auto)"
             )
+        if self.old_logp == "sampler" and self.loss.tis_cap is not None:
+            raise ValueError("loss.tis_cap corrects for a sampler that differs from pi_old; with old_logp: sampler "
+                             "the two are the same and every weight is 1: drop one of them")
         if (self.prompts_per_step * self.group_size) % self.mini_batches:
             raise ValueError(
                 f"prompts_per_step*group_size = {self.prompts_per_step * self.group_size} completions "

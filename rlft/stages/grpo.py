@@ -91,8 +91,13 @@ def build_experience(
     """old_logp (when off-policy), ref_logp (when beta > 0) and advantages for one round."""
     mask = out.completion_mask * (~out.truncated[:, None]) if spec.loss.mask_truncated else out.completion_mask
     tensors = (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
-    on_policy = spec.num_iterations == 1 and spec.mini_batches == 1 and spec.old_logp != "recompute"
-    old_logp = None if on_policy else learner.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
+    on_policy = spec.num_iterations == 1 and spec.mini_batches == 1 and spec.old_logp in ("auto", "detach")
+    if spec.old_logp == "sampler":  # pi_old's log-probs as the sampler recorded them: no forward
+        old_logp = torch.where(out.completion_mask.bool(), out.sample_logp, 0.0)
+    elif on_policy:
+        old_logp = None
+    else:
+        old_logp = learner.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
     ref_logp = None
     if reference is not None:
         with reference() as ref_model:
@@ -105,7 +110,9 @@ def build_experience(
         kl_tok = torch.where(mask.bool(), behaviour - ref_logp, 0.0)  # k1 per token
     adv = advantages_for(R, kl_tok, mask, spec)
     ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
-    return learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss)
+    sample_logp = None if spec.old_logp == "sampler" else out.sample_logp
+    return learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss,
+                              sample_logp)
 
 
 def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, spec: GRPOSpec) -> torch.Tensor:

@@ -175,7 +175,7 @@ def build_batch(
     gae = advantages.gae(rewards, old.values, mask, spec.gamma, spec.lam)
     ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
     exp = learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask,
-                        advantages.whiten(gae.advantages, mask), old.logp, ref_in_loss)
+                        advantages.whiten(gae.advantages, mask), old.logp, ref_in_loss, out.sample_logp)
     return PPOBatch(exp, old.values, gae.returns, rewards, gae.advantages, kl)
 
 
