@@ -3,11 +3,9 @@
     python -m benchmarks.grpo_step                    # both shapes, 3 timed steps each
     python -m benchmarks.grpo_step --shape a --steps 5
 
-Shapes (full fine-tuning, fp32, temperature 1, token-mean loss, beta 0, mu 1, AdamW):
-  a  ~4.0M-parameter Qwen2, the byte-level tiny tokenizer, 8 chat prompts (tiny arith task,
-     ~55 tokens) x G=8, 32 new tokens.
-  b  ~29M-parameter Qwen2, 4 prompts of 32-160 tokens x G=8, up to 256 new tokens; three one-character
-     stop strings end completions at a spread of lengths (the random model rarely emits EOS).
+Shapes (benchmarks/shapes.py; full fine-tuning, fp32, temperature 1, token-mean loss, beta 0, mu 1,
+AdamW): a ~4.0M-parameter Qwen2, 8 chat prompts of ~55 tokens x G=8, up to 32 new tokens; b ~29M
+parameters, 4 prompts of 32-160 tokens x G=8, up to 256 new tokens, completion lengths spread.
 
 Two variants run alternately, step by step, each on its own copy of the same initial weights:
   plain   one forward per row over [prompt; completion] at the batch's full padded width (the
@@ -33,23 +31,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.shapes import SHAPES, prompt_ids, prompt_messages, reward, save_model
 from rlft import rollout
 from rlft.core.logits import token_logprobs
-from rlft.data import encode, tasks
 from rlft.metrics import StepTimer
-from rlft.models import load_model, load_tokenizer, prepare_base
-from rlft.recipe.schema import GRPOSpec, ModelSpec
+from rlft.recipe.schema import GRPOSpec
 from rlft.rl import learner
 from rlft.stages.grpo import build_experience
 from rlft.training import NanGuard, make_optimizer
-
-SHAPES: dict[str, dict[str, Any]] = {
-    "a": {"tiny": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 1024},
-          "prompts": 8, "group_size": 8, "max_new_tokens": 32, "stop": []},
-    "b": {"tiny": {"hidden_size": 512, "num_layers": 10, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1376,
-                   "max_position": 1024},
-          "prompts": 4, "group_size": 8, "max_new_tokens": 256, "stop": ["Q", "#", "~"], "prompt_len": (32, 160)},
-}
 
 
 def plain_logprobs(model: Any, batch: Any, temperature: float, micro_batch_size: int | None = None,
@@ -111,47 +100,28 @@ def matmul_params(model: Any) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def shape_prompts(shape: dict[str, Any], tok: Any, steps: int) -> list[list[int]]:
-    """Prompt ids for every step: tiny arith chat prompts (a), or arith questions padded with text to
-    a length drawn from shape['prompt_len'] (b)."""
-    n = shape["prompts"] * steps
-    rows = tasks.get_task("arith").generate(n, seed=0)
-    examples = encode.prompt_examples([{**r, "task": "arith"} for r in rows], tok)
-    if "prompt_len" not in shape:
-        return [e.prompt_ids for e in examples]
-    gen = torch.Generator().manual_seed(0)
-    lo, hi = shape["prompt_len"]
-    filler = tok.encode(" the numbers below are small integers; add them with care and show your work." * 8)
-    out = []
-    for e in examples:
-        length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
-        ids = (filler + e.prompt_ids)[-length:]
-        out.append(ids)
-    return out
+def run_shape(name: str, steps: int, tmp: Path) -> dict[str, Totals]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def run_shape(name: str, shape: dict[str, Any], steps: int, tmp: Path) -> dict[str, Totals]:
-    mspec = ModelSpec.model_validate({"name": "tiny:nano", "tiny": shape["tiny"]})
-    source = prepare_base(mspec, tmp / name)
-    tok = load_tokenizer(source, mspec)
+    shape = SHAPES[name]
+    source = save_model(shape, tmp / name)
+    tok = AutoTokenizer.from_pretrained(source)
+    B, G = shape.prompts, shape.group_size
     spec = GRPOSpec.model_validate({
-        "kind": "grpo", "data": "tiny:arith", "rewards": ["math_answer"], "prompts_per_step": shape["prompts"],
-        "group_size": shape["group_size"], "micro_batch_size": shape["prompts"] * shape["group_size"],
-        "sampling": {"max_new_tokens": shape["max_new_tokens"], "stop": shape["stop"]},
-        "loss": {"beta": 0.0, "aggregate": "token"}, "lr": 1e-5,
+        "kind": "grpo", "data": "tiny:arith", "rewards": ["math_answer"], "prompts_per_step": B,
+        "group_size": G, "micro_batch_size": B * G, "sampling": {"max_new_tokens": shape.max_new_tokens},
+        "loss": {"beta": 0.0, "aggregate": "token"}, "lr": 1e-6,
     })
     sampling = rollout.SamplingParams.of(spec.sampling)
-    prompts = shape_prompts(shape, tok, steps + 1)
+    prompts = prompt_ids(tok, prompt_messages(shape, B * (steps + 1)))
     variants: dict[str, Any] = {"plain": plain_logprobs, "rlft": rollout.completion_logprobs}
     policies, optimizers, totals = {}, {}, {}
     for v in variants:
-        torch.manual_seed(0)
-        policies[v] = load_model(source, mspec, torch.device("cpu")).eval()
+        policies[v] = AutoModelForCausalLM.from_pretrained(source).eval()
         optimizers[v] = make_optimizer(policies[v], spec)
         totals[v] = Totals()
     n_mat = matmul_params(policies["rlft"])
     real = rollout.completion_logprobs
-    B, G = shape["prompts"], shape["group_size"]
     for step in range(steps + 1):  # step 0 warms up
         batch = prompts[step * B : (step + 1) * B]
         for v, forward in variants.items():
@@ -160,7 +130,7 @@ def run_shape(name: str, shape: dict[str, Any], steps: int, tmp: Path) -> dict[s
             timer = CpuTimer()
             out = rollout.generate(policy, tok, batch, sampling, G, rollout.seed_generator(0, step))
             timer.lap("generation")
-            R = torch.tensor([float(len(t) % 5) / 4 for t in out.texts])  # any reward with a spread
+            R = torch.tensor([reward(t) for t in out.texts])
             exp = build_experience(policy, None, out, R, spec, sampling, timer)
             hook = policy.get_decoder().embed_tokens.register_forward_hook(
                 lambda m, a, o, fed=fed: fed.__setitem__(0, fed[0] + a[0].numel()))
@@ -197,8 +167,8 @@ def main() -> None:
         table.add_column(col, justify="left" if col in ("shape", "forward") else "right")
     with tempfile.TemporaryDirectory() as tmp:
         for name in shapes:
-            totals = run_shape(name, SHAPES[name], args.steps, Path(tmp))
-            hidden = SHAPES[name]["tiny"]["hidden_size"]
+            totals = run_shape(name, args.steps, Path(tmp))
+            hidden = SHAPES[name].hidden
             rate = matmul_rate(hidden)
             base = sum(totals["plain"].cpu.values()) / totals["plain"].steps
             for v, t in totals.items():

@@ -460,12 +460,13 @@ def completion_logprobs(
     float rounding (KV-cache decode vs one forward).
 
     Work skipped (ALGORITHMS.md §9), none of it changing the result beyond float rounding:
-    - consecutive rows with the same prompt (the G completions of a group) forward the prompt
-      once and run their completions on its keys/values (`share_prompts`); autograd sums the
-      prompt's gradient over the rows. Not under activation checkpointing (the checkpointed
-      layers drop the cache), where one full forward per row runs instead;
-    - each micro-batch is cut to its own longest prompt and last counted completion token, so
-      left padding and padding after the completions are not computed;
+    - the distinct prompts of a micro-batch (a group's G rows share one) are forwarded once and
+      the completions run on their keys/values (`share_prompts`); autograd sums a prompt's
+      gradient over its rows. Not under activation checkpointing (the checkpointed layers drop
+      the cache), where each row's prompt and completion run in one forward instead;
+    - rows are bucketed by completion length (`_length_buckets`), each bucket cut to its longest
+      counted completion and its longest prompt, so little padding is computed; rows with no
+      counted token are not computed at all;
     - the LM head runs only at the positions that predict completion tokens.
 
     Args:
@@ -475,7 +476,7 @@ def completion_logprobs(
         temperature: sampling temperature; 0 (greedy) scores at temperature 1, like generate.
         micro_batch_size: rows per forward; None = all N at once.
         with_entropy: also return the (N, T) per-token entropy (no graph), a metric.
-        share_prompts: forward a prompt shared by consecutive rows once.
+        share_prompts: forward each distinct prompt of a micro-batch once.
 
     Returns:
         (N, T) float32 log-probs, 0 where completion_mask is 0; with_entropy: (logp, entropy).
@@ -489,51 +490,85 @@ def completion_logprobs(
     parts, entropies = [], []
     for s in range(0, n_rows, step):
         rows = slice(s, s + step)
-        logits, cols = completion_logits(
-            model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows], share_prompts)
-        counted = completion_mask[rows, :cols].bool()
-        lp = torch.where(counted, token_logprobs(logits.float(), completion_ids[rows, :cols], temp), 0.0)
-        parts.append(torch.nn.functional.pad(lp, (0, steps - cols)))
-        if with_entropy:  # a metric only: no graph
-            with torch.no_grad():
-                ent = torch.where(counted, entropy(logits.detach().float(), temp), 0.0)
-            entropies.append(torch.nn.functional.pad(ent, (0, steps - cols)))
+        lp, ent = _micro_batch_logprobs(
+            model, (prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows]), temp,
+            with_entropy, share_prompts)
+        parts.append(torch.nn.functional.pad(lp, (0, steps - lp.shape[1])))
+        if ent is not None:
+            entropies.append(torch.nn.functional.pad(ent, (0, steps - ent.shape[1])))
     if with_entropy:
         return torch.cat(parts), torch.cat(entropies)
     return torch.cat(parts)
 
 
-def completion_logits(
-    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-    share_prompts: bool = True,
-) -> tuple[Tensor, int]:
-    """Logits predicting completion tokens 0..C-1 of each row, (n, C, V), and C.
-
-    C is one past the last counted completion column of the micro-batch (at least 1): columns
-    after it are padding in every row and are not computed. See `completion_logprobs` for the
-    prompt sharing and the padding left out.
-    """
-    counted_cols = completion_mask.ne(0).any(0).nonzero()
-    cols = int(counted_cols[-1]) + 1 if len(counted_cols) else 1
-    real_cols = prompt_mask.ne(0).any(0).nonzero()
-    first = min(int(real_cols[0]), prompt_mask.shape[1] - 1) if len(real_cols) else prompt_mask.shape[1] - 1
-    p_ids, p_mask = prompt_ids[:, first:], prompt_mask[:, first:].ne(0).long()
-    c_ids, c_mask = completion_ids[:, :cols], completion_mask[:, :cols].ne(0).long()
-    heads, owner = _prompt_runs(p_ids, p_mask)
-    if share_prompts and len(heads) < len(p_ids) and not _checkpointed(model):
-        return _shared_prompt_logits(model, p_ids[heads], p_mask[heads], owner, c_ids, c_mask), cols
-    ids, mask = torch.cat([p_ids, c_ids], dim=1), torch.cat([p_mask, c_mask], dim=1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
-                   **_logits_kwargs(model, cols + 1)).logits
-    return logits[:, -cols - 1 : -1], cols
+BUCKET_COST = 64  # padded positions a further length bucket must save to pay for its forward
 
 
-def _prompt_runs(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Runs of consecutive rows with the same prompt: the first row of each run (U,) and each
-    row's run (n,)."""
-    same = (prompt_ids[1:] == prompt_ids[:-1]).all(-1) & (prompt_mask[1:] == prompt_mask[:-1]).all(-1)
-    starts = torch.cat([same.new_ones(1), ~same])
-    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+def _micro_batch_logprobs(
+    model: Any, tensors: tuple[Tensor, Tensor, Tensor, Tensor], temperature: float, with_entropy: bool,
+    share_prompts: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(n, C) log-probs (and entropies) of one micro-batch; C = its last counted column + 1."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = tensors
+    counted = completion_mask.ne(0)
+    lengths = torch.where(counted.any(-1), counted.shape[1] - counted.flip(-1).long().argmax(-1), 0)  # (n,)
+    if not bool(lengths.any()):  # nothing counted: one token of row 0, so the (zero) loss keeps its graph
+        lengths = torch.nn.functional.pad(lengths.new_ones(1), (0, len(lengths) - 1))
+    shared = None
+    if share_prompts and not _checkpointed(model):
+        shared = _SharedPrompts.of(model, *_trim_left(prompt_ids, prompt_mask))
+    n, cols = len(lengths), int(lengths.max())
+    lp = torch.zeros(n, cols, device=completion_ids.device)
+    ent = torch.zeros(n, cols, device=completion_ids.device) if with_entropy else None
+    for rows in _length_buckets(lengths, multiple=shared is None or shared.copyable):
+        width = int(lengths[rows].max())
+        ids, mask = completion_ids[rows, :width], completion_mask[rows, :width].ne(0).long()
+        if shared is not None:
+            logits = shared.logits(rows, ids, mask)
+        else:
+            p_ids, p_mask = _trim_left(prompt_ids[rows], prompt_mask[rows])
+            both = torch.cat([p_mask, mask], dim=1)
+            logits = model(input_ids=torch.cat([p_ids, ids], dim=1), attention_mask=both,
+                           position_ids=_positions(both), use_cache=False,
+                           **_logits_kwargs(model, width + 1)).logits[:, -width - 1 : -1]
+        keep = mask.bool()
+        piece = torch.where(keep, token_logprobs(logits.float(), ids, temperature), 0.0)
+        lp = lp.index_copy(0, rows, torch.nn.functional.pad(piece, (0, cols - width)))
+        if ent is not None:  # a metric only: no graph
+            with torch.no_grad():
+                e = torch.where(keep, entropy(logits.detach().float(), temperature), 0.0)
+            ent = ent.index_copy(0, rows, torch.nn.functional.pad(e, (0, cols - width)))
+    return lp, ent
+
+
+def _trim_left(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Left-padded prompts without the columns that are padding in every row; the mask as 0/1."""
+    real = prompt_mask.ne(0).any(0).nonzero()
+    first = min(int(real[0]), prompt_mask.shape[1] - 1) if len(real) else prompt_mask.shape[1] - 1
+    return prompt_ids[:, first:], prompt_mask[:, first:].ne(0).long()
+
+
+def _length_buckets(lengths: Tensor, multiple: bool = True, cost: int | None = None) -> list[Tensor]:
+    """The rows with a counted token, longest first, cut into contiguous buckets that minimise
+    sum over buckets of (rows x longest row) + `cost` per bucket (default BUCKET_COST; an exact
+    O(n^2) dynamic program; one bucket when not `multiple`)."""
+    cost = BUCKET_COST if cost is None else cost
+    rows = lengths.nonzero().squeeze(1)
+    order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    if not multiple or len(order) < 2:
+        return [order]
+    sizes = lengths[order].tolist()
+    best, cut = [0.0] + [float("inf")] * len(sizes), [0] * (len(sizes) + 1)
+    for j in range(1, len(sizes) + 1):
+        for i in range(j):  # bucket = sorted rows i..j-1, padded to sizes[i]
+            c = best[i] + (j - i) * sizes[i] + cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], len(sizes)
+    while j > 0:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]
 
 
 def _checkpointed(model: Any) -> bool:
@@ -543,21 +578,57 @@ def _checkpointed(model: Any) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
 
 
-def _shared_prompt_logits(
-    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, owner: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-) -> Tensor:
-    """Forward the U distinct prompts once, expand their keys/values to the n rows (`owner`: row ->
-    prompt), forward the completions on them. (n, C, V) logits predicting completion tokens."""
-    pre = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
-                use_cache=True, **_logits_kwargs(model, 1))
-    first = pre.logits[owner, -1:]  # (n, 1, V): predicts completion token 0
-    cols = completion_ids.shape[1]
-    if cols == 1:
-        return first
-    cache = getattr(pre, cache_keyword(model))
-    cache.batch_select_indices(owner)  # differentiable indexing: the prompt's gradient sums over its rows
-    mask = torch.cat([prompt_mask[owner], completion_mask], dim=1)
-    out = model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
-                position_ids=_positions(mask)[:, prompt_ids.shape[1] : -1], use_cache=True,
-                **{cache_keyword(model): cache})
-    return torch.cat([first, out.logits], dim=1)
+class _SharedPrompts:
+    """The distinct prompts of a micro-batch, forwarded once; their keys/values serve any of its rows."""
+
+    def __init__(self, model: Any, ids: Tensor, mask: Tensor, owner: Tensor):
+        self.model, self.mask, self.owner = model, mask, owner  # owner: row -> distinct prompt
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                    **_logits_kwargs(model, 1))
+        self.first = out.logits[:, -1:]  # (U, 1, V): predicts completion token 0
+        self.cache = getattr(out, cache_keyword(model))
+        self.copyable = _cache_layers(self.cache) is not None
+
+    @classmethod
+    def of(cls, model: Any, prompt_ids: Tensor, prompt_mask: Tensor) -> _SharedPrompts | None:
+        """None when every row has its own prompt (nothing to share)."""
+        distinct, owner = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+        if len(distinct) == len(prompt_ids):
+            return None
+        width = prompt_ids.shape[1]
+        return cls(model, distinct[:, :width], distinct[:, width:], owner)
+
+    def logits(self, rows: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
+        """(r, C, V) logits predicting the completion tokens of `rows`."""
+        owner = self.owner[rows]
+        first = self.first[owner]
+        if completion_ids.shape[1] == 1:
+            return first
+        cache = self._rows_cache(owner)
+        mask = torch.cat([self.mask[owner], completion_mask], dim=1)
+        out = self.model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                         position_ids=_positions(mask)[:, self.mask.shape[1] : -1], use_cache=True,
+                         **{cache_keyword(self.model): cache})
+        return torch.cat([first, out.logits], dim=1)
+
+    def _rows_cache(self, owner: Tensor) -> Any:
+        """A cache holding each row's prompt keys/values (indexing keeps the autograd graph)."""
+        layers = _cache_layers(self.cache)
+        if layers is None:  # one bucket only (copyable False): expand the prompts' cache in place
+            self.cache.batch_select_indices(owner)
+            return self.cache
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        for i, (keys, values) in enumerate(layers):
+            cache.update(keys[owner], values[owner], i)
+        return cache
+
+
+def _cache_layers(cache: Any) -> list[tuple[Tensor, Tensor]] | None:
+    """Per layer (keys, values) of a transformers 5 DynamicCache; None for any other cache."""
+    layers = getattr(cache, "layers", None)
+    if type(cache).__name__ != "DynamicCache" or not layers or not all(
+            isinstance(getattr(layer, "keys", None), Tensor) for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]

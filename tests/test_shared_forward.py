@@ -70,39 +70,78 @@ def grads(model, logp: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("micro_batch_size", [None, 6, 3])
-def test_policy_logprobs_and_gradients_equal_the_plain_forward(policy, temperature, micro_batch_size):
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("bucket_cost", [64, 2])  # 2: several length buckets per micro-batch
+def test_policy_logprobs_and_gradients_equal_the_plain_forward(policy, monkeypatch, temperature, micro_batch_size,
+                                                                share, bucket_cost):
+    monkeypatch.setattr(rollout, "BUCKET_COST", bucket_cost)
     tensors = batch(policy.config.vocab_size, seed=1)
     weights = torch.randn(tensors[2].shape, generator=torch.Generator().manual_seed(2))
     expected = plain_logprobs(policy, tensors, temperature)
-    got = rollout.completion_logprobs(policy, tensors, temperature, micro_batch_size=micro_batch_size)
+    got = rollout.completion_logprobs(policy, tensors, temperature, micro_batch_size=micro_batch_size,
+                                      share_prompts=share)
     assert got.shape == expected.shape
     assert_close(got, expected, rtol=0, atol=1e-5)
     assert got[tensors[3].bool()].abs().min() > 0 and (got[~tensors[3].bool()] == 0).all()
     g_plain = grads(policy, plain_logprobs(policy, tensors, temperature), weights)
-    g_fast = grads(policy, rollout.completion_logprobs(policy, tensors, temperature, micro_batch_size=micro_batch_size),
-                   weights)
+    g_fast = grads(policy, rollout.completion_logprobs(policy, tensors, temperature, micro_batch_size=micro_batch_size,
+                                                       share_prompts=share), weights)
     for a, b in zip(g_fast, g_plain, strict=True):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert max(float(g.abs().max()) for g in g_plain) > 1e-3  # the gradients compared are not ~0
 
 
-def test_prompt_is_forwarded_once_per_group(policy):
-    """The shared path forwards U prompts + N completions, not N prompts + completions."""
-    tensors = batch(policy.config.vocab_size, seed=3)
+def test_prompt_is_forwarded_once_and_padding_is_not(policy, monkeypatch):
+    """The distinct prompts run once; then only rows with a counted token run, in length buckets,
+    each no wider than its longest row: fewer tokens fed than one padded forward of every row."""
+    monkeypatch.setattr(rollout, "BUCKET_COST", 4)  # these completions are short: make buckets pay
+    tensors = batch(policy.config.vocab_size, seed=3, n_prompts=4)
     seen: list[tuple[int, int]] = []
     hook = policy.get_base_model().model.embed_tokens.register_forward_hook(
         lambda m, args, out: seen.append(tuple(args[0].shape)))
     try:
         with torch.no_grad():
             rollout.completion_logprobs(policy, tensors, 1.0)
-            n_rows = len(seen)
-            rollout.completion_logprobs(policy, tensors, 1.0, share_prompts=False)
     finally:
         hook.remove()
-    prompt_len = int(tensors[1].sum(-1).max())
-    last_counted = int(tensors[3].any(0).nonzero()[-1]) + 1
-    assert seen[:n_rows] == [(3, prompt_len), (12, last_counted - 1)]  # trimmed, shared
-    assert seen[n_rows:] == [(12, prompt_len + last_counted)]  # trimmed, not shared
+    p_mask, c_mask = tensors[1], tensors[3]
+    lengths = c_mask.sum(-1)
+    assert seen[0] == (4, int(p_mask.sum(-1).max()))  # the 4 distinct prompts, left padding cut
+    buckets = seen[1:]
+    assert len(buckets) >= 2  # the lengths are spread enough to split
+    assert sum(r for r, _ in buckets) == int((lengths > 0).sum())  # the masked row is not computed
+    fed = sum(r * w for r, w in seen)
+    assert fed < 0.8 * c_mask.shape[0] * (p_mask.shape[1] + c_mask.shape[1])
+    # each bucket holds the rows it is as wide as: widths (minus the token the last position needs
+    # no input for) cover the sorted lengths
+    sorted_lengths = sorted(lengths[lengths > 0].tolist(), reverse=True)
+    at = 0
+    for r, w in buckets:
+        assert w + 1 == sorted_lengths[at]
+        at += r
+
+
+def test_length_buckets_are_the_cheapest_cut():
+    """`_length_buckets` against every contiguous cut of the sorted rows (brute force)."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = int(torch.randint(1, 10, (1,), generator=gen))
+        lengths = torch.randint(0, 200, (n,), generator=gen)
+        cost = int(torch.randint(0, 100, (1,), generator=gen))
+        buckets = rollout._length_buckets(lengths, cost=cost)
+        rows = torch.cat(buckets).tolist() if buckets else []
+        assert sorted(rows) == (lengths > 0).nonzero().squeeze(1).tolist()
+        got = sum(len(b) * int(lengths[b].max()) + cost for b in buckets if len(b))
+        sizes = sorted(lengths[lengths > 0].tolist(), reverse=True)
+        best = float("inf")
+        for k in range(len(sizes)):
+            for cuts in itertools.combinations(range(1, len(sizes)), k):
+                edges = [0, *cuts, len(sizes)]
+                best = min(best, sum((j - i) * sizes[i] + cost for i, j in itertools.pairwise(edges)))
+        if sizes:
+            assert got == best, (trial, lengths.tolist(), cost)
 
 
 def test_reference_and_old_logprobs_equal_the_plain_forward(policy):
