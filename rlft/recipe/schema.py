@@ -153,6 +153,25 @@ class SamplingSpec(Strict):
     stop: list[str] = Field(default_factory=list, description="Stop strings (kept in the completion).")
 
 
+class VLLMSpec(Strict):
+    """The colocated vLLM engine of GRPO/PPO sampling (`sampling.engine: vllm`; unverified, see README)."""
+
+    gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    sleep: bool = Field(default=True, description="Offload vLLM's weights and free its KV cache while training.")
+    dtype: str = Field(default="auto", description="vLLM's weight dtype (auto = the checkpoint's).")
+    max_model_len: int | None = Field(default=None, ge=16, description="Longest prompt + completion; default the model's.")
+
+
+class RolloutSamplingSpec(SamplingSpec):
+    """How GRPO/PPO sample their rounds: the built-in sampler or vLLM."""
+
+    engine: Literal["hf", "vllm"] = Field(
+        default="hf", description="hf: the built-in KV-cached sampler; vllm: vLLM colocated on the GPU, weights "
+        "pushed every round (unverified; needs vllm and CUDA)."
+    )
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description="vLLM engine settings (engine: vllm).")
+
+
 class GateSpec(Strict):
     """A bound a stage's final held-out metric must meet for later stages to run (exit 4 otherwise)."""
 
@@ -294,7 +313,7 @@ class RolloutStageSpec(TrainSpec):
     steps: int = Field(default=100, ge=1, description="Generation rounds (each one or more optimizer steps).")
     prompts_per_step: int = Field(default=8, ge=1, description="Prompts B per generation round.")
     micro_batch_size: int = Field(default=8, ge=1, description="Completions per forward/backward pass.")
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of completions.")
+    sampling: RolloutSamplingSpec = Field(default_factory=RolloutSamplingSpec, description="Sampling of completions.")
     rewards: list[RewardEntry] = Field(min_length=1, description="Reward functions, summed with weights.")
     reward_timeout_s: float = Field(default=10.0, gt=0, description="Per-call timeout of a user reward function.")
     max_reward_error_rate: float = Field(default=0.05, ge=0, le=1, description="Abort above this reward error rate.")

@@ -53,9 +53,15 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
         halt=logs,
     )
     sampling = rollout.SamplingParams.of(spec.sampling)
+    engine = rounds.sampling_engine(ctx)  # None: the built-in sampler
     for step in loop:
         timer = StepTimer()
-        exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
+        if engine is not None:
+            engine.sync(policy, step)
+        exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step,
+                                           timer, engine)
+        if engine is not None:
+            engine.sleep()
         updates = learner.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
         opt_step += len(updates)
         timer.lap("policy")
@@ -63,6 +69,8 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
         logs.log(step, stats, batch, texts)
     history = logs.close()
     score.close()
+    if engine is not None:
+        engine.close()
     return finish_model(ctx, policy, tokenizer, StageOutput.from_history(history, guard.skipped))
 
 
@@ -73,14 +81,14 @@ def lr_fn(spec: GRPOSpec) -> Callable[[int], float]:
 
 def collect(
     policy: Any, reference: Any, tokenizer: Any, loader: Any, score: Any, spec: GRPOSpec,
-    sampling: rollout.SamplingParams, seed: int, step: int, timer: StepTimer,
+    sampling: rollout.SamplingParams, seed: int, step: int, timer: StepTimer, engine: Any = None,
 ) -> tuple[learner.Experience, dict[str, float], list[str], list[Any]]:
     """Sample G completions per prompt, score them, and build the round's Experience.
 
     With dynamic sampling (DAPO), groups whose G rewards are all equal are dropped and more
     prompts are sampled, up to `max_rounds` rounds, until B groups carry a signal.
     """
-    r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, seed, step, timer)
+    r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, seed, step, timer, engine)
     return build_experience(policy, reference, r.out, r.rewards, spec, sampling, timer), r.stats, r.out.texts, r.rows
 
 

@@ -104,9 +104,14 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
         halt=logs,
     )
     sampling = rollout.SamplingParams.of(spec.sampling)
+    engine = rounds.sampling_engine(ctx)  # None: the built-in sampler
     for step in loop:
         timer = StepTimer()
-        r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
+        if engine is not None:
+            engine.sync(policy, step)
+        r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer, engine)
+        if engine is not None:
+            engine.sleep()
         batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
         timer.lap("experience")  # old_logp, V_old, ref_logp, GAE
         stats: dict[str, Any] = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
@@ -119,6 +124,8 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
         logs.log(step, stats, r.rows, r.out.texts)
     history = logs.close()
     score.close()
+    if engine is not None:
+        engine.close()
     return finish(ctx, policy, tokenizer, value, history, opt.guard.skipped)
 
 
