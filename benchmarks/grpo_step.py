@@ -20,6 +20,7 @@ padding share of the tokens the training forward fed the model.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -33,31 +34,11 @@ from rich.table import Table
 
 from benchmarks.shapes import SHAPES, prompt_ids, prompt_messages, reward, save_model
 from rlft import rollout
-from rlft.core.logits import token_logprobs
 from rlft.metrics import StepTimer
 from rlft.recipe.schema import GRPOSpec
 from rlft.rl import learner
 from rlft.stages.grpo import build_experience
 from rlft.training import NanGuard, make_optimizer
-
-
-def plain_logprobs(model: Any, batch: Any, temperature: float, micro_batch_size: int | None = None,
-                   with_entropy: bool = False, share_prompts: bool = True) -> Any:
-    """The plain training forward: every row's prompt and completion at the full padded width."""
-    del share_prompts
-    p_ids, p_mask, c_ids, c_mask = batch
-    n, steps = c_ids.shape
-    step = micro_batch_size or n
-    parts, ents = [], []
-    for s in range(0, n, step):
-        ids = torch.cat([p_ids[s : s + step], c_ids[s : s + step]], 1)
-        mask = torch.cat([p_mask[s : s + step], c_mask[s : s + step]], 1).ne(0).long()
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       use_cache=False, logits_to_keep=steps + 1).logits[:, -steps - 1 : -1]
-        counted = c_mask[s : s + step].bool()
-        parts.append(torch.where(counted, token_logprobs(logits.float(), c_ids[s : s + step], temperature), 0.0))
-        ents.append(torch.zeros_like(parts[-1]))
-    return (torch.cat(parts), torch.cat(ents)) if with_entropy else torch.cat(parts)
 
 
 @dataclass
@@ -114,14 +95,14 @@ def run_shape(name: str, steps: int, tmp: Path) -> dict[str, Totals]:
     })
     sampling = rollout.SamplingParams.of(spec.sampling)
     prompts = prompt_ids(tok, prompt_messages(shape, B * (steps + 1)))
-    variants: dict[str, Any] = {"plain": plain_logprobs, "rlft": rollout.completion_logprobs}
+    real = rollout.completion_logprobs
+    variants: dict[str, Any] = {"plain": functools.partial(real, one_forward=True), "rlft": real}
     policies, optimizers, totals = {}, {}, {}
     for v in variants:
         policies[v] = AutoModelForCausalLM.from_pretrained(source).eval()
         optimizers[v] = make_optimizer(policies[v], spec)
         totals[v] = Totals()
     n_mat = matmul_params(policies["rlft"])
-    real = rollout.completion_logprobs
     for step in range(steps + 1):  # step 0 warms up
         batch = prompts[step * B : (step + 1) * B]
         for v, forward in variants.items():

@@ -450,6 +450,7 @@ def completion_logprobs(
     micro_batch_size: int | None = None,
     with_entropy: bool = False,
     share_prompts: bool = True,
+    one_forward: bool = False,
 ) -> Any:
     """Log-probs of the completion tokens under `model`: the training-time forward.
 
@@ -477,6 +478,8 @@ def completion_logprobs(
         micro_batch_size: rows per forward; None = all N at once.
         with_entropy: also return the (N, T) per-token entropy (no graph), a metric.
         share_prompts: forward each distinct prompt of a micro-batch once.
+        one_forward: one plain forward of each micro-batch at its full padded width, none of the
+            above (for callers that read the forward's hidden states, like PPO's value head).
 
     Returns:
         (N, T) float32 log-probs, 0 where completion_mask is 0; with_entropy: (logp, entropy).
@@ -490,6 +493,13 @@ def completion_logprobs(
     parts, entropies = [], []
     for s in range(0, n_rows, step):
         rows = slice(s, s + step)
+        if one_forward:
+            lp, ent = _plain_logprobs(model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows],
+                                      completion_mask[rows], temp, with_entropy)
+            parts.append(lp)
+            if ent is not None:
+                entropies.append(ent)
+            continue
         lp, ent = _micro_batch_logprobs(
             model, (prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows]), temp,
             with_entropy, share_prompts)
@@ -499,6 +509,24 @@ def completion_logprobs(
     if with_entropy:
         return torch.cat(parts), torch.cat(entropies)
     return torch.cat(parts)
+
+
+def _plain_logprobs(
+    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+    temperature: float, with_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """One forward over [prompt; completion] at the full padded width: (n, T) log-probs (and entropies)."""
+    steps = completion_ids.shape[1]
+    mask = torch.cat([prompt_mask, completion_mask], dim=1).ne(0).long()
+    logits = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=mask,
+                   position_ids=_positions(mask), use_cache=False,
+                   **_logits_kwargs(model, steps + 1)).logits[:, -steps - 1 : -1]
+    keep = completion_mask.bool()
+    lp = torch.where(keep, token_logprobs(logits.float(), completion_ids, temperature), 0.0)
+    if not with_entropy:
+        return lp, None
+    with torch.no_grad():  # a metric only: no graph
+        return lp, torch.where(keep, entropy(logits.detach().float(), temperature), 0.0)
 
 
 BUCKET_COST = 64  # padded positions a further length bucket must save to pay for its forward

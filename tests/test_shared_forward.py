@@ -70,22 +70,21 @@ def grads(model, logp: torch.Tensor, weights: torch.Tensor) -> list[torch.Tensor
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("micro_batch_size", [None, 6, 3])
-@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("mode", [{}, {"share_prompts": False}, {"one_forward": True}])
 @pytest.mark.parametrize("bucket_cost", [64, 2])  # 2: several length buckets per micro-batch
 def test_policy_logprobs_and_gradients_equal_the_plain_forward(policy, monkeypatch, temperature, micro_batch_size,
-                                                                share, bucket_cost):
+                                                                mode, bucket_cost):
     monkeypatch.setattr(rollout, "BUCKET_COST", bucket_cost)
     tensors = batch(policy.config.vocab_size, seed=1)
     weights = torch.randn(tensors[2].shape, generator=torch.Generator().manual_seed(2))
     expected = plain_logprobs(policy, tensors, temperature)
-    got = rollout.completion_logprobs(policy, tensors, temperature, micro_batch_size=micro_batch_size,
-                                      share_prompts=share)
+    got = rollout.completion_logprobs(policy, tensors, temperature, micro_batch_size=micro_batch_size, **mode)
     assert got.shape == expected.shape
     assert_close(got, expected, rtol=0, atol=1e-5)
     assert got[tensors[3].bool()].abs().min() > 0 and (got[~tensors[3].bool()] == 0).all()
     g_plain = grads(policy, plain_logprobs(policy, tensors, temperature), weights)
     g_fast = grads(policy, rollout.completion_logprobs(policy, tensors, temperature, micro_batch_size=micro_batch_size,
-                                                       share_prompts=share), weights)
+                                                       **mode), weights)
     for a, b in zip(g_fast, g_plain, strict=True):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert max(float(g.abs().max()) for g in g_plain) > 1e-3  # the gradients compared are not ~0
