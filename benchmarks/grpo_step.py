@@ -83,7 +83,9 @@ def matmul_params(model: Any) -> int:
 
 def run_shape(name: str, steps: int, tmp: Path) -> dict[str, Totals]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     shape = SHAPES[name]
     source = save_model(shape, tmp / name)
     tok = AutoTokenizer.from_pretrained(source)

@@ -48,9 +48,11 @@ WORDS = "add the two numbers below and give the sum as a single integer with no 
 def save_model(shape: Shape, out_dir: Path, seed: int = 0) -> Path:
     """Write the shape's model and tokenizer to `out_dir` (safetensors, HF layout); returns it."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from rlft.tiny import build_tokenizer
 
+    hf_logging.disable_progress_bar()  # benchmark tables, not progress bars
     tok = build_tokenizer()
     torch.manual_seed(seed)
     config = Qwen2Config(
