@@ -122,6 +122,9 @@ def _shrink_stage(stage: dict, stand_ins: dict[str, str], stages: dict[str, Any]
     if kind in ("grpo", "ppo", "sample", "eval", "distill"):
         sampling = stage.setdefault("sampling", {})
         sampling["max_new_tokens"] = min(int(sampling.get("max_new_tokens", NEW_TOKENS)), NEW_TOKENS)
+        if sampling.get("engine") == "vllm":  # a GPU engine: the rehearsal samples with the built-in one
+            sampling["engine"] = "hf"
+            sampling.pop("vllm", None)
         if isinstance(stage.get("loss"), dict) and "max_len" in stage["loss"]:
             stage["loss"]["max_len"] = sampling["max_new_tokens"]
 

@@ -449,14 +449,26 @@ def completion_logprobs(
     temperature: float,
     micro_batch_size: int | None = None,
     with_entropy: bool = False,
+    share_prompts: bool = True,
+    one_forward: bool = False,
 ) -> Any:
-    """Log-probs of the completion tokens under `model`, from one forward over prompt + completion.
+    """Log-probs of the completion tokens under `model`: the training-time forward.
 
         logp_{i,t} = log softmax(z_{i, P-1+t} / temperature)[completion_ids_{i,t}]
 
-    This is the training-time forward (logp, old_logp, ref_logp of ALGORITHMS.md §1, §3): it
-    returns a graph when grad is enabled. Under no_grad it matches `Rollouts.sample_logp` of the
-    same model and temperature to float rounding (KV-cache decode vs full forward).
+    This is logp, old_logp and ref_logp of ALGORITHMS.md §1, §3: it returns a graph when grad is
+    enabled. Under no_grad it matches `Rollouts.sample_logp` of the same model and temperature to
+    float rounding (KV-cache decode vs one forward).
+
+    Work skipped (ALGORITHMS.md §9), none of it changing the result beyond float rounding:
+    - the distinct prompts of a micro-batch (a group's G rows share one) are forwarded once and
+      the completions run on their keys/values (`share_prompts`); autograd sums a prompt's
+      gradient over its rows. Not under activation checkpointing (the checkpointed layers drop
+      the cache), where each row's prompt and completion run in one forward instead;
+    - rows are bucketed by completion length (`_length_buckets`), each bucket cut to its longest
+      counted completion and its longest prompt, so little padding is computed; rows with no
+      counted token are not computed at all;
+    - the LM head runs only at the positions that predict completion tokens.
 
     Args:
         model: causal LM (plain HF or peft); its train/eval mode is left as the caller set it.
@@ -465,6 +477,9 @@ def completion_logprobs(
         temperature: sampling temperature; 0 (greedy) scores at temperature 1, like generate.
         micro_batch_size: rows per forward; None = all N at once.
         with_entropy: also return the (N, T) per-token entropy (no graph), a metric.
+        share_prompts: forward each distinct prompt of a micro-batch once.
+        one_forward: one plain forward of each micro-batch at its full padded width, none of the
+            above (for callers that read the forward's hidden states, like PPO's value head).
 
     Returns:
         (N, T) float32 log-probs, 0 where completion_mask is 0; with_entropy: (logp, entropy).
@@ -474,19 +489,174 @@ def completion_logprobs(
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch
     n_rows, steps = completion_ids.shape
     step = micro_batch_size or n_rows
-    keep = _logits_kwargs(model, steps + 1)  # positions P-1 .. P+T-1; the last is dropped below
+    temp = temperature if temperature > 0 else 1.0
     parts, entropies = [], []
     for s in range(0, n_rows, step):
-        ids = torch.cat([prompt_ids[s : s + step], completion_ids[s : s + step]], dim=1)
-        mask = torch.cat([prompt_mask[s : s + step], completion_mask[s : s + step]], dim=1).ne(0).long()
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
-                       **keep).logits[:, -steps - 1 : -1]  # (n, T, V)
-        lp = token_logprobs(logits.float(), completion_ids[s : s + step], temperature if temperature > 0 else 1.0)
-        parts.append(torch.where(completion_mask[s : s + step].bool(), lp, 0.0))
-        if with_entropy:  # a metric only: no graph
-            with torch.no_grad():
-                ent = entropy(logits.detach().float(), temperature if temperature > 0 else 1.0)
-            entropies.append(torch.where(completion_mask[s : s + step].bool(), ent, 0.0))
+        rows = slice(s, s + step)
+        if one_forward:
+            lp, ent = _plain_logprobs(model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows],
+                                      completion_mask[rows], temp, with_entropy)
+            parts.append(lp)
+            if ent is not None:
+                entropies.append(ent)
+            continue
+        lp, ent = _micro_batch_logprobs(
+            model, (prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows]), temp,
+            with_entropy, share_prompts)
+        parts.append(torch.nn.functional.pad(lp, (0, steps - lp.shape[1])))
+        if ent is not None:
+            entropies.append(torch.nn.functional.pad(ent, (0, steps - ent.shape[1])))
     if with_entropy:
         return torch.cat(parts), torch.cat(entropies)
     return torch.cat(parts)
+
+
+def _plain_logprobs(
+    model: Any, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+    temperature: float, with_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """One forward over [prompt; completion] at the full padded width: (n, T) log-probs (and entropies)."""
+    steps = completion_ids.shape[1]
+    mask = torch.cat([prompt_mask, completion_mask], dim=1).ne(0).long()
+    logits = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=mask,
+                   position_ids=_positions(mask), use_cache=False,
+                   **_logits_kwargs(model, steps + 1)).logits[:, -steps - 1 : -1]
+    keep = completion_mask.bool()
+    lp = torch.where(keep, token_logprobs(logits.float(), completion_ids, temperature), 0.0)
+    if not with_entropy:
+        return lp, None
+    with torch.no_grad():  # a metric only: no graph
+        return lp, torch.where(keep, entropy(logits.detach().float(), temperature), 0.0)
+
+
+BUCKET_COST = 64  # padded positions a further length bucket must save to pay for its forward
+
+
+def _micro_batch_logprobs(
+    model: Any, tensors: tuple[Tensor, Tensor, Tensor, Tensor], temperature: float, with_entropy: bool,
+    share_prompts: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(n, C) log-probs (and entropies) of one micro-batch; C = its last counted column + 1."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = tensors
+    counted = completion_mask.ne(0)
+    lengths = torch.where(counted.any(-1), counted.shape[1] - counted.flip(-1).long().argmax(-1), 0)  # (n,)
+    if not bool(lengths.any()):  # nothing counted: one token of row 0, so the (zero) loss keeps its graph
+        lengths = torch.nn.functional.pad(lengths.new_ones(1), (0, len(lengths) - 1))
+    shared = None
+    if share_prompts and not _checkpointed(model):
+        shared = _SharedPrompts.of(model, *_trim_left(prompt_ids, prompt_mask))
+    n, cols = len(lengths), int(lengths.max())
+    lp = torch.zeros(n, cols, device=completion_ids.device)
+    ent = torch.zeros(n, cols, device=completion_ids.device) if with_entropy else None
+    for rows in _length_buckets(lengths, multiple=shared is None or shared.copyable):
+        width = int(lengths[rows].max())
+        ids, mask = completion_ids[rows, :width], completion_mask[rows, :width].ne(0).long()
+        if shared is not None:
+            logits = shared.logits(rows, ids, mask)
+        else:
+            p_ids, p_mask = _trim_left(prompt_ids[rows], prompt_mask[rows])
+            both = torch.cat([p_mask, mask], dim=1)
+            logits = model(input_ids=torch.cat([p_ids, ids], dim=1), attention_mask=both,
+                           position_ids=_positions(both), use_cache=False,
+                           **_logits_kwargs(model, width + 1)).logits[:, -width - 1 : -1]
+        keep = mask.bool()
+        piece = torch.where(keep, token_logprobs(logits.float(), ids, temperature), 0.0)
+        lp = lp.index_copy(0, rows, torch.nn.functional.pad(piece, (0, cols - width)))
+        if ent is not None:  # a metric only: no graph
+            with torch.no_grad():
+                e = torch.where(keep, entropy(logits.detach().float(), temperature), 0.0)
+            ent = ent.index_copy(0, rows, torch.nn.functional.pad(e, (0, cols - width)))
+    return lp, ent
+
+
+def _trim_left(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Left-padded prompts without the columns that are padding in every row; the mask as 0/1."""
+    real = prompt_mask.ne(0).any(0).nonzero()
+    first = min(int(real[0]), prompt_mask.shape[1] - 1) if len(real) else prompt_mask.shape[1] - 1
+    return prompt_ids[:, first:], prompt_mask[:, first:].ne(0).long()
+
+
+def _length_buckets(lengths: Tensor, multiple: bool = True, cost: int | None = None) -> list[Tensor]:
+    """The rows with a counted token, longest first, cut into contiguous buckets that minimise
+    sum over buckets of (rows x longest row) + `cost` per bucket (default BUCKET_COST; an exact
+    O(n^2) dynamic program; one bucket when not `multiple`)."""
+    cost = BUCKET_COST if cost is None else cost
+    rows = lengths.nonzero().squeeze(1)
+    order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    if not multiple or len(order) < 2:
+        return [order]
+    sizes = lengths[order].tolist()
+    best, cut = [0.0] + [float("inf")] * len(sizes), [0] * (len(sizes) + 1)
+    for j in range(1, len(sizes) + 1):
+        for i in range(j):  # bucket = sorted rows i..j-1, padded to sizes[i]
+            c = best[i] + (j - i) * sizes[i] + cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], len(sizes)
+    while j > 0:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]
+
+
+def _checkpointed(model: Any) -> bool:
+    """True when activation checkpointing is on: the checkpointed layers drop the KV cache in a
+    forward with a graph, so such a model takes the plain path in every forward (with or without a
+    graph), and its policy, old and reference log-probs are computed alike."""
+    return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
+
+
+class _SharedPrompts:
+    """The distinct prompts of a micro-batch, forwarded once; their keys/values serve any of its rows."""
+
+    def __init__(self, model: Any, ids: Tensor, mask: Tensor, owner: Tensor):
+        self.model, self.mask, self.owner = model, mask, owner  # owner: row -> distinct prompt
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                    **_logits_kwargs(model, 1))
+        self.first = out.logits[:, -1:]  # (U, 1, V): predicts completion token 0
+        self.cache = getattr(out, cache_keyword(model))
+        self.copyable = _cache_layers(self.cache) is not None
+
+    @classmethod
+    def of(cls, model: Any, prompt_ids: Tensor, prompt_mask: Tensor) -> _SharedPrompts | None:
+        """None when every row has its own prompt (nothing to share)."""
+        distinct, owner = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+        if len(distinct) == len(prompt_ids):
+            return None
+        width = prompt_ids.shape[1]
+        return cls(model, distinct[:, :width], distinct[:, width:], owner)
+
+    def logits(self, rows: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
+        """(r, C, V) logits predicting the completion tokens of `rows`."""
+        owner = self.owner[rows]
+        first = self.first[owner]
+        if completion_ids.shape[1] == 1:
+            return first
+        cache = self._rows_cache(owner)
+        mask = torch.cat([self.mask[owner], completion_mask], dim=1)
+        out = self.model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                         position_ids=_positions(mask)[:, self.mask.shape[1] : -1], use_cache=True,
+                         **{cache_keyword(self.model): cache})
+        return torch.cat([first, out.logits], dim=1)
+
+    def _rows_cache(self, owner: Tensor) -> Any:
+        """A cache holding each row's prompt keys/values (indexing keeps the autograd graph)."""
+        layers = _cache_layers(self.cache)
+        if layers is None:  # one bucket only (copyable False): expand the prompts' cache in place
+            self.cache.batch_select_indices(owner)
+            return self.cache
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        for i, (keys, values) in enumerate(layers):
+            cache.update(keys[owner], values[owner], i)
+        return cache
+
+
+def _cache_layers(cache: Any) -> list[tuple[Tensor, Tensor]] | None:
+    """Per layer (keys, values) of a transformers 5 DynamicCache; None for any other cache."""
+    layers = getattr(cache, "layers", None)
+    if type(cache).__name__ != "DynamicCache" or not layers or not all(
+            isinstance(getattr(layer, "keys", None), Tensor) for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]

@@ -40,6 +40,7 @@ def stand_in_args(model: Path) -> list[str]:
         "qwen2.5-0.5b-grpo-gsm8k.yaml",
         pytest.param("qwen2.5-1.5b-r1.yaml", marks=pytest.mark.slow),
         pytest.param("qwen2.5-distill-7b-to-1.5b.yaml", marks=pytest.mark.slow),
+        pytest.param("qwen2.5-0.5b-grpo-gsm8k-vllm.yaml", marks=pytest.mark.slow),  # rehearsed on the built-in sampler
     ],
 )
 def test_shipped_recipe_rehearses_every_stage(tmp_path: Path, standin: Path, recipe: str) -> None:

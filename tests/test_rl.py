@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torch.testing import assert_close
 from rlft.core import losses
 from rlft.recipe.schema import LossSpec
 from rlft.rl import learner
+from rlft.training import NanGuard
 from tests.test_losses import ragged_mask
 
 ESTIMATORS = ["k1", "k2", "k3"]
@@ -133,7 +135,8 @@ def _rl_policy(source: str, checkpointing: bool) -> object:
 
 
 def _loss_grads_and_layer_starts(policy: object, exp: learner.Experience) -> tuple:
-    """Loss and adapter gradients of one forward/backward, and how often each decoder layer's MLP started."""
+    """Loss and adapter gradients of one forward/backward, and how often each decoder layer's MLP
+    started per model forward (1: no recompute; 2: recomputed in the backward)."""
     from rlft import rollout
     layers = policy.get_base_model().model.layers
     calls = [0]
@@ -143,6 +146,8 @@ def _loss_grads_and_layer_starts(policy: object, exp: learner.Experience) -> tup
 
     # a pre-hook: the recompute stops once the last saved tensor is back, before the MLP returns
     hooks = [layer.mlp.register_forward_pre_hook(count) for layer in layers]
+    forwards = [0]
+    hooks.append(policy.get_base_model().model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1)))
     spec = LossSpec()
     logp = rollout.completion_logprobs(policy, exp.tensors(), 1.0)
     loss, _ = learner.policy_loss(logp, exp, spec, losses.aggregation_normalizer(exp.mask, spec.aggregate))
@@ -150,7 +155,7 @@ def _loss_grads_and_layer_starts(policy: object, exp: learner.Experience) -> tup
     for h in hooks:
         h.remove()
     grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, calls[0] / len(layers)
+    return loss.detach(), grads, calls[0] / len(layers) / forwards[0]
 
 
 def test_gradient_checkpointing_is_active_in_rl_and_changes_no_number(tmp_path: Path) -> None:
@@ -178,3 +183,107 @@ def test_gradient_checkpointing_is_active_in_rl_and_changes_no_number(tmp_path: 
     for n, g in results["plain"][1].items():
         assert_close(results["checkpointed"][1][n], g, rtol=0, atol=1e-6, msg=n)
     assert any(g.abs().sum() > 0 for g in results["plain"][1].values())
+
+
+def _mismatch_exp(tis_spec_old: torch.Tensor, sample: torch.Tensor, mask: torch.Tensor, adv: float) -> learner.Experience:
+    n, t = mask.shape
+    ids = torch.zeros((n, t), dtype=torch.long)
+    return learner.Experience(ids, torch.ones_like(ids), ids, mask.long(), torch.full((n,), adv, dtype=torch.float64),
+                              tis_spec_old, None, sample)
+
+
+def test_sampler_mismatch_metric_and_tis_by_hand() -> None:
+    """ALGORITHMS.md §10 on one row worked by hand: old_logp = (-1, -2, -0.5), sampler s = (-1.2, -1.5, -9),
+    third token padding. log w = old - s = (0.2, -0.5); mismatch/kl = mean(s - old) = (-0.2 + 0.5) / 2
+    = 0.15; ratio_max = e^0.2. With A = 2 at ratio 1 the clipped term is -A per token; TIS with C = 1.1
+    weights it by w = (min(e^0.2, 1.1), e^-0.5) = (1.1, 0.60653): token-mean loss -(2 * 1.1 + 2 * e^-0.5) / 2,
+    gradient -A * w / 2 per token; C = inf leaves e^0.2 in place; no tis_cap leaves the loss at -A."""
+    old = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64)
+    sample = torch.tensor([[-1.2, -1.5, -9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]])
+    w = torch.tensor([1.1, math.exp(-0.5)], dtype=torch.float64)
+    for cap, weights in ((1.1, w), (1e9, torch.tensor([math.exp(0.2), math.exp(-0.5)], dtype=torch.float64)),
+                         (None, torch.ones(2, dtype=torch.float64))):
+        spec = LossSpec(tis_cap=cap)
+        logp = old.clone().requires_grad_(True)
+        exp = _mismatch_exp(old, sample, mask, 2.0)
+        normalizer = losses.aggregation_normalizer(exp.mask, spec.aggregate, max_len=3)
+        loss, stats = learner.policy_loss(logp, exp, spec, normalizer)
+        loss.backward()
+        assert_close(loss.detach(), -(2.0 * weights).sum() / 2, rtol=0, atol=1e-12)
+        assert logp.grad is not None
+        assert_close(logp.grad[0, :2], -2.0 * weights / 2, rtol=0, atol=1e-12)
+        assert float(logp.grad[0, 2]) == 0.0
+        assert_close(stats["mismatch/kl"] / stats["tokens"], torch.tensor(0.15, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert_close(stats["mismatch/ratio_max"], torch.tensor(math.exp(0.2), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_ratio_max_is_a_max_over_micro_batches_and_steps() -> None:
+    """`*_max` statistics are maxima; the others token means (learner.optimize / mean_stats)."""
+    from rlft.recipe.schema import GRPOSpec
+    gen = torch.Generator().manual_seed(0)
+    n, t = 8, 4
+    old = -(torch.rand(n, t, generator=gen, dtype=torch.float64) + 0.1)
+    shift = torch.zeros(n, t, dtype=torch.float64)
+    shift[5, 2] = -0.3  # sampler gave token (5, 2) a lower log-prob: weight e^0.3, in the 2nd micro-batch
+    exp = learner.Experience(torch.zeros((n, t), dtype=torch.long), torch.ones((n, t), dtype=torch.long),
+                             torch.zeros((n, t), dtype=torch.long), torch.ones((n, t), dtype=torch.long),
+                             torch.randn(n, generator=gen, dtype=torch.float64), old, None, old + shift)
+    spec = GRPOSpec.model_validate({"kind": "grpo", "data": "tiny:arith", "rewards": ["math_answer"],
+                                    "prompts_per_step": 2, "group_size": 4, "micro_batch_size": 4})
+    param = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def loss_fn(micro: learner.Experience, normalizer: torch.Tensor):
+        assert micro.old_logp is not None
+        return learner.policy_loss(micro.old_logp + param, micro, spec.loss, normalizer)
+
+    opt = learner.Optimization(torch.optim.SGD([param], lr=0.0), [param], NanGuard("abort", 1), lambda s: 0.0, None)
+    stats = learner.mean_stats(learner.optimize(exp, loss_fn, opt, spec, 0, 2))
+    assert stats["mismatch/ratio_max"] == pytest.approx(math.exp(0.3), abs=1e-12)
+    assert stats["mismatch/kl"] == pytest.approx(-0.3 / (n * t), abs=1e-12)  # mean of s - old_logp
+
+
+def test_tis_and_sampler_old_logp_refused_where_they_mean_nothing() -> None:
+    from pydantic import ValidationError
+
+    from rlft.recipe.schema import GRPOSpec
+    base = {"kind": "grpo", "data": "tiny:arith", "rewards": ["math_answer"]}
+    with pytest.raises(ValidationError, match="ratio: sequence"):
+        GRPOSpec.model_validate({**base, "loss": {"tis_cap": 2.0, "ratio": "sequence"}})
+    with pytest.raises(ValidationError, match="old_logp: sampler"):
+        GRPOSpec.model_validate({**base, "old_logp": "sampler", "loss": {"tis_cap": 2.0}})
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        GRPOSpec.model_validate({**base, "loss": {"tis_cap": 0.5}})
+
+
+def test_sampler_old_logp_equals_recomputed_with_the_built_in_engine(tmp_path: Path) -> None:
+    """`old_logp: sampler` takes the decode loop's log-probs instead of a forward: equal to
+    `old_logp: recompute` to float rounding; the mismatch metric of a built-in-engine round is ~0."""
+    from rlft import rollout
+    from rlft.metrics import StepTimer
+    from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
+    from rlft.recipe.schema import GRPOSpec, LoraSpec, ModelSpec
+    from rlft.stages.grpo import build_experience
+
+    mspec = ModelSpec(name="tiny:nano")
+    source = prepare_base(mspec, tmp_path)
+    tok = load_tokenizer(source, mspec)
+    torch.manual_seed(0)
+    policy = attach_lora(load_model(source, mspec, torch.device("cpu")), LoraSpec(r=4)).eval()
+    base = {"kind": "grpo", "data": "tiny:arith", "rewards": ["math_answer"], "prompts_per_step": 2, "group_size": 4,
+            "num_iterations": 2, "sampling": {"max_new_tokens": 10, "temperature": 0.8}}
+    out = rollout.generate(policy, tok, [tok.encode("1+2="), tok.encode("what is 7*6?")],
+                           rollout.SamplingParams(max_new_tokens=10, temperature=0.8), 4, rollout.seed_generator(3))
+    R = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0])
+    exps = {}
+    for mode in ("sampler", "recompute"):
+        spec = GRPOSpec.model_validate({**base, "old_logp": mode})
+        exps[mode] = build_experience(policy, None, out, R, spec, rollout.SamplingParams.of(spec.sampling), StepTimer())
+    assert exps["sampler"].old_logp is not None and exps["recompute"].old_logp is not None
+    assert exps["sampler"].old_logp is not exps["recompute"].old_logp
+    assert_close(exps["sampler"].old_logp, exps["recompute"].old_logp, rtol=0, atol=1e-5)
+    assert exps["sampler"].sample_logp is None  # no mismatch to measure: old is the sampler
+    spec = GRPOSpec.model_validate({**base, "old_logp": "recompute"})
+    stats = learner.update(policy, torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0),
+                           exps["recompute"], spec, NanGuard("abort", 1), 0, 0.8, lambda s: 0.0)
+    assert all(abs(s["mismatch/kl"]) < 1e-5 and abs(s["mismatch/ratio_max"] - 1) < 1e-5 for s in stats)

@@ -151,11 +151,13 @@ def test_console_script_run_prints_no_library_warnings(tmp_path: Path) -> None:
 def test_gradient_checkpointing_is_active_in_grpo_and_changes_no_metric(tmp_path: Path) -> None:
     """`model.gradient_checkpointing: true` recomputes the policy's decoder layers in GRPO's updates
     (the stage keeps the policy in its dropout-free mode), and every logged metric equals the run
-    without it: reward, loss, gradient norm, KL, entropy, held-out accuracy."""
+    without it: reward, loss, gradient norm, KL, entropy, held-out accuracy. To float rounding: the
+    checkpointed layers drop the KV cache, so the policy's forward there is one plain forward per
+    row instead of the shared-prompt one (rollout.completion_logprobs)."""
     runs = run_with_and_without_checkpointing(
         lambda out: grpo_recipe(out, steps=2, loss={"beta": 0.1}, num_iterations=2), tmp_path, "rl")
     assert runs[False][1] == 0 and runs[True][1] > 0
-    assert_same_metrics(runs[True][0], runs[False][0], atol=1e-6)
+    assert_same_metrics(runs[True][0], runs[False][0], atol=1e-5)
 
 
 def test_reference_is_the_adapter_disabled_policy(tmp_path: Path) -> None:

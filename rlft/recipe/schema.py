@@ -153,6 +153,25 @@ class SamplingSpec(Strict):
     stop: list[str] = Field(default_factory=list, description="Stop strings (kept in the completion).")
 
 
+class VLLMSpec(Strict):
+    """The colocated vLLM engine of GRPO/PPO sampling (`sampling.engine: vllm`; unverified, see README)."""
+
+    gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    sleep: bool = Field(default=True, description="Offload vLLM's weights and free its KV cache while training.")
+    dtype: str = Field(default="auto", description="vLLM's weight dtype (auto = the checkpoint's).")
+    max_model_len: int | None = Field(default=None, ge=16, description="Longest prompt + completion; default the model's.")
+
+
+class RolloutSamplingSpec(SamplingSpec):
+    """How GRPO/PPO sample their rounds: the built-in sampler or vLLM."""
+
+    engine: Literal["hf", "vllm"] = Field(
+        default="hf", description="hf: the built-in KV-cached sampler; vllm: vLLM colocated on the GPU, weights "
+        "pushed every round (unverified; needs vllm and CUDA)."
+    )
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description="vLLM engine settings (engine: vllm).")
+
+
 class GateSpec(Strict):
     """A bound a stage's final held-out metric must meet for later stages to run (exit 4 otherwise)."""
 
@@ -259,6 +278,17 @@ class LossSpec(Strict):
     )
     mask_truncated: bool = Field(default=False, description="Leave completions cut at max_new_tokens out of the loss.")
     max_len: int | None = Field(default=None, ge=1, description="L_max of the constant aggregation; default max_new_tokens.")
+    tis_cap: float | None = Field(
+        default=None, ge=1, description="Truncated importance sampling: weight each token's clipped term by "
+        "min(exp(old_logp - sampler logp), tis_cap) for a sampler that disagrees with the trainer "
+        "(ALGORITHMS.md §10); null = off. Token-level ratio only."
+    )
+
+    @model_validator(mode="after")
+    def _check_tis(self) -> LossSpec:
+        if self.tis_cap is not None and self.ratio == "sequence":
+            raise ValueError("tis_cap weights each token; with ratio: sequence (GSPO) leave tis_cap unset")
+        return self
 
 
 class AdvantageSpec(Strict):
@@ -283,7 +313,7 @@ class RolloutStageSpec(TrainSpec):
     steps: int = Field(default=100, ge=1, description="Generation rounds (each one or more optimizer steps).")
     prompts_per_step: int = Field(default=8, ge=1, description="Prompts B per generation round.")
     micro_batch_size: int = Field(default=8, ge=1, description="Completions per forward/backward pass.")
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling of completions.")
+    sampling: RolloutSamplingSpec = Field(default_factory=RolloutSamplingSpec, description="Sampling of completions.")
     rewards: list[RewardEntry] = Field(min_length=1, description="Reward functions, summed with weights.")
     reward_timeout_s: float = Field(default=10.0, gt=0, description="Per-call timeout of a user reward function.")
     max_reward_error_rate: float = Field(default=0.05, ge=0, le=1, description="Abort above this reward error rate.")
@@ -321,8 +351,10 @@ class GRPOSpec(RolloutStageSpec):
     group_size: int = Field(default=8, description="Completions G per prompt; >= 2.")
     mini_batches: int = Field(default=1, ge=1, description="Optimizer steps per generation round.")
     num_iterations: int = Field(default=1, ge=1, description="mu: passes over each generation round.")
-    old_logp: Literal["auto", "recompute", "detach"] = Field(
-        default="auto", description="auto: logp.detach() when fully on-policy, else recompute once before updating."
+    old_logp: Literal["auto", "recompute", "detach", "sampler"] = Field(
+        default="auto", description="auto: logp.detach() when fully on-policy, else recompute once before updating; "
+        "sampler: the sampler's own log-probs (no forward; equal to recompute to float rounding with the "
+        "built-in engine, not with another engine or precision)."
     )
     loss: LossSpec = Field(default_factory=LossSpec, description="Policy loss options.")
     advantage: AdvantageSpec = Field(default_factory=AdvantageSpec, description="Advantage options.")
@@ -341,6 +373,9 @@ class GRPOSpec(RolloutStageSpec):
                 "old_logp: detach is only exact when fully on-policy; with num_iterations > 1 or "
                 "mini_batches > 1 use old_logp: recompute (or auto)"
             )
+        if self.old_logp == "sampler" and self.loss.tis_cap is not None:
+            raise ValueError("loss.tis_cap corrects for a sampler that differs from pi_old; with old_logp: sampler "
+                             "the two are the same and every weight is 1: drop one of them")
         if (self.prompts_per_step * self.group_size) % self.mini_batches:
             raise ValueError(
                 f"prompts_per_step*group_size = {self.prompts_per_step * self.group_size} completions "

@@ -73,8 +73,8 @@ class Critic:
         Carries a graph when grad is enabled; call under torch.no_grad() for old_logp/old values.
         """
         if self.trunk is None:
-            with last_hidden_state(policy) as captured:
-                logp, ent = rollout.completion_logprobs(policy, tensors, temperature, with_entropy=True)
+            with last_hidden_state(policy) as captured:  # one forward: its hidden states feed the head
+                logp, ent = rollout.completion_logprobs(policy, tensors, temperature, with_entropy=True, one_forward=True)
             if len(captured) != 1:
                 raise RuntimeError(f"expected one decoder forward for the value head, saw {len(captured)}")
             hidden = captured[0]

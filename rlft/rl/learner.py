@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,11 +23,6 @@ from rlft.core import losses
 from rlft.models import trainable_named_params
 from rlft.recipe.schema import GRPOSpec, LossSpec, PPOSpec
 from rlft.training import NanGuard, apply_step, backward_into, lr_at, set_lr
-
-if TYPE_CHECKING:
-    pass
-
-
 
 
 @dataclass(frozen=True)
@@ -41,6 +36,7 @@ class Experience:
     advantages: Tensor  # (N,) per sequence, or (N, T) per token
     old_logp: Tensor | None  # (N, T); None = fully on-policy, use logp.detach() (ALGORITHMS.md §1)
     ref_logp: Tensor | None  # (N, T); None when the KL is not in the loss
+    sample_logp: Tensor | None = None  # (N, T) the sampler's log-probs: mismatch metric, TIS (ALGORITHMS.md §10)
 
     def rows(self, idx: Tensor) -> Experience:
         def pick(t: Tensor | None) -> Tensor | None:
@@ -51,6 +47,7 @@ class Experience:
             prompt_ids=self.prompt_ids[idx], prompt_mask=self.prompt_mask[idx],
             completion_ids=self.completion_ids[idx], mask=self.mask[idx],
             advantages=self.advantages[idx], old_logp=pick(self.old_logp), ref_logp=pick(self.ref_logp),
+            sample_logp=pick(self.sample_logp),
         )
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -64,6 +61,11 @@ def policy_loss(logp: Tensor, exp: Experience, spec: LossSpec, normalizer: Tenso
     On-policy (`exp.old_logp` None) old_logp is logp.detach() for the ratio and for the KL's
     importance weight alike: r = 1 in value, but its gradient (d r = d logp) still weights the KL,
     so the gradient equals the one with old_logp recomputed (ALGORITHMS.md §1, §3).
+
+    With the sampler's log-probs s (`exp.sample_logp`) it reports how far sampler and trainer
+    disagree on the sampled tokens, `mismatch/kl` (token mean of s - old_logp) and
+    `mismatch/ratio_max` (max of exp(old_logp - s)), and with `spec.tis_cap` = C weights each
+    token's clipped term by min(exp(old_logp - s), C), without gradient (ALGORITHMS.md §10).
     """
     old_logp = exp.old_logp if exp.old_logp is not None else logp.detach()
     adv = exp.advantages
@@ -78,6 +80,12 @@ def policy_loss(logp: Tensor, exp: Experience, spec: LossSpec, normalizer: Tenso
         clip_low, clip_high = out.clipped_low & exp.mask.bool(), out.clipped_high & exp.mask.bool()
     counted = exp.mask.bool()
     stats = {"clip/low": clip_low.sum().float(), "clip/high": clip_high.sum().float(), "tokens": counted.sum().float()}
+    if exp.sample_logp is not None:
+        log_w = torch.where(counted, old_logp.detach() - exp.sample_logp, 0.0)
+        stats["mismatch/kl"] = -log_w.sum()
+        stats["mismatch/ratio_max"] = torch.where(counted, log_w, -torch.inf).max().exp()
+        if spec.tis_cap is not None:  # a per-token weight, so only on the token-level ratio (schema)
+            per_token = per_token * log_w.exp().clamp(max=spec.tis_cap)
     if exp.ref_logp is not None and spec.beta > 0:
         is_old = old_logp if spec.importance_sampling_kl else None
         kl = losses.kl_penalty(logp, exp.ref_logp, spec.kl_estimator, old_logp=is_old)
@@ -107,6 +115,7 @@ def update(
 
 
 LossFn = Callable[[Any, Tensor], tuple[Tensor, dict[str, Tensor]]]
+MAX_SUFFIX = "_max"  # statistics reduced by max over micro-batches and steps (not token means)
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,8 @@ def optimize(
     `batch` has `.mask` (N, T) and `.rows(idx)` (an Experience, a PPO batch). `loss_fn(micro,
     normalizer)` returns the micro-batch's share of the step loss (`losses.aggregate` with the
     whole mini-batch's `normalizer`, so accumulation is exact) and summed stats: "tokens" (counted
-    tokens) divides the others, except "loss/*" keys, which are already shares and are summed.
+    tokens) divides the others, except "loss/*" keys, which are already shares and are summed, and
+    "*_max" keys, reduced by max.
     After each pass, `keep_going(that pass's stats)` False ends the round (PPO's KL early stop).
 
     Returns:
@@ -171,7 +181,7 @@ def _accumulate_and_step(
         loss, stats = loss_fn(micro, normalizer)
         backward_into(loss, total, opt_step)
         for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v
+            sums[k] = torch.maximum(sums[k], v) if k.endswith(MAX_SUFFIX) and k in sums else sums.get(k, 0.0) + v
         fault_point("micro_batch", opt_step)  # tests: die with gradients half accumulated
     return _optimizer_step(opt.optimizer, opt.params, total, sums, opt.guard, opt.max_grad_norm, opt_step)
 
@@ -181,7 +191,8 @@ def _optimizer_step(
     guard: NanGuard, max_grad_norm: float | None, opt_step: int,
 ) -> dict[str, float]:
     tokens = float(sums.pop("tokens").clamp(min=1))
-    stats = {k: float(v) if k.startswith("loss/") else float(v) / tokens for k, v in sums.items()}
+    stats = {k: float(v) if k.startswith("loss/") or k.endswith(MAX_SUFFIX) else float(v) / tokens
+             for k, v in sums.items()}
     lr = optimizer.param_groups[0]["lr"]
     grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, opt_step)
     if grad_norm is None:
@@ -198,7 +209,8 @@ def logprobs_of(model: Any, exp_tensors: tuple[Tensor, ...], temperature: float,
 def mean_stats(updates: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each metric over a round's optimizer steps; `skipped` is the running count."""
     keys = dict.fromkeys(k for u in updates for k in u if k != "skipped")  # first-seen order
-    out = {k: sum(u[k] for u in updates if k in u) / max(1, sum(k in u for u in updates)) for k in keys}
+    out = {k: max(u[k] for u in updates if k in u) if k.endswith(MAX_SUFFIX)
+           else sum(u[k] for u in updates if k in u) / max(1, sum(k in u for u in updates)) for k in keys}
     out["skipped"] = updates[-1]["skipped"] if updates else 0
     return out
 

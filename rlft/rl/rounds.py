@@ -28,6 +28,7 @@ from rlft.stage_io import load_prompts
 
 if TYPE_CHECKING:
     from rlft.run import RunContext
+    from rlft.vllm_engine import VLLMEngine
 
 
 
@@ -80,14 +81,15 @@ class Round:
 
 def sample_round(
     policy: Any, tokenizer: Any, loader: Any, score: Any, spec: GRPOSpec | PPOSpec,
-    sampling: rollout.SamplingParams, seed: int, step: int, timer: Any,
+    sampling: rollout.SamplingParams, seed: int, step: int, timer: Any, engine: VLLMEngine | None = None,
 ) -> Round:
     """Sample G completions for each of B prompts and score them.
 
     With dynamic sampling (DAPO, `spec.dynamic_sampling`), groups whose G rewards are all equal
     are dropped and more prompts are sampled, up to `max_rounds` rounds, until B groups carry a
     signal. Randomness comes from `rollout.seed_generator(seed, step, round)` only, so a resumed
-    run replays a round bitwise.
+    run replays a round bitwise. `engine` (vLLM, `sampling_engine`) samples instead of
+    `rollout.generate` when given.
     """
     G, B = spec.group_size, spec.prompts_per_step
     dynamic = spec.dynamic_sampling if isinstance(spec, GRPOSpec) and spec.dynamic_sampling.enabled else None
@@ -96,8 +98,11 @@ def sample_round(
     r = 0
     for r in range(rounds):
         batch = next(loader)
-        out = rollout.generate(policy, tokenizer, [b.prompt_ids for b in batch], sampling, G,
-                               rollout.seed_generator(seed, step, r))
+        prompts, generator = [b.prompt_ids for b in batch], rollout.seed_generator(seed, step, r)
+        if engine is None:
+            out = rollout.generate(policy, tokenizer, prompts, sampling, G, generator)
+        else:
+            out = engine.generate(tokenizer, prompts, sampling, G, generator, next(policy.parameters()).device)
         timer.lap("generation")
         columns = {k: [b.columns.get(k) for b in batch for _ in range(G)] for k in batch[0].columns}
         columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
@@ -140,6 +145,22 @@ def round_stats(out: rollout.Rollouts, result: Any, G: int) -> dict[str, float]:
     for name, values in result.per_function.items():
         stats[f"reward/{name}"] = float(values.float().nanmean())
     return stats
+
+
+def sampling_engine(ctx: RunContext[GRPOSpec] | RunContext[PPOSpec]) -> VLLMEngine | None:
+    """The vLLM engine for `sampling.engine: vllm` (None for the built-in sampler)."""
+    spec = ctx.spec.sampling
+    if spec.engine == "hf":
+        return None
+    from rlft.vllm_engine import EngineSettings, VLLMEngine
+
+    lora = ctx.lora()
+    settings = EngineSettings(
+        model=ctx.parent().model_source, lora_rank=None if lora == "full" else lora.r,
+        gpu_memory_utilization=spec.vllm.gpu_memory_utilization, sleep=spec.vllm.sleep, dtype=spec.vllm.dtype,
+        max_model_len=spec.vllm.max_model_len, seed=ctx.seed,
+    )
+    return VLLMEngine(settings, ctx.stage_dir / "vllm")
 
 
 def make_reference(policy: Any, ctx: RunContext[GRPOSpec] | RunContext[PPOSpec]) -> Any:

@@ -53,9 +53,15 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
         halt=logs,
     )
     sampling = rollout.SamplingParams.of(spec.sampling)
+    engine = rounds.sampling_engine(ctx)  # None: the built-in sampler
     for step in loop:
         timer = StepTimer()
-        exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
+        if engine is not None:
+            engine.sync(policy, step)
+        exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step,
+                                           timer, engine)
+        if engine is not None:
+            engine.sleep()
         updates = learner.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
         opt_step += len(updates)
         timer.lap("policy")
@@ -63,6 +69,8 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
         logs.log(step, stats, batch, texts)
     history = logs.close()
     score.close()
+    if engine is not None:
+        engine.close()
     return finish_model(ctx, policy, tokenizer, StageOutput.from_history(history, guard.skipped))
 
 
@@ -73,14 +81,14 @@ def lr_fn(spec: GRPOSpec) -> Callable[[int], float]:
 
 def collect(
     policy: Any, reference: Any, tokenizer: Any, loader: Any, score: Any, spec: GRPOSpec,
-    sampling: rollout.SamplingParams, seed: int, step: int, timer: StepTimer,
+    sampling: rollout.SamplingParams, seed: int, step: int, timer: StepTimer, engine: Any = None,
 ) -> tuple[learner.Experience, dict[str, float], list[str], list[Any]]:
     """Sample G completions per prompt, score them, and build the round's Experience.
 
     With dynamic sampling (DAPO), groups whose G rewards are all equal are dropped and more
     prompts are sampled, up to `max_rounds` rounds, until B groups carry a signal.
     """
-    r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, seed, step, timer)
+    r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, seed, step, timer, engine)
     return build_experience(policy, reference, r.out, r.rewards, spec, sampling, timer), r.stats, r.out.texts, r.rows
 
 
@@ -91,8 +99,13 @@ def build_experience(
     """old_logp (when off-policy), ref_logp (when beta > 0) and advantages for one round."""
     mask = out.completion_mask * (~out.truncated[:, None]) if spec.loss.mask_truncated else out.completion_mask
     tensors = (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
-    on_policy = spec.num_iterations == 1 and spec.mini_batches == 1 and spec.old_logp != "recompute"
-    old_logp = None if on_policy else learner.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
+    on_policy = spec.num_iterations == 1 and spec.mini_batches == 1 and spec.old_logp in ("auto", "detach")
+    if spec.old_logp == "sampler":  # pi_old's log-probs as the sampler recorded them: no forward
+        old_logp = torch.where(out.completion_mask.bool(), out.sample_logp, 0.0)
+    elif on_policy:
+        old_logp = None
+    else:
+        old_logp = learner.logprobs_of(policy, tensors, sampling.temperature, spec.micro_batch_size)
     ref_logp = None
     if reference is not None:
         with reference() as ref_model:
@@ -105,7 +118,9 @@ def build_experience(
         kl_tok = torch.where(mask.bool(), behaviour - ref_logp, 0.0)  # k1 per token
     adv = advantages_for(R, kl_tok, mask, spec)
     ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
-    return learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss)
+    sample_logp = None if spec.old_logp == "sampler" else out.sample_logp
+    return learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask, adv, old_logp, ref_in_loss,
+                              sample_logp)
 
 
 def advantages_for(R: torch.Tensor, kl_tok: torch.Tensor, mask: torch.Tensor, spec: GRPOSpec) -> torch.Tensor:

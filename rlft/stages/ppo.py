@@ -104,9 +104,14 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
         halt=logs,
     )
     sampling = rollout.SamplingParams.of(spec.sampling)
+    engine = rounds.sampling_engine(ctx)  # None: the built-in sampler
     for step in loop:
         timer = StepTimer()
-        r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer)
+        if engine is not None:
+            engine.sync(policy, step)
+        r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer, engine)
+        if engine is not None:
+            engine.sleep()
         batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
         timer.lap("experience")  # old_logp, V_old, ref_logp, GAE
         stats: dict[str, Any] = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
@@ -119,6 +124,8 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
         logs.log(step, stats, r.rows, r.out.texts)
     history = logs.close()
     score.close()
+    if engine is not None:
+        engine.close()
     return finish(ctx, policy, tokenizer, value, history, opt.guard.skipped)
 
 
@@ -175,7 +182,7 @@ def build_batch(
     gae = advantages.gae(rewards, old.values, mask, spec.gamma, spec.lam)
     ref_in_loss = ref_logp if spec.loss.kl_in == "loss" else None
     exp = learner.Experience(out.prompt_ids, out.prompt_mask, out.completion_ids, mask,
-                        advantages.whiten(gae.advantages, mask), old.logp, ref_in_loss)
+                        advantages.whiten(gae.advantages, mask), old.logp, ref_in_loss, out.sample_logp)
     return PPOBatch(exp, old.values, gae.returns, rewards, gae.advantages, kl)
 
 
