@@ -154,3 +154,26 @@ def test_kill9_of_one_rank_then_rerun_equals_uninterrupted(runs: Path, tmp_path:
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert final_hashes(stage) == final_hashes(_stage(runs, "two"))
     assert step_losses(stage) == step_losses(_stage(runs, "two"))
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_as_one_node(runs: Path, tmp_path: Path) -> None:
+    """Two torchrun launches of one process each, meeting at a rendezvous on 127.0.0.1 (the
+    README's two-node example), end where one node with 2 processes ends."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = _recipe(tmp_path, "nodes")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rehearsal",
+              "-m", "rlft", "run", str(recipe)]
+    nodes = [subprocess.Popen([*launch[:3], f"--node-rank={n}", *launch[3:]], env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    stage = _stage(tmp_path, "nodes")
+    assert final_hashes(stage) == final_hashes(_stage(runs, "two"))
+    assert step_losses(stage) == step_losses(_stage(runs, "two"))
