@@ -85,8 +85,8 @@ DISTRIBUTED_KINDS = ("sft",)
 
 def rank_split(spec: Any, world: int) -> str:
     """What each of `world` ranks takes of one optimizer step (sizes in the recipe are global)."""
-    micro = spec.micro_batch_size or spec.batch_size
     per_rank = spec.batch_size // world
+    micro = spec.micro_batch_size or per_rank
     return (f"each rank takes {per_rank} sequences = {per_rank // micro} micro-batches x {micro} of the "
             f"global {spec.batch_size}; gradients and the token count are summed over ranks")
 
@@ -100,11 +100,14 @@ def split_problem(loaded: Any, stage: str, world: int) -> str | None:
     if spec.kind not in DISTRIBUTED_KINDS:
         return (f"stage {stage} ({spec.kind}) runs in one process only so far; several processes run "
                 f"{', '.join(DISTRIBUTED_KINDS)} stages (run it with `rlft stage {stage}` without --nproc)")
-    micro = spec.micro_batch_size or spec.batch_size
-    if (spec.batch_size // micro) % world == 0:
+    micro = spec.micro_batch_size or spec.batch_size // world or 1
+    if spec.batch_size % (micro * world) == 0:
         return None
     key = f"stages.{stage}.batch_size"
     at = loaded.positions.get(key) or loaded.positions.get(f"stages.{stage}.micro_batch_size")
     where = f"{loaded.path}:{at[0]}" if at else f"{loaded.path}"
+    if spec.micro_batch_size is None:  # one micro-batch of batch_size / world per rank
+        return (f"{where}: {key} {spec.batch_size} does not split over {world} processes (without "
+                f"micro_batch_size each rank takes batch_size / {world}); make it a multiple of {world}")
     return (f"{where}: {key} {spec.batch_size} = {spec.batch_size // micro} micro-batches of {micro} does not "
             f"split over {world} processes; make batch_size / micro_batch_size a multiple of {world}")

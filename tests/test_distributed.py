@@ -177,3 +177,13 @@ def test_two_nodes_on_one_machine_train_as_one_node(runs: Path, tmp_path: Path) 
     stage = _stage(tmp_path, "nodes")
     assert final_hashes(stage) == final_hashes(_stage(runs, "two"))
     assert step_losses(stage) == step_losses(_stage(runs, "two"))
+
+
+def test_without_micro_batch_size_each_rank_takes_an_equal_share(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "m", batch_size=16, micro_batch_size=None)
+    shown = _rlft("explain", str(recipe), "--nproc", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert "each rank takes 8 sequences = 1 micro-batches x 8 of the global 16" in shown.stdout
+    refused = _rlft("explain", str(recipe), "--nproc", "3")
+    assert refused.returncode == 2
+    assert "batch_size 16 does not split over 3 processes" in " ".join(refused.stderr.split())

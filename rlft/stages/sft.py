@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from rlft import evaluate, training
+from rlft import dist, evaluate, training
 from rlft.data.batch import SFTLoader
 from rlft.metrics import MetricsLog
 from rlft.models import load_named_policy, load_policy
@@ -35,7 +35,9 @@ def run(ctx: RunContext[SFTSpec]) -> Artifact:
     else:
         policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     train_ex, eval_ex, eval_prompts, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
-    loader = SFTLoader(train_ex, spec.batch_size, spec.micro_batch_size or spec.batch_size, seed=ctx.seed)
+    # no micro_batch_size: one micro-batch per rank (the whole batch in one process)
+    micro = spec.micro_batch_size or spec.batch_size // dist.world_size()
+    loader = SFTLoader(train_ex, spec.batch_size, micro, seed=ctx.seed)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
