@@ -101,9 +101,9 @@ def run(
     verbose: VerboseOpt = False, dry_run: DryRunOpt = False, stand_in: StandInOpt = None, nproc: NprocOpt = None,
 ) -> None:
     """Run every stage of RECIPE in order; finished stages are skipped, an interrupted one resumes."""
-    _launch(nproc)
     _setup_logging(verbose)
     loaded = _dry(_load(recipe, set_), dry_run, stand_in)
+    _launch(nproc, loaded, list(loaded.recipe.stages))
     _check_data(loaded)
     from rlft.pipeline import run_pipeline
     from rlft.rundir.results import print_run_table
@@ -114,13 +114,19 @@ def run(
         _dry_report(loaded, dry_run)
 
 
-def _launch(nproc: int | None) -> None:
-    """With --nproc N > 1 outside torchrun: run this same command as N torchrun processes and
-    exit with torchrun's code. Under torchrun (or N = 1) nothing happens."""
+def _launch(nproc: int | None, loaded: LoadedRecipe, stages: list[str]) -> None:
+    """With --nproc N > 1 outside torchrun: check that `stages` can run on N processes, then run
+    this same command as N torchrun processes and exit with torchrun's code. Under torchrun (or
+    N = 1) nothing happens."""
     import os
 
     if nproc is None or nproc == 1:
         return
+    from rlft.explain import split_problem
+
+    problems = [p for s in stages if (p := split_problem(loaded, s, nproc)) is not None]
+    if problems:
+        raise UserInputError("; ".join(problems))
     if "WORLD_SIZE" in os.environ:
         if int(os.environ["WORLD_SIZE"]) != nproc:
             raise UserInputError(f"--nproc {nproc} inside a torchrun job of {os.environ['WORLD_SIZE']} processes; "
@@ -187,13 +193,13 @@ def stage(
     """Run one stage of RECIPE (its parents must have finished); a finished stage is left as it is."""
     if resume and restart:
         raise typer.BadParameter("--resume continues from the newest checkpoint and --restart discards it; give one")
-    _launch(nproc)
     _setup_logging(verbose)
     if recipe is None:
         from rlft.rundir.paths import find_saved_recipe
 
         recipe = find_saved_recipe()
     loaded = _dry(_load(recipe, set_), dry_run, stand_in)
+    _launch(nproc, loaded, [stage_name(loaded, name)])
     _check_data(loaded, [stage_name(loaded, name)])
     from rlft.pipeline import run_pipeline
 

@@ -187,3 +187,11 @@ def test_without_micro_batch_size_each_rank_takes_an_equal_share(tmp_path: Path)
     refused = _rlft("explain", str(recipe), "--nproc", "3")
     assert refused.returncode == 2
     assert "batch_size 16 does not split over 3 processes" in " ".join(refused.stderr.split())
+
+
+def test_nproc_refuses_stages_that_run_in_one_process_only(tmp_path: Path) -> None:
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-grpo.yaml"
+    refused = _rlft("run", str(recipe), "--nproc", "2", "--set", f"output_dir={tmp_path}")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "(grpo) runs in one process only so far" in " ".join(refused.stderr.split())
+    assert list(tmp_path.iterdir()) == []  # refused before torchrun started or anything was written
