@@ -31,7 +31,11 @@ def run(ctx: RunContext[SFTSpec]) -> Artifact:
     spec = ctx.spec
     if spec.student is not None:  # a model of its own, e.g. a small student's baseline
         key = f"stages.{ctx.stage}.student"
+        if not dist.is_main():  # rank 0 builds a tiny:<preset> student first; the others load it
+            dist.barrier()
         policy, tokenizer = load_named_policy(spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
+        if dist.is_main():
+            dist.barrier()
     else:
         policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     train_ex, eval_ex, eval_prompts, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
