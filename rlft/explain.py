@@ -80,7 +80,7 @@ def batch_arithmetic(spec: Any) -> str:
 
 # --------------------------------------------------------------------------- several processes
 
-DISTRIBUTED_KINDS = ("sft",)
+DISTRIBUTED_KINDS = ("sft", "distill")
 
 
 def rank_split(spec: Any, world: int) -> str:
@@ -97,6 +97,9 @@ def split_problem(loaded: Any, stage: str, world: int) -> str | None:
     if world <= 1:
         return None
     spec = loaded.recipe.stages[stage]
+    if spec.kind == "distill" and spec.mode != "sequence":
+        return (f"stage {stage} (distill, mode {spec.mode}) runs in one process only so far; several processes "
+                f"run mode sequence (run it with `rlft stage {stage}` without --nproc)")
     if spec.kind not in DISTRIBUTED_KINDS:
         return (f"stage {stage} ({spec.kind}) runs in one process only so far; several processes run "
                 f"{', '.join(DISTRIBUTED_KINDS)} stages (run it with `rlft stage {stage}` without --nproc)")

@@ -195,3 +195,32 @@ def test_nproc_refuses_stages_that_run_in_one_process_only(tmp_path: Path) -> No
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "(grpo) runs in one process only so far" in " ".join(refused.stderr.split())
     assert list(tmp_path.iterdir()) == []  # refused before torchrun started or anything was written
+
+
+def _distill_recipe(tmp: Path, name: str) -> Path:
+    """SFT, then sequence-level distillation into a fully fine-tuned tiny student (a tiny:student
+    that rank 0 builds, teacher completions that rank 0 writes and every rank reads)."""
+    recipe = sft_recipe(tmp / name, batch_size=8, micro_batch_size=4, max_steps=2)
+    recipe["lora"]["dropout"] = 0.0
+    recipe["stages"]["distill"] = {
+        "kind": "distill", "teacher": "sft", "student": {"name": "tiny:student"}, "lora": "full",
+        "mode": "sequence", "data": {"source": "tiny:arith", "num_examples": 24, "eval_size": 4, "max_length": 96},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 8}, "max_steps": 3, "batch_size": 8,
+        "micro_batch_size": 2, "eval_samples": 4, "eval_max_new_tokens": 4, "save_every": 1,
+    }
+    return write_recipe(tmp / f"{name}.yaml", recipe)
+
+
+@pytest.mark.slow
+def test_two_processes_distill_as_one(tmp_path: Path) -> None:
+    one = _rlft("run", str(_distill_recipe(tmp_path, "one")))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _rlft("run", str(_distill_recipe(tmp_path, "two")), "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = tmp_path / "one" / "t" / "distill", tmp_path / "two" / "t" / "distill"
+    assert (a / "final").exists() and (b / "final").exists()
+    la, lb = step_losses(a), step_losses(b)
+    assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3]
+    assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(la, lb, strict=True)), (la, lb)
+    wa, wb = load_file(a / "final/model/model.safetensors"), load_file(b / "final/model/model.safetensors")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
