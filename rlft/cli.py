@@ -39,6 +39,9 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log more; sho
 DryRunOpt = Annotated[bool, typer.Option(
     "--dry-run", help="Rehearse on CPU: shrunk random models of the same architectures, real tokenizers, "
     "a few rows, 2 steps per stage, in runs/<run_name>-dry-run.")]
+NprocOpt = Annotated[int | None, typer.Option(
+    "--nproc", min=1, help="Start N processes on this machine through torchrun (one per GPU; gloo on CPU). "
+    "Several nodes: start torchrun yourself (see README).")]
 StandInOpt = Annotated[list[str] | None, typer.Option(
     "--stand-in", help="With --dry-run: use a local directory or file for a hub model or data set, "
     "e.g. --stand-in Qwen/Qwen2.5-0.5B-Instruct=./qwen (repeatable).")]
@@ -58,12 +61,15 @@ def _quiet_library_warnings() -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
+    import os
+
     from rich.logging import RichHandler
 
     from rlft.metrics import console
 
+    quiet = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks for the job
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=verbose)],
         force=True,
@@ -92,18 +98,67 @@ def _check_data(loaded: LoadedRecipe, stages: list[str] | None = None) -> None:
 @app.command()
 def run(
     recipe: RecipeArg, set_: SetOpt = None, force: ForceOpt = False, restart: RestartOpt = False,
-    verbose: VerboseOpt = False, dry_run: DryRunOpt = False, stand_in: StandInOpt = None,
+    verbose: VerboseOpt = False, dry_run: DryRunOpt = False, stand_in: StandInOpt = None, nproc: NprocOpt = None,
 ) -> None:
     """Run every stage of RECIPE in order; finished stages are skipped, an interrupted one resumes."""
     _setup_logging(verbose)
     loaded = _dry(_load(recipe, set_), dry_run, stand_in)
+    _launch(nproc, loaded, list(loaded.recipe.stages))
     _check_data(loaded)
     from rlft.pipeline import run_pipeline
     from rlft.rundir.results import print_run_table
 
     artifacts = run_pipeline(loaded, resume=True, force=force, restart=restart)
-    print_run_table(loaded, artifacts)
-    _dry_report(loaded, dry_run)
+    if _main_rank():  # under torchrun the other ranks write nothing to the run directory
+        print_run_table(loaded, artifacts)
+        _dry_report(loaded, dry_run)
+
+
+def _launch(nproc: int | None, loaded: LoadedRecipe, stages: list[str]) -> None:
+    """With --nproc N > 1 outside torchrun: check that `stages` can run on N processes, then run
+    this same command as N torchrun processes and exit with torchrun's code. Under torchrun (or
+    N = 1) nothing happens."""
+    import os
+
+    if nproc is None or nproc == 1:
+        return
+    from rlft.explain import split_problem
+
+    problems = [p for s in stages if (p := split_problem(loaded, s, nproc)) is not None]
+    if problems:
+        raise UserInputError("; ".join(problems))
+    if "WORLD_SIZE" in os.environ:
+        if int(os.environ["WORLD_SIZE"]) != nproc:
+            raise UserInputError(f"--nproc {nproc} inside a torchrun job of {os.environ['WORLD_SIZE']} processes; "
+                                 "drop --nproc (torchrun's --nproc-per-node decides)")
+        return
+    import subprocess
+
+    args = sys.argv[1:] if _ARGV is None else _ARGV
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "rlft", *_without_nproc(args)]
+    raise SystemExit(subprocess.call(command))
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+_ARGV: list[str] | None = None
+
+
+def _main_rank() -> bool:
+    from rlft import dist
+
+    return dist.is_main()
 
 
 def _dry(loaded: LoadedRecipe, dry_run: bool, stand_in: list[str] | None) -> LoadedRecipe:
@@ -133,7 +188,7 @@ def stage(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest committed checkpoint.")] = False,
     set_: SetOpt = None, force: ForceOpt = False, restart: RestartOpt = False, verbose: VerboseOpt = False,
-    dry_run: DryRunOpt = False, stand_in: StandInOpt = None,
+    dry_run: DryRunOpt = False, stand_in: StandInOpt = None, nproc: NprocOpt = None,
 ) -> None:
     """Run one stage of RECIPE (its parents must have finished); a finished stage is left as it is."""
     if resume and restart:
@@ -144,11 +199,13 @@ def stage(
 
         recipe = find_saved_recipe()
     loaded = _dry(_load(recipe, set_), dry_run, stand_in)
+    _launch(nproc, loaded, [stage_name(loaded, name)])
     _check_data(loaded, [stage_name(loaded, name)])
     from rlft.pipeline import run_pipeline
 
     run_pipeline(loaded, only=stage_name(loaded, name), resume=resume, force=force, restart=restart)
-    _dry_report(loaded, dry_run)
+    if _main_rank():
+        _dry_report(loaded, dry_run)
 
 
 @app.command()
@@ -170,6 +227,8 @@ def explain(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file.", show_default=False)] = None,
     set_: SetOpt = None,
     run: Annotated[Path | None, typer.Option("--run", help="A run directory: show what fed what.")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Show each rank's share on N processes "
+                                       "(refuses batch sizes that do not split).")] = 1,
 ) -> None:
     """Show RECIPE resolved (defaults, stage graph, batch arithmetic), or with --run a run's lineage."""
     if run is not None and recipe is None and not set_:
@@ -182,7 +241,7 @@ def explain(
                               "(rlft explain --run runs/NAME)")
     from rlft.explain import explain_recipe
 
-    typer.echo(explain_recipe(_load(recipe, set_)))
+    typer.echo(explain_recipe(_load(recipe, set_), nproc))
 
 
 @app.command()
@@ -263,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (also used by tests that fork a run)."""
     from rlft.ckpt.fsio import storage_errno
 
+    global _ARGV
     args = sys.argv[1:] if argv is None else argv
+    _ARGV = list(args)
     verbose = "--verbose" in args or "-v" in args
     _quiet_library_warnings()
     try:

@@ -8,13 +8,21 @@ from typing import Any
 import yaml
 
 from rlft.data.check import data_sources
+from rlft.errors import UserInputError
 from rlft.prompt_report import prompts_section
 from rlft.recipe.gates import describe
 from rlft.recipe.schema import stage_refs
 
 
-def explain_recipe(loaded: Any) -> str:
-    """Human-readable explanation of a loaded recipe."""
+def explain_recipe(loaded: Any, nproc: int = 1) -> str:
+    """Human-readable explanation of a loaded recipe (with the per-rank split on `nproc` processes).
+
+    Raises:
+        UserInputError: a stage cannot run on `nproc` processes (file:line of the size that does not split).
+    """
+    problems = [p for s in loaded.recipe.stages if (p := split_problem(loaded, s, nproc)) is not None]
+    if problems:
+        raise UserInputError("; ".join(problems))
     recipe = loaded.recipe
     resolved = recipe.model_dump(mode="json", by_alias=True)
     lines = [f"# {loaded.path}  (resolved, defaults filled in)", yaml.safe_dump(resolved, sort_keys=False)]
@@ -38,6 +46,8 @@ def explain_recipe(loaded: Any) -> str:
     lines.append("\n# batch arithmetic (per optimizer step)")
     for name, spec in recipe.stages.items():
         lines.append(f"  {name}: {batch_arithmetic(spec)}")
+        if nproc > 1:
+            lines.append(f"    on {nproc} processes: {rank_split(spec, nproc)}")
     lines += ["", *prompts_section(loaded)]
     return "\n".join(lines)
 
@@ -66,3 +76,41 @@ def batch_arithmetic(spec: Any) -> str:
     if spec.kind == "sample":
         return f"{spec.per_prompt} completions per prompt, batches of {spec.batch_size} prompts (no training)"
     return f"k={spec.k} samples per prompt (no training)"
+
+
+# --------------------------------------------------------------------------- several processes
+
+DISTRIBUTED_KINDS = ("sft", "distill")
+
+
+def rank_split(spec: Any, world: int) -> str:
+    """What each of `world` ranks takes of one optimizer step (sizes in the recipe are global)."""
+    per_rank = spec.batch_size // world
+    micro = spec.micro_batch_size or per_rank
+    return (f"each rank takes {per_rank} sequences = {per_rank // micro} micro-batches x {micro} of the "
+            f"global {spec.batch_size}; gradients and the token count are summed over ranks")
+
+
+def split_problem(loaded: Any, stage: str, world: int) -> str | None:
+    """Why `stage` cannot run on `world` processes (the recipe's file:line when a size does not
+    split), or None."""
+    if world <= 1:
+        return None
+    spec = loaded.recipe.stages[stage]
+    if spec.kind == "distill" and spec.mode != "sequence":
+        return (f"stage {stage} (distill, mode {spec.mode}) runs in one process only so far; several processes "
+                f"run mode sequence (run it with `rlft stage {stage}` without --nproc)")
+    if spec.kind not in DISTRIBUTED_KINDS:
+        return (f"stage {stage} ({spec.kind}) runs in one process only so far; several processes run "
+                f"{', '.join(DISTRIBUTED_KINDS)} stages (run it with `rlft stage {stage}` without --nproc)")
+    micro = spec.micro_batch_size or spec.batch_size // world or 1
+    if spec.batch_size % (micro * world) == 0:
+        return None
+    key = f"stages.{stage}.batch_size"
+    at = loaded.positions.get(key) or loaded.positions.get(f"stages.{stage}.micro_batch_size")
+    where = f"{loaded.path}:{at[0]}" if at else f"{loaded.path}"
+    if spec.micro_batch_size is None:  # one micro-batch of batch_size / world per rank
+        return (f"{where}: {key} {spec.batch_size} does not split over {world} processes (without "
+                f"micro_batch_size each rank takes batch_size / {world}); make it a multiple of {world}")
+    return (f"{where}: {key} {spec.batch_size} = {spec.batch_size // micro} micro-batches of {micro} does not "
+            f"split over {world} processes; make batch_size / micro_batch_size a multiple of {world}")

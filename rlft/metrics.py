@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from rlft import loggers
+from rlft import dist, loggers
 
 console = Console(stderr=True)
 
@@ -43,20 +43,26 @@ class MetricsLog:
     With `every` = N only steps that are multiples of N are written (the recipe's `log_every`),
     plus any step the caller forces (the last one, held-out evaluations). Which steps are written
     depends on the step alone, so a resumed run writes the rows the uninterrupted one does.
+    On several processes only rank 0 writes; the other ranks keep `history` in memory.
     """
 
     def __init__(self, stage_dir: Path, resume_step: int = 0, tensorboard: bool = True, name: str = "metrics.jsonl",
                  every: int = 1):
-        stage_dir.mkdir(parents=True, exist_ok=True)
         self.path, self.every = stage_dir / name, every
         self.history: list[dict[str, Any]] = []
+        self._file, self._tb = None, None
+        self._sinks: list[Any] = []
+        if not dist.is_main():
+            if self.path.exists() and resume_step > 0:
+                self.history = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            return
+        stage_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and resume_step > 0:
             # rows up to the checkpoint's step were written before it was committed; a fresh
             # start (no checkpoint) keeps nothing, not even a step-0 eval of a killed attempt
             self.history = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
         _rewrite_jsonl(self.path, self.history)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        self._tb = None
         self._sinks = loggers.open_sinks(stage_dir) if tensorboard else []  # report_to: wandb, mlflow
         if tensorboard and loggers.wants("tensorboard"):
             try:
@@ -72,6 +78,8 @@ class MetricsLog:
             return
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self.history.append(row)
+        if self._file is None:
+            return
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -82,6 +90,8 @@ class MetricsLog:
             sink.log(step, values)
 
     def close(self) -> None:
+        if self._file is None:
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -123,7 +133,7 @@ def progress(items: Iterable[int], total: int, description: str, start: int = 0)
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal or not dist.is_main()) as bar:
         task = bar.add_task(description, total=total, completed=start, info="")
         for item in items:
             yield item

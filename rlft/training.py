@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from rlft import dist
 from rlft.ckpt import checkpoint
 from rlft.ckpt.faults import fault_active, fault_point
 from rlft.ckpt.trainstate import GracefulExit
@@ -133,7 +134,14 @@ def finish_step(
     optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], total: torch.Tensor, guard: NanGuard,
     max_grad_norm: float | None, step: int, n_tokens: torch.Tensor,
 ) -> dict[str, float]:
-    """`apply_step` on the accumulated gradients, and the step's metrics (loss NaN when skipped)."""
+    """`apply_step` on the accumulated gradients, and the step's metrics (loss NaN when skipped).
+
+    On several processes the gradients and `total` are first summed over ranks (each rank's
+    share is already divided by the global normaliser), so every rank takes the same step.
+    """
+    if dist.initialized():
+        dist.all_reduce_grads(params)
+        total = dist.all_reduce_sum(total)
     grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, step)
     if grad_norm is None:
         return {"loss": float("nan"), "skipped": guard.skipped}
@@ -150,13 +158,47 @@ def save_state(
     keep_last: int,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Commit a checkpoint of everything a resume needs: weights, optimizer, RNG, `state`."""
+    """Commit a checkpoint of everything a resume needs: weights, optimizer, RNG, `state`.
+
+    On several processes every rank calls it: each rank's RNG goes to rank 0 (group
+    `rng.rank<r>` for r > 0), which alone writes the one checkpoint; the ranks meet at a barrier
+    after the commit. The weights, optimizer and `state` are rank 0's (the same on every rank).
+    """
+    rng_tensors, rng_state = checkpoint.capture_rng()
+    if dist.initialized():
+        return _save_state_ranks(stage_dir, step, model, optimizer, state, meta, keep_last, extra_tensors,
+                                 (rng_tensors, rng_state))
+    return _save_state(stage_dir, step, model, optimizer, state, meta, keep_last, extra_tensors, (rng_tensors, rng_state))
+
+
+def _save_state_ranks(
+    stage_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    meta: dict[str, Any], keep_last: int, extra_tensors: dict[str, dict[str, torch.Tensor]] | None,
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]],
+) -> Path:
+    ranks = dist.gather_objects(rng)
+    path = stage_dir / f"step-{step}"
+    if dist.is_main():
+        extra = dict(extra_tensors or {})
+        extra |= {f"rng.rank{r}": tensors for r, (tensors, _) in enumerate(ranks) if r > 0}
+        state = state | {"rank_rng": [s for _, s in ranks[1:]]}
+        meta = meta | {"world_size": dist.world_size()}
+        path = _save_state(stage_dir, step, model, optimizer, state, meta, keep_last, extra, rng)
+    dist.barrier()
+    return path
+
+
+def _save_state(
+    stage_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    meta: dict[str, Any], keep_last: int, extra_tensors: dict[str, dict[str, torch.Tensor]] | None,
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]],
+) -> Path:
     params = {n: p.detach() for n, p in trainable_named_params(model).items()}
     for name, value in params.items():
         if not torch.isfinite(value).all():
             raise TrainingError(f"refusing to checkpoint step {step}: parameter {name} is NaN/Inf")
     optim_tensors, optim_state = checkpoint.optimizer_to_tensors(optimizer)
-    rng_tensors, rng_state = checkpoint.capture_rng()
+    rng_tensors, rng_state = rng
     tensors = {"params": params, "optimizer": optim_tensors, "rng": rng_tensors, **(extra_tensors or {})}
     full_state = {"step": step, "optimizer": optim_state, "rng": rng_state, "stage": state}
     return checkpoint.save_checkpoint(stage_dir, step, tensors, full_state, meta, keep_last)
@@ -176,6 +218,13 @@ def restore_state(
     if ckpt is None:
         return None
     tensors, full_state, saved_meta = checkpoint.load_checkpoint(ckpt)
+    saved_world, world = saved_meta.get("world_size", 1), dist.world_size()
+    if saved_world != world:
+        raise CheckpointError(
+            f"{ckpt} was saved by {saved_world} process(es) and this run has {world}: every rank's RNG "
+            f"and data share are in it, so it resumes on {saved_world} only (rerun with --nproc {saved_world}, "
+            "or pass --restart to start the stage over)"
+        )
     saved_inputs = saved_meta.get("inputs", {})
     keys = sorted(set(saved_inputs) | set(meta["inputs"]))
     overrides = checkpoint.check_inputs(saved_inputs, meta["inputs"], keys, force)
@@ -193,7 +242,10 @@ def restore_state(
         for name, p in params.items():
             p.copy_(tensors["params"][name])
     checkpoint.load_optimizer(optimizer, tensors["optimizer"], full_state["optimizer"])
-    checkpoint.restore_rng(tensors["rng"], full_state["rng"])
+    if dist.rank() > 0:
+        checkpoint.restore_rng(tensors[f"rng.rank{dist.rank()}"], full_state["stage"]["rank_rng"][dist.rank() - 1])
+    else:
+        checkpoint.restore_rng(tensors["rng"], full_state["rng"])
     return full_state["step"], full_state["stage"], tensors, overrides
 
 
@@ -223,9 +275,17 @@ def sft_step(
     guard: NanGuard, max_grad_norm: float | None, step: int,
 ) -> dict[str, float]:
     """One SFT optimizer step over the micro-batches, with the token-mean over the whole step
-    (the SFT stage's and sequence-level distillation's step)."""
+    (the SFT stage's and sequence-level distillation's step).
+
+    On several processes each rank takes its contiguous share of the step's micro-batches
+    (`dist.shard`) and the token count is summed over ranks, so the step is the one token-mean
+    loss over the global batch.
+    """
     dev = next(policy.parameters()).device
-    n_tokens = torch.stack([mb["loss_mask"][:, 1:].sum() for mb in micro_batches]).sum().to(dev).clamp(min=1)
+    micro_batches = [micro_batches[i] for i in dist.shard(len(micro_batches))]
+    counts = [mb["loss_mask"][:, 1:].sum() for mb in micro_batches]
+    local = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.long)
+    n_tokens = dist.all_reduce_sum(local).to(dev).clamp(min=1)
     params = list(trainable_named_params(policy).values())
     total = torch.zeros((), device=dev)
     for mb in micro_batches:
@@ -297,10 +357,13 @@ class StageLoop:
             yield step
             done, last = step + 1, self.is_last(step)
             halting = self.halt is not None and self.halt.alarmed()
-            if done % self.save_every == 0 or last or self.stop.should_stop() or halting:
+            stopping = self.stop.should_stop()
+            if dist.initialized():  # a signal one rank got stops every rank at the same step
+                stopping = dist.any_rank(stopping)
+            if done % self.save_every == 0 or last or stopping or halting:
                 self.save(done)
             if halting and self.halt is not None:
                 self.halt.stop_if_alarmed()  # raises: exit 4 naming the alarm and step
-            if self.stop.should_stop() and not last:
+            if stopping and not last:
                 self.stop.exit()
             fault_point("kill_step", done)  # tests: die right after this step

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlft import evaluate, rollout, training
+from rlft import dist, evaluate, rollout, training
 from rlft.data import encode
 from rlft.data.batch import PromptLoader, SFTExample, SFTLoader, pack
 from rlft.data.rows import mix, row_format
@@ -93,7 +93,12 @@ def run(ctx: RunContext[DistillSpec]) -> Artifact:
 def load_student(ctx: RunContext[DistillSpec]) -> tuple[Any, Any]:
     """The student (a tiny:<preset> is built first) with LoRA or full fine-tuning per `ctx.lora()`."""
     key = f"stages.{ctx.stage}.student"
-    return load_named_policy(ctx.spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
+    if not dist.is_main():  # rank 0 builds a tiny:<preset> student first; the others load it
+        dist.barrier()
+    loaded = load_named_policy(ctx.spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
+    if dist.is_main():
+        dist.barrier()
+    return loaded
 
 
 def logit_teacher(ctx: RunContext[DistillSpec], student: Any, tokenizer: Any) -> Any:
@@ -141,14 +146,18 @@ def sequence_data(ctx: RunContext[DistillSpec], tokenizer: Any) -> Prepared:
         "specs": [d.model_dump(exclude=TOKENIZING_KEYS) for d in spec.data], "seed": ctx.seed,
         "batch_size": spec.batch_size,
     })
-    found = distill.read_teacher_data(ctx.stage_dir, key)
-    if found is None:
+    # on several processes rank 0 writes the teacher's data and the other ranks read it back
+    found = distill.read_teacher_data(ctx.stage_dir, key) if dist.is_main() else None
+    if found is None and dist.is_main():
         source = ctx.artifacts[spec.teacher].model_source
         teacher = distill.load_teacher(source, ctx.model_spec(), device())
         out, stats = distill.teacher_completions(teacher, load_tokenizer(source, ctx.model_spec()), rows, sampling,
                                                  ctx.seed, spec.batch_size)
         del teacher
         distill.write_teacher_data(ctx.stage_dir, key, out, stats)
+        found = None
+    dist.barrier()
+    if found is None:
         found = distill.read_teacher_data(ctx.stage_dir, key)
         assert found is not None
     teacher_rows, info = found
@@ -198,7 +207,7 @@ def _sft_loader(ctx: RunContext[DistillSpec], rows: list[dict[str, Any]], tokeni
     examples = encode.tokenize_sft(rows, tokenizer, d.max_length, d.long_rows, name)
     if d.packing:
         examples = pack(examples, d.max_length)
-    mbs = spec.micro_batch_size or spec.batch_size
+    mbs = spec.micro_batch_size or spec.batch_size // dist.world_size()  # one micro-batch per rank
     return SFTLoader(examples, spec.batch_size, mbs, seed=ctx.seed, pad_id=tokenizer.pad_token_id)
 
 

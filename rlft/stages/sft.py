@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from rlft import evaluate, training
+from rlft import dist, evaluate, training
 from rlft.data.batch import SFTLoader
 from rlft.metrics import MetricsLog
 from rlft.models import load_named_policy, load_policy
@@ -31,11 +31,17 @@ def run(ctx: RunContext[SFTSpec]) -> Artifact:
     spec = ctx.spec
     if spec.student is not None:  # a model of its own, e.g. a small student's baseline
         key = f"stages.{ctx.stage}.student"
+        if not dist.is_main():  # rank 0 builds a tiny:<preset> student first; the others load it
+            dist.barrier()
         policy, tokenizer = load_named_policy(spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
+        if dist.is_main():
+            dist.barrier()
     else:
         policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     train_ex, eval_ex, eval_prompts, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
-    loader = SFTLoader(train_ex, spec.batch_size, spec.micro_batch_size or spec.batch_size, seed=ctx.seed)
+    # no micro_batch_size: one micro-batch per rank (the whole batch in one process)
+    micro = spec.micro_batch_size or spec.batch_size // dist.world_size()
+    loader = SFTLoader(train_ex, spec.batch_size, micro, seed=ctx.seed)
     total = spec.max_steps or max(1, math.ceil(spec.epochs * loader.steps_per_epoch))
     optimizer = training.make_optimizer(policy, spec)
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)

@@ -1,0 +1,86 @@
+"""SFT on one process with 2 threads vs 2 processes (torchrun, gloo) with 1 thread each.
+
+    .venv/bin/python -m benchmarks.distributed
+    .venv/bin/python -m benchmarks.distributed --steps 10 --layers 10
+
+A tiny qwen2 of ~30M parameters (hidden 512, 10 layers; LoRA r=8 on all linear layers, or
+`--full`), `tiny:arith` rows, the same global batch for both rows. Each configuration runs the
+recipe twice, with `--steps` + 2 and 2 optimizer steps; the difference of the wall times over
+`--steps` is s/step without start-up, model building and the held-out evaluations (the same in
+both runs), and tokens/s counts the target tokens of those steps (`tokens` in metrics.jsonl).
+Prints a Markdown table. Not a timed test: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+RLFT = Path(sys.executable).with_name("rlft")
+
+
+def recipe(out: Path, steps: int, layers: int, full: bool) -> dict:
+    return {
+        "run_name": "bench", "output_dir": str(out), "seed": 0,
+        "model": {"name": "tiny:small", "dtype": "float32",
+                  "tiny": {"hidden_size": 512, "num_layers": layers, "num_heads": 8, "num_kv_heads": 4,
+                           "intermediate_size": 1536}},
+        "lora": "full" if full else {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all-linear"},
+        "stages": {"sft": {
+            "kind": "sft", "data": {"source": "tiny:arith", "num_examples": 400, "eval_size": 8, "max_length": 128},
+            "max_steps": steps, "batch_size": 16, "micro_batch_size": 4, "lr": 1e-3, "save_every": 1000,
+            "eval_samples": 8, "eval_max_new_tokens": 4,
+        }},
+    }
+
+
+def timed_run(tmp: Path, name: str, steps: int, nproc: int, threads: int, layers: int, full: bool) -> tuple[float, int]:
+    """Wall seconds of `rlft run` and the target tokens its steps trained on."""
+    out = tmp / name
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe(out, steps, layers, full)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    args = [str(RLFT), "run", str(path)] + (["--nproc", str(nproc)] if nproc > 1 else [])
+    t0 = time.perf_counter()
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "bench" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    return wall, sum(int(r["tokens"]) for r in rows if "tokens" in r)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for nproc, threads in ((1, 2), (2, 1)):
+            short_wall, short_tokens = timed_run(tmp, f"p{nproc}-short", 2, nproc, threads, args.layers, args.full)
+            long_wall, long_tokens = timed_run(tmp, f"p{nproc}-long", args.steps + 2, nproc, threads, args.layers,
+                                               args.full)
+            per_step = (long_wall - short_wall) / args.steps
+            rows.append((f"{nproc} process(es) x {threads} thread(s)", per_step,
+                         (long_tokens - short_tokens) / (long_wall - short_wall)))
+    mode = "full fine-tuning" if args.full else "LoRA r=8"
+    print(f"SFT, ~30M-parameter tiny qwen2 ({args.layers} layers, hidden 512), {mode}, global batch 16 "
+          f"(micro-batches of 4), {args.steps} steps\n")
+    print("| configuration | s/step | target tokens/s |\n|---|---|---|")
+    for name, per_step, tps in rows:
+        print(f"| {name} | {per_step:.2f} | {tps:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
