@@ -43,6 +43,10 @@ class TinyOverrides(Strict):
     num_kv_heads: int | None = Field(default=None, ge=1, description="Key/value heads (grouped-query attention).")
     intermediate_size: int | None = Field(default=None, ge=8, description="MLP width.")
     max_position: int | None = Field(default=None, ge=16, description="Longest sequence the model handles.")
+    tokenizer: Literal["byte", "bpe"] | None = Field(
+        default=None, description="byte (default): one token per character; bpe: a byte-level BPE trained locally "
+        "(multi-character tokens, eos != pad, a chat template without generation markers), real-shaped."
+    )
 
 
 class ModelSpec(Strict):
