@@ -191,6 +191,35 @@ def test_stop_string_honoured_and_kept(model, tokenizer, prompts):
     assert 3 <= cut_rows < len(free.texts)
 
 
+def test_stop_ending_inside_a_token_cuts_the_text_and_keeps_the_token():
+    """A stop string that ends inside a multi-character token (BPE): the completion ends with that
+    whole token (its ids and log-prob are what was sampled, so training sees exactly the sampled
+    sequence), while `texts`, which rewards score, end at the stop. The reward misses at most the
+    rest of one token; the policy is trained on the tokens it actually produced."""
+    tokenizer = build_bpe_tokenizer()
+    model, prompts = _model(tokenizer), [tokenizer.encode(p) for p in PROMPTS]
+    free = _run(model, tokenizer, prompts, max_new_tokens=24)
+    found = None
+    for i, row in enumerate(free.completion_ids.tolist()):
+        for k in range(1, _lengths(free)[i]):
+            upto = tokenizer.decode(row[: k + 1], skip_special_tokens=True)
+            piece = tokenizer.decode(row[k : k + 1], skip_special_tokens=True)
+            stop = upto[len(upto) - len(piece) : len(upto) - 1]  # the token's text but its last character
+            if len(piece) >= 3 and piece.isascii() and upto.find(stop) + len(stop) == len(upto) - 1:
+                found = i, k, stop, upto
+                break
+        if found:
+            break
+    assert found, free.texts
+    i, k, stop, upto = found
+    r = _run(model, tokenizer, prompts, max_new_tokens=24, stop=(stop,))
+    assert r.texts[i] == upto[:-1] and not r.truncated[i]
+    assert _lengths(r)[i] == k + 1
+    assert torch.equal(r.completion_ids[i, : k + 1], free.completion_ids[i, : k + 1])
+    assert torch.equal(r.sample_logp[i, : k + 1], free.sample_logp[i, : k + 1])
+    assert tokenizer.decode(r.completion_ids[i, : k + 1], skip_special_tokens=True) == upto  # the whole token
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_greedy_equals_hf_generate(tokenizer, prompts, arch):
     model = _model(tokenizer, arch=arch)
