@@ -59,7 +59,12 @@ class ModelSpec(Strict):
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to load.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto = float32 on CPU, bfloat16 on CUDA."
+        default="auto", description="Weight dtype; auto = what `precision` needs (float32, bfloat16 for bf16_master)."
+    )
+    precision: Literal["auto", "fp32", "bf16_autocast", "bf16_master"] = Field(
+        default="auto", description="Training numerics: fp32; bf16_autocast (float32 weights, bf16 matmuls under "
+        "torch.autocast); bf16_master (bfloat16 weights, float32 master weights and moments in AdamW). "
+        "auto = fp32 on CPU, bf16_master on CUDA."
     )
     trust_remote_code: bool = Field(
         default=False, description="Run the model repo's own Python code; needs a 40-hex `revision`."
@@ -80,6 +85,10 @@ class ModelSpec(Strict):
             )
         if self.tiny is not None and not self.name.startswith("tiny:"):
             raise ValueError("`tiny:` overrides only apply to a tiny:<preset> model name")
+        needs = {"fp32": "float32", "bf16_autocast": "float32", "bf16_master": "bfloat16"}.get(self.precision)
+        if needs and self.dtype not in ("auto", needs):
+            raise ValueError(f"precision: {self.precision} keeps weights in {needs}, not dtype: {self.dtype}; "
+                             f"drop `dtype` or set dtype: {needs}")
         return self
 
 
