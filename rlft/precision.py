@@ -114,3 +114,49 @@ def make_adamw(params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.O
         kwargs.pop("fused", None)  # the masters are stepped by the reference implementation
         return MasterWeightAdamW(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
+
+
+# --------------------------------------------------------------------------- QLoRA base weights
+
+QUANTIZE = ("none", "4bit", "8bit")
+
+
+def quantization_problem(quantize: str, cuda: bool | None = None) -> str | None:
+    """Why `model.quantize` cannot work on this machine (None when it can, or is "none").
+
+    bitsandbytes' quantized layers run on CUDA only, and need the `bitsandbytes` package."""
+    if quantize == "none":
+        return None
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return (f"{quantize} base weights (QLoRA, bitsandbytes) need a CUDA GPU and none is available; "
+                "set quantize: none to train on this machine (rlft run --dry-run rehearses without it)")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"{quantize} base weights (QLoRA) need the bitsandbytes package: pip install bitsandbytes"
+    return None
+
+
+def quantization_kwargs(quantize: str, dev: torch.device) -> dict[str, Any]:
+    """`from_pretrained` arguments that load the base weights quantized (transformers'
+    `BitsAndBytesConfig`): 4bit = NF4 with double quantization and bf16 compute (QLoRA), 8bit =
+    LLM.int8(). Quantized weights are placed by `device_map`, not moved afterwards.
+
+    Raises:
+        UserInputError: `quantization_problem` says it cannot work here.
+    """
+    if quantize == "none":
+        return {}
+    from rlft.errors import UserInputError
+
+    problem = quantization_problem(quantize, dev.type == "cuda")
+    if problem:
+        raise UserInputError(f"model.quantize: {problem}")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": dev.index or 0}}

@@ -71,6 +71,11 @@ class ModelSpec(Strict):
     )
     tiny: TinyOverrides | None = Field(default=None, description="Size overrides for a tiny:<preset> model.")
     seed: int = Field(default=0, ge=0, lt=2**63, description="Initialisation seed of a tiny:<preset> model.")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        default="none", description="Load the base weights quantized for LoRA through bitsandbytes (QLoRA): 4bit = NF4 "
+        "with double quantization and bf16 compute, 8bit = LLM.int8(). Needs CUDA and bitsandbytes; every training "
+        "stage must use LoRA. Unverified on GPU by the project's CPU tests."
+    )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute each decoder layer in the backward: less activation memory, more compute "
         "(every training stage, RL included; benchmarks/memory.py)."
