@@ -1,9 +1,13 @@
-"""Peak memory of a GRPO update and an SFT step with and without gradient checkpointing; prints a table.
+"""Peak memory of a GRPO update and an SFT step vs sequence length and model size, with and without
+gradient checkpointing and bf16 autocast; prints a table.
 
     python -m benchmarks.memory                      # tiny:small widened to 8 layers, B=8 x G=8, 64 new tokens
     python -m benchmarks.memory --layers 16 --hidden 256
+    python -m benchmarks.memory --hiddens 128 256 --lengths 32 128 --precisions fp32 bf16_autocast
 
-Each (stage, checkpointing) pair runs in a fresh subprocess: load the model, build the batch (for
+`--hiddens` and `--lengths` sweep the model width (MLP 2x) and the sequence length (GRPO: new tokens
+per completion; SFT: tokens per row); `--precisions` adds `model.precision` choices to the
+checkpointing off/on pair. Each measurement runs in a fresh subprocess: load the model, build the batch (for
 GRPO: sample and score a round), take one warm-up step (optimizer state, first-call caches), then
 measure the second: the peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs
 just before the step) minus the resident size at that instant. glibc is told to serve every
@@ -42,21 +46,69 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sft-batch", type=int, default=64)
-    p.add_argument("--child", nargs=2, metavar=("STAGE", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    p.add_argument("--sft-length", type=int, default=None, help="tokens per SFT row; default the rows' own length")
+    p.add_argument("--hiddens", type=int, nargs="+", default=None, help="sweep: hidden sizes")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="sweep: GRPO new tokens = SFT row tokens")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16_autocast", "bf16_master"])
+    p.add_argument("--child", nargs=3, metavar=("STAGE", "CHECKPOINTING", "PRECISION"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(_measure(args, args.child[0], args.child[1] == "on")))
+        print(json.dumps(_measure(args, args.child[0], args.child[1] == "on", args.child[2])))
+        return
+    if args.hiddens or args.lengths:
+        _sweep(args)
         return
     results = {(stage, on): _spawn(stage, on) for stage in ("grpo", "sft") for on in (False, True)}
     _print(args, results)
 
 
-def _spawn(stage: str, on: bool) -> dict[str, float]:
+def _sweep(args: argparse.Namespace) -> None:
+    """One row per (step, hidden, length, precision, checkpointing)."""
+    hiddens, lengths = args.hiddens or [args.hidden], args.lengths or [args.max_new_tokens]
+    table = Table(caption=(
+        f"tiny:{args.preset}, {args.layers} layers, LoRA r=8; GRPO update of B={args.prompts} x G={args.group_size} "
+        f"completions of up to `length` new tokens; SFT step of {args.sft_batch} rows of `length` tokens; torch "
+        f"threads={torch.get_num_threads()}; peak RSS above the step's start (activations, mostly); 'vs base' is "
+        "against fp32 without checkpointing in the same row group"))
+    for col in ("step", "hidden", "length", "precision", "ckpt", "peak MiB", "vs base", "step s"):
+        table.add_column(col, justify="left" if col in ("step", "precision", "ckpt") else "right")
+    for stage in ("grpo", "sft"):
+        for hidden in hiddens:
+            for length in lengths:
+                extra = [*(["--hidden", str(hidden)] if hidden else []), "--max-new-tokens", str(length),
+                         "--sft-length", str(length)]
+                base = None
+                for prec in args.precisions:
+                    for on in (False, True):
+                        r = _spawn(stage, on, prec, extra)
+                        base = base or r
+                        table.add_row("GRPO update" if stage == "grpo" else "SFT step", str(hidden or "preset"),
+                                      str(length), prec, "on" if on else "off", f"{r['peak_mib']:.1f}",
+                                      f"{r['peak_mib'] / base['peak_mib']:.0%}", f"{r['seconds']:.3f}")
+    Console().print(table)
+
+
+def _spawn(stage: str, on: bool, prec: str = "fp32", extra: list[str] | None = None) -> dict[str, float]:
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    cmd = [sys.executable, "-m", "benchmarks.memory", *sys.argv[1:], "--child", stage, "on" if on else "off"]
+    argv = _without_sweep(sys.argv[1:])
+    cmd = [sys.executable, "-m", "benchmarks.memory", *argv, *(extra or []), "--child", stage, "on" if on else "off",
+           prec]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _without_sweep(argv: list[str]) -> list[str]:
+    """The parent's arguments minus the sweep lists (a child measures one point)."""
+    out, skip = [], False
+    for a in argv:
+        if a in ("--hiddens", "--lengths", "--precisions"):
+            skip = True
+        elif a.startswith("--"):
+            skip = False
+        if not skip:
+            out.append(a)
+    return out
 
 
 def _status_kb(field: str) -> int:
@@ -80,21 +132,22 @@ def _peak_during(step: Any) -> dict[str, float]:
     return {"peak_mib": (_status_kb("VmHWM") - base) / 1024, "base_mib": base / 1024, "seconds": seconds}
 
 
-def _model_spec(args: argparse.Namespace, on: bool) -> Any:
+def _model_spec(args: argparse.Namespace, on: bool, prec: str = "fp32") -> Any:
     from rlft.recipe.schema import ModelSpec
 
     tiny = {"num_layers": args.layers} | ({"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden}
                                          if args.hidden else {})
-    return ModelSpec(name=f"tiny:{args.preset}", tiny=tiny, gradient_checkpointing=on)
+    return ModelSpec.model_validate({"name": f"tiny:{args.preset}", "tiny": tiny, "gradient_checkpointing": on,
+                                    "precision": prec})
 
 
-def _measure(args: argparse.Namespace, stage: str, on: bool) -> dict[str, float]:
+def _measure(args: argparse.Namespace, stage: str, on: bool, prec: str = "fp32") -> dict[str, float]:
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base
     from rlft.recipe.schema import LoraSpec
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        spec = _model_spec(args, on)
+        spec = _model_spec(args, on, prec)
         source = prepare_base(spec, Path(tmp))
         tok = load_tokenizer(source, spec)
         policy = attach_lora(load_model(source, spec, torch.device("cpu")), LoraSpec(r=8))
@@ -141,8 +194,11 @@ def _sft_step(args: argparse.Namespace, policy: Any, tok: Any) -> Any:
     from rlft.training import NanGuard, make_optimizer, sft_step
 
     rows = tasks.get_task("arith").generate(args.sft_batch, seed=0)
-    examples = encode.tokenize_sft([{"prompt": r["prompt"], "completion": r["solution"]} for r in rows], tok, 512,
-                                 "error", "tiny:arith")
+    if args.sft_length:  # every row cut to exactly --sft-length tokens: a worked solution repeated
+        rows = [{**r, "solution": " ".join([r["solution"]] * args.sft_length)} for r in rows]
+    length = args.sft_length or 512
+    examples = encode.tokenize_sft([{"prompt": r["prompt"], "completion": r["solution"]} for r in rows], tok, length,
+                                 "truncate" if args.sft_length else "error", "tiny:arith")
     batch = collate(examples, tok.pad_token_id)
     optimizer = make_optimizer(policy, SFTSpec.model_validate({"kind": "sft", "data": "tiny:arith"}))
     policy.train()

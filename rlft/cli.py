@@ -166,10 +166,30 @@ def _dry(loaded: LoadedRecipe, dry_run: bool, stand_in: list[str] | None) -> Loa
     if not dry_run:
         if stand_in:
             raise UserInputError("--stand-in is used with --dry-run only; a real run loads what the recipe names")
+        _check_quantize(loaded)
         return loaded
     from rlft import dry_run as dry
 
     return dry.dry_recipe(loaded, dry.parse_stand_ins(stand_in, loaded.base_dir))
+
+
+def _check_quantize(loaded: LoadedRecipe) -> None:
+    """Quantized base weights (`quantize:`) need CUDA and bitsandbytes: say so at the recipe's line
+    before any model loads (a --dry-run rehearses on CPU without them)."""
+    from rlft.errors import Problem, RecipeError
+    from rlft.precision import quantization_problem
+
+    specs: list[tuple[str, Any]] = [("model", loaded.recipe.model)] + [
+        (f"stages.{name}.student", getattr(spec, "student", None)) for name, spec in loaded.recipe.stages.items()
+    ]
+    problems: list[Problem] = []
+    for key, spec in specs:
+        why = quantization_problem(spec.quantize) if spec is not None else None
+        if why:
+            line, col = loaded.positions.get(f"{key}.quantize", (None, None))
+            problems.append(Problem(str(loaded.path), line, col, f"{key}.quantize", why))
+    if problems:
+        raise RecipeError(problems)
 
 
 def _dry_report(loaded: LoadedRecipe, dry_run: bool) -> None:

@@ -82,6 +82,7 @@ def dry_recipe(loaded: LoadedRecipe, stand_ins: dict[str, str]) -> LoadedRecipe:
 
 def _dry_model(spec: dict, models_dir: Path, base_dir: Path, stand_ins: dict[str, str], key: str = "model") -> dict:
     """A model entry pointing at a shrunk copy of the model (tiny:<preset> models stay as they are)."""
+    spec = {k: v for k, v in spec.items() if k != "quantize"}  # CPU: bitsandbytes quantizes on CUDA only
     name = spec["name"]
     if name.startswith("tiny:"):
         return spec

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from rlft import precision
 from rlft.errors import UserInputError
 from rlft.recipe.schema import LoraSpec, ModelSpec
 
@@ -110,12 +111,19 @@ def load_model(source: str, spec: ModelSpec, dev: torch.device) -> Any:
     _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=resolve_dtype(spec.dtype, dev), **_pretrained_kwargs(spec, source)
+            source, dtype=precision.weight_dtype(spec.precision, spec.dtype, dev), **_pretrained_kwargs(spec, source),
+            **precision.quantization_kwargs(spec.quantize, dev),
         )
     except OSError as err:
         raise UserInputError(f"model.name: cannot load a model from {source!r}: {err}") from None
     if spec.gradient_checkpointing:
         enable_checkpointing(model)
+    if precision.resolve_precision(spec.precision, dev) == "bf16_autocast":
+        precision.enable_autocast(model, dev)
+    if spec.quantize != "none":  # placed by device_map; peft readies it for LoRA (GPU only, unverified here)
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
     return model.to(dev)  # pyright: ignore[reportArgumentType]  (transformers types `to` through a mixin)
 
 

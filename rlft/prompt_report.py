@@ -55,9 +55,9 @@ def stage_prompts(loaded: LoadedRecipe, build: bool = True) -> dict[str, StagePr
         if not build and model.name.startswith("tiny:"):
             source = model.name
             if source not in tokenizers:
-                from rlft.tiny import build_tokenizer
+                from rlft.tiny import tokenizer_of
 
-                tokenizers[source] = build_tokenizer()
+                tokenizers[source] = tokenizer_of(model.tiny.tokenizer or "byte" if model.tiny else "byte")
         else:
             source = models.prepare_base(model, loaded.run_dir / "models", loaded.base_dir)
         if source not in tokenizers:

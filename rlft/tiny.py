@@ -68,6 +68,9 @@ class TinyConfig:
     # bounded by |h| * |e_v| ~ sqrt(d) * std * sqrt(d); at 0.02 and d=64 that caps them near 1.3,
     # so a LoRA adapter alone could never make the tiny model confident.
     initializer_range: float = 0.1
+    # "byte": `build_tokenizer` (one token per character); "bpe": `rlft.tiny_bpe.build_bpe_tokenizer`
+    # (multi-character tokens, byte fallback, a chat template without generation markers).
+    tokenizer: Literal["byte", "bpe"] = "byte"
 
 
 PRESETS: dict[str, TinyConfig] = {
@@ -134,6 +137,15 @@ def build_tokenizer() -> Any:
     )
 
 
+def tokenizer_of(kind: str = "byte") -> Any:
+    """The tokenizer of a tiny model whose `TinyConfig.tokenizer` is `kind` ("byte" or "bpe")."""
+    if kind == "bpe":
+        from rlft.tiny_bpe import build_bpe_tokenizer
+
+        return build_bpe_tokenizer()
+    return build_tokenizer()
+
+
 def resolve_config(preset: str = "nano", overrides: dict[str, Any] | None = None) -> TinyConfig:
     """The preset with `overrides` applied and checked.
 
@@ -149,6 +161,8 @@ def resolve_config(preset: str = "nano", overrides: dict[str, Any] | None = None
     cfg = dataclasses.replace(PRESETS[preset], **(overrides or {}))
     if cfg.arch not in ("qwen2", "llama"):
         raise UserInputError(f"tiny model arch must be 'qwen2' or 'llama', got {cfg.arch!r}")
+    if cfg.tokenizer not in ("byte", "bpe"):
+        raise UserInputError(f"tiny model tokenizer must be 'byte' or 'bpe', got {cfg.tokenizer!r}")
     if cfg.hidden_size % cfg.num_heads:
         raise UserInputError(f"tiny model hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
     if cfg.num_heads % cfg.num_kv_heads:
@@ -158,7 +172,14 @@ def resolve_config(preset: str = "nano", overrides: dict[str, Any] | None = None
 
 def config_hash(cfg: TinyConfig, seed: int) -> str:
     """sha256 over the model shape, init seed, tokenizer definition and chat template."""
-    ident = {"config": dataclasses.asdict(cfg), "seed": seed, "specials": list(SPECIAL_TOKENS),
+    config = dataclasses.asdict(cfg)
+    if cfg.tokenizer == "byte":  # the byte tokenizer's models keep the hash they had before the option
+        del config["tokenizer"]
+    else:
+        from rlft import tiny_bpe
+
+        config["tokenizer_def"] = [tiny_bpe.SPLIT_REGEX, tiny_bpe.CHAT_TEMPLATE, tiny_bpe.VOCAB_SIZE]
+    ident = {"config": config, "seed": seed, "specials": list(SPECIAL_TOKENS),
              "split": _SPLIT_REGEX, "template": CHAT_TEMPLATE}
     blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -206,7 +227,7 @@ def _write_model(tmp: Path, cfg: TinyConfig, seed: int, marker: dict[str, Any]) 
     import transformers
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer_of(cfg.tokenizer)
     tokenizer.model_max_length = cfg.max_position
     hf_config = _hf_config(cfg, tokenizer)
     # A private RNG scope: the init depends on `seed` only and the caller's RNG is untouched.

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlft import dist
+from rlft import dist, precision
 from rlft.ckpt import checkpoint
 from rlft.ckpt.faults import fault_active, fault_point
 from rlft.ckpt.trainstate import GracefulExit
@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 
 
 def make_optimizer(model: Any, spec: Any) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (LoRA adapter, or all weights for full fine-tuning)."""
+    """AdamW over the trainable parameters (LoRA adapter, or all weights for full fine-tuning);
+    low-precision parameters get float32 master weights (`precision.MasterWeightAdamW`)."""
     params = list(trainable_named_params(model).values())
     fused = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(
+    return precision.make_adamw(
         params, lr=spec.lr, betas=tuple(spec.adam_betas), weight_decay=spec.weight_decay, fused=fused or None
     )
 

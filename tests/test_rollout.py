@@ -20,13 +20,16 @@ from rlft.rollout import (
     seed_generator,
 )
 from rlft.tiny import build_tokenizer
+from rlft.tiny_bpe import build_bpe_tokenizer
 
 PROMPTS = ["hello world", "1+1=", "a", "The quick brown fox"]  # different lengths: left padding
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
+@pytest.fixture(scope="module", params=["byte", "bpe"])
+def tokenizer(request):
+    """Every test on both the byte-level tokenizer and a BPE one (multi-character tokens, byte
+    fallback, eos != pad), so stop strings and decodes also meet tokens that split them."""
+    return build_tokenizer() if request.param == "byte" else build_bpe_tokenizer()
 
 
 def _model(tokenizer, seed: int = 0, arch: str = "qwen2", **overrides) -> Qwen2ForCausalLM | LlamaForCausalLM:
@@ -143,7 +146,8 @@ def test_eos_ends_the_mask_right_after_it(model, tokenizer, prompts):
     its first occurrence, and the tokens before it are the ones the unconstrained run sampled."""
     free = _run(model, tokenizer, prompts)
     ids = free.completion_ids.tolist()
-    eos = ids[0][3]
+    # a token of row 0 that other rows sample too (with a large vocabulary most tokens occur once)
+    eos = max(ids[0][1:8], key=lambda t: sum(t in row for row in ids))
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, eos]
     try:
@@ -177,10 +181,43 @@ def test_stop_string_honoured_and_kept(model, tokenizer, prompts):
         if ends:
             cut_rows += 1
             assert r.texts[i] == text[: min(ends)] and not r.truncated[i]
-            assert tokenizer.decode(r.completion_ids[i, : _lengths(r)[i]], skip_special_tokens=True) == text[: min(ends)]
+            # the ids end with the token that completes the stop; text after the stop in that token
+            # (a multi-character token) is cut from `texts` only
+            ids = r.completion_ids[i, : _lengths(r)[i]]
+            assert tokenizer.decode(ids, skip_special_tokens=True).startswith(text[: min(ends)])
+            assert not any(s in tokenizer.decode(ids[:-1], skip_special_tokens=True) for s in stops)
         else:
             assert r.texts[i] == text and bool(r.truncated[i]) == bool(free.truncated[i])
     assert 3 <= cut_rows < len(free.texts)
+
+
+def test_stop_ending_inside_a_token_cuts_the_text_and_keeps_the_token():
+    """A stop string that ends inside a multi-character token (BPE): the completion ends with that
+    whole token (its ids and log-prob are what was sampled, so training sees exactly the sampled
+    sequence), while `texts`, which rewards score, end at the stop. The reward misses at most the
+    rest of one token; the policy is trained on the tokens it actually produced."""
+    tokenizer = build_bpe_tokenizer()
+    model, prompts = _model(tokenizer), [tokenizer.encode(p) for p in PROMPTS]
+    free = _run(model, tokenizer, prompts, max_new_tokens=24)
+    found = None
+    for i, row in enumerate(free.completion_ids.tolist()):
+        for k in range(1, _lengths(free)[i]):
+            upto = tokenizer.decode(row[: k + 1], skip_special_tokens=True)
+            piece = tokenizer.decode(row[k : k + 1], skip_special_tokens=True)
+            stop = upto[len(upto) - len(piece) : len(upto) - 1]  # the token's text but its last character
+            if len(piece) >= 3 and piece.isascii() and upto.find(stop) + len(stop) == len(upto) - 1:
+                found = i, k, stop, upto
+                break
+        if found:
+            break
+    assert found, free.texts
+    i, k, stop, upto = found
+    r = _run(model, tokenizer, prompts, max_new_tokens=24, stop=(stop,))
+    assert r.texts[i] == upto[:-1] and not r.truncated[i]
+    assert _lengths(r)[i] == k + 1
+    assert torch.equal(r.completion_ids[i, : k + 1], free.completion_ids[i, : k + 1])
+    assert torch.equal(r.sample_logp[i, : k + 1], free.sample_logp[i, : k + 1])
+    assert tokenizer.decode(r.completion_ids[i, : k + 1], skip_special_tokens=True) == upto  # the whole token
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

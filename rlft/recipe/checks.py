@@ -226,6 +226,28 @@ def model_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     return problems
 
 
+def quantize_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
+    """Quantized base weights (`model.quantize`) train through LoRA only: a training stage with
+    `lora: full` (its own or the recipe's) would update the quantized weights themselves."""
+    def quantize_of(model: Any) -> Any:
+        return model.get("quantize", "none") if isinstance(model, dict) else "none"
+
+    problems = []
+    for name, spec in _stages(raw).items():
+        if not isinstance(spec, dict) or spec.get("kind") not in MODEL_KINDS:
+            continue
+        # a distillation trains its student, whose own spec says how it loads
+        quantize = quantize_of(spec.get("student") if spec.get("kind") == "distill" else raw.get("model"))
+        if quantize in ("none", None):
+            continue
+        own = "lora" in spec
+        if (spec["lora"] if own else raw.get("lora")) == "full":
+            problems.append(loc.at(("stages", name, "lora") if own else ("lora",),
+                                   f"quantize: {quantize} trains a LoRA adapter on frozen quantized weights; "
+                                   f"stage '{name}' asks for lora: full (give it a LoRA spec, or quantize: none)"))
+    return problems
+
+
 def _reward_entries(raw: dict[str, Any]) -> Iterator[tuple[Path_, Any]]:
     for name, spec in _stages(raw).items():
         rewards = spec.get("rewards") if isinstance(spec, dict) else None
@@ -295,6 +317,7 @@ def all_problems(raw: dict[str, Any], loc: Locator, base_dir: Path) -> list[Prob
         + source_problems(raw, loc, base_dir)
         + prompt_length_problems(raw, loc)
         + model_problems(raw, loc)
+        + quantize_problems(raw, loc)
         + reward_file_problems(raw, loc, base_dir)
         + gate_problems(raw, loc)
     )

@@ -43,6 +43,10 @@ class TinyOverrides(Strict):
     num_kv_heads: int | None = Field(default=None, ge=1, description="Key/value heads (grouped-query attention).")
     intermediate_size: int | None = Field(default=None, ge=8, description="MLP width.")
     max_position: int | None = Field(default=None, ge=16, description="Longest sequence the model handles.")
+    tokenizer: Literal["byte", "bpe"] | None = Field(
+        default=None, description="byte (default): one token per character; bpe: a byte-level BPE trained locally "
+        "(multi-character tokens, eos != pad, a chat template without generation markers), real-shaped."
+    )
 
 
 class ModelSpec(Strict):
@@ -55,13 +59,23 @@ class ModelSpec(Strict):
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to load.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto = float32 on CPU, bfloat16 on CUDA."
+        default="auto", description="Weight dtype; auto = what `precision` needs (float32, bfloat16 for bf16_master)."
+    )
+    precision: Literal["auto", "fp32", "bf16_autocast", "bf16_master"] = Field(
+        default="auto", description="Training numerics: fp32; bf16_autocast (float32 weights, bf16 matmuls under "
+        "torch.autocast); bf16_master (bfloat16 weights, float32 master weights and moments in AdamW). "
+        "auto = fp32 on CPU, bf16_master on CUDA."
     )
     trust_remote_code: bool = Field(
         default=False, description="Run the model repo's own Python code; needs a 40-hex `revision`."
     )
     tiny: TinyOverrides | None = Field(default=None, description="Size overrides for a tiny:<preset> model.")
     seed: int = Field(default=0, ge=0, lt=2**63, description="Initialisation seed of a tiny:<preset> model.")
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        default="none", description="Load the base weights quantized for LoRA through bitsandbytes (QLoRA): 4bit = NF4 "
+        "with double quantization and bf16 compute, 8bit = LLM.int8(). Needs CUDA and bitsandbytes; every training "
+        "stage must use LoRA. Unverified on GPU by the project's CPU tests."
+    )
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute each decoder layer in the backward: less activation memory, more compute "
         "(every training stage, RL included; benchmarks/memory.py)."
@@ -76,6 +90,10 @@ class ModelSpec(Strict):
             )
         if self.tiny is not None and not self.name.startswith("tiny:"):
             raise ValueError("`tiny:` overrides only apply to a tiny:<preset> model name")
+        needs = {"fp32": "float32", "bf16_autocast": "float32", "bf16_master": "bfloat16"}.get(self.precision)
+        if needs and self.dtype not in ("auto", needs):
+            raise ValueError(f"precision: {self.precision} keeps weights in {needs}, not dtype: {self.dtype}; "
+                             f"drop `dtype` or set dtype: {needs}")
         return self
 
 
