@@ -25,9 +25,13 @@ from typing import Any, Literal
 
 from rlft.ckpt.fsio import commit_dir
 from rlft.errors import UserInputError
+from rlft.tiny_bpe import ENDOFTEXT as ENDOFTEXT  # the special tokens, shared with the BPE tokenizer
+from rlft.tiny_bpe import IM_END as IM_END
+from rlft.tiny_bpe import IM_START as IM_START
+from rlft.tiny_bpe import PAD as PAD
+from rlft.tiny_bpe import SPECIAL_TOKENS as SPECIAL_TOKENS
+from rlft.tiny_bpe import fast_tokenizer
 
-ENDOFTEXT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD)
 # Qwen2's pre-tokenizer split; with no merges it only decides piece boundaries, not tokens.
 _SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -110,8 +114,7 @@ def build_tokenizer() -> Any:
     Returns:
         A `transformers` fast tokenizer (`TokenizersBackend`) with the chat template set.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab.update({ch: len(SPECIAL_TOKENS) + b for b, ch in enumerate(byte_alphabet())})
@@ -125,16 +128,7 @@ def build_tokenizer() -> Any:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=IM_END,
-        pad_token=PAD,
-        bos_token=None,
-        unk_token=None,
-        chat_template=CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
+    return fast_tokenizer(backend, CHAT_TEMPLATE)
 
 
 def tokenizer_of(kind: str = "byte") -> Any:

@@ -65,7 +65,6 @@ def build_bpe_tokenizer() -> Any:
         A `transformers` fast tokenizer with the chat template set.
     """
     from tokenizers import (
-        AddedToken,
         Regex,
         Tokenizer,
         decoders,
@@ -74,7 +73,6 @@ def build_bpe_tokenizer() -> Any:
         pre_tokenizers,
         trainers,
     )
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     backend.normalizer = normalizers.NFC()
@@ -88,6 +86,15 @@ def build_bpe_tokenizer() -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(training_corpus(), trainer=trainer)
+    return fast_tokenizer(backend, CHAT_TEMPLATE)
+
+
+def fast_tokenizer(backend: Any, chat_template: str) -> Any:
+    """A `tokenizers` backend with the four special tokens added, as a transformers fast tokenizer
+    (eos `<|im_end|>`, pad `<|pad|>`, no bos or unk) with `chat_template`; the tiny tokenizers' one wrapper."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -95,6 +102,6 @@ def build_bpe_tokenizer() -> Any:
         pad_token=PAD,
         bos_token=None,
         unk_token=None,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         clean_up_tokenization_spaces=False,
     )
