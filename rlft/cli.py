@@ -176,12 +176,14 @@ def _dry(loaded: LoadedRecipe, dry_run: bool, stand_in: list[str] | None) -> Loa
 def _check_quantize(loaded: LoadedRecipe) -> None:
     """Quantized base weights (`quantize:`) need CUDA and bitsandbytes: say so at the recipe's line
     before any model loads (a --dry-run rehearses on CPU without them)."""
-    from rlft.errors import Problem, RecipeError
-    from rlft.precision import quantization_problem
-
     specs: list[tuple[str, Any]] = [("model", loaded.recipe.model)] + [
         (f"stages.{name}.student", getattr(spec, "student", None)) for name, spec in loaded.recipe.stages.items()
     ]
+    if all(spec is None or spec.quantize == "none" for _, spec in specs):
+        return  # and torch stays unimported until the data is checked
+    from rlft.errors import Problem, RecipeError
+    from rlft.precision import quantization_problem
+
     problems: list[Problem] = []
     for key, spec in specs:
         why = quantization_problem(spec.quantize) if spec is not None else None

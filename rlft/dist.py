@@ -14,13 +14,17 @@ scratch directory, `<run_dir>/.ranks/rank-<r>/`.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.distributed as tdist
+from typing import TYPE_CHECKING, Any
 
 from rlft.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where a collective runs: `rlft run` checks the recipe and its data
+# before anything imports torch (tests/test_data_check.py bounds that memory and time).
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -32,6 +36,8 @@ def launched() -> bool:
 
 def backend() -> str:
     """nccl when this process has a CUDA device, gloo otherwise."""
+    import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -49,22 +55,31 @@ def init() -> None:
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset: start several processes "
             "with torchrun (torchrun --nproc-per-node N -m rlft run RECIPE) or `rlft run RECIPE --nproc N`"
         )
+    import torch
+    import torch.distributed as tdist
+
     name = backend()
     if name == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     tdist.init_process_group(backend=name)
 
 
+def _tdist() -> Any:
+    """torch.distributed once something imported it, else None (then no group can exist)."""
+    return sys.modules.get("torch.distributed")
+
+
 def initialized() -> bool:
-    return tdist.is_available() and tdist.is_initialized()
+    tdist = _tdist()
+    return tdist is not None and tdist.is_available() and tdist.is_initialized()
 
 
 def rank() -> int:
-    return tdist.get_rank() if initialized() else 0
+    return _tdist().get_rank() if initialized() else 0
 
 
 def world_size() -> int:
-    return tdist.get_world_size() if initialized() else 1
+    return _tdist().get_world_size() if initialized() else 1
 
 
 def is_main() -> bool:
@@ -83,7 +98,7 @@ def scratch_dir(run_dir: Path) -> Path:
 
 def barrier() -> None:
     if initialized():
-        tdist.barrier()
+        _tdist().barrier()
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -91,6 +106,7 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if not initialized():
         return value
     out = value.detach().clone()
+    tdist = _tdist()
     tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
     return out
 
@@ -104,6 +120,9 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """
     if not initialized() or not params:
         return
+    import torch
+
+    tdist = _tdist()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
@@ -118,6 +137,9 @@ def any_rank(flag: bool) -> bool:
     """True when `flag` is true on any rank (every rank gets the same answer)."""
     if not initialized():
         return flag
+    import torch
+
+    tdist = _tdist()
     t = torch.tensor([1 if flag else 0], dtype=torch.int64)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())
@@ -128,7 +150,7 @@ def gather_objects(obj: Any) -> list[Any]:
     if not initialized():
         return [obj]
     out: list[Any] = [None] * world_size()
-    tdist.all_gather_object(out, obj)
+    _tdist().all_gather_object(out, obj)
     return out
 
 
@@ -137,7 +159,7 @@ def broadcast_object(obj: Any) -> Any:
     if not initialized():
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=0)
+    _tdist().broadcast_object_list(box, src=0)
     return box[0]
 
 
