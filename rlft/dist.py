@@ -64,6 +64,15 @@ def init() -> None:
     tdist.init_process_group(backend=name)
 
 
+def finish() -> None:
+    """Leave the process group after the last collective: every rank meets, then the group is
+    destroyed (left to interpreter exit, gloo's threads can abort the process with SIGABRT)."""
+    if initialized():
+        tdist = _tdist()
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def _tdist() -> Any:
     """torch.distributed once something imported it, else None (then no group can exist)."""
     return sys.modules.get("torch.distributed")

@@ -66,9 +66,12 @@ def run_pipeline(
     dist.init()
     check_world(loaded, only)
     if not dist.is_main():
-        return _follow_pipeline(loaded, only, resume, force)
-    with _main_rank_lock(loaded):
-        return _run_pipeline(loaded, only, resume, force, restart)
+        artifacts = _follow_pipeline(loaded, only, resume, force)
+    else:
+        with _main_rank_lock(loaded):
+            artifacts = _run_pipeline(loaded, only, resume, force, restart)
+    dist.finish()
+    return artifacts
 
 
 def check_world(loaded: LoadedRecipe, only: str | None) -> None:
