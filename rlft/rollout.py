@@ -516,16 +516,26 @@ def _plain_logprobs(
     temperature: float, with_entropy: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """One forward over [prompt; completion] at the full padded width: (n, T) log-probs (and entropies)."""
-    steps = completion_ids.shape[1]
-    mask = torch.cat([prompt_mask, completion_mask], dim=1).ne(0).long()
-    logits = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=mask,
-                   position_ids=_positions(mask), use_cache=False,
-                   **_logits_kwargs(model, steps + 1)).logits[:, -steps - 1 : -1]
-    keep = completion_mask.bool()
-    lp = torch.where(keep, token_logprobs(logits.float(), completion_ids, temperature), 0.0)
+    logits = _joined_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask.ne(0).long())
+    return _logprobs_of(logits, completion_ids, completion_mask.bool(), temperature, with_entropy)
+
+
+def _joined_logits(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    """(n, C, V) logits predicting the C completion tokens `ids`, from one forward over [prompt; completion]."""
+    width = ids.shape[1]
+    both = torch.cat([prompt_mask.ne(0).long(), mask], dim=1)
+    return model(input_ids=torch.cat([prompt_ids, ids], dim=1), attention_mask=both, position_ids=_positions(both),
+                 use_cache=False, **_logits_kwargs(model, width + 1)).logits[:, -width - 1 : -1]
+
+
+def _logprobs_of(
+    logits: Tensor, ids: Tensor, keep: Tensor, temperature: float, with_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of `ids` (0 where not `keep`), and the per-token entropy (a metric: no graph)."""
+    lp = torch.where(keep, token_logprobs(logits.float(), ids, temperature), 0.0)
     if not with_entropy:
         return lp, None
-    with torch.no_grad():  # a metric only: no graph
+    with torch.no_grad():
         return lp, torch.where(keep, entropy(logits.detach().float(), temperature), 0.0)
 
 
@@ -554,17 +564,10 @@ def _micro_batch_logprobs(
         if shared is not None:
             logits = shared.logits(rows, ids, mask)
         else:
-            p_ids, p_mask = _trim_left(prompt_ids[rows], prompt_mask[rows])
-            both = torch.cat([p_mask, mask], dim=1)
-            logits = model(input_ids=torch.cat([p_ids, ids], dim=1), attention_mask=both,
-                           position_ids=_positions(both), use_cache=False,
-                           **_logits_kwargs(model, width + 1)).logits[:, -width - 1 : -1]
-        keep = mask.bool()
-        piece = torch.where(keep, token_logprobs(logits.float(), ids, temperature), 0.0)
+            logits = _joined_logits(model, *_trim_left(prompt_ids[rows], prompt_mask[rows]), ids, mask)
+        piece, e = _logprobs_of(logits, ids, mask.bool(), temperature, ent is not None)
         lp = lp.index_copy(0, rows, torch.nn.functional.pad(piece, (0, cols - width)))
-        if ent is not None:  # a metric only: no graph
-            with torch.no_grad():
-                e = torch.where(keep, entropy(logits.detach().float(), temperature), 0.0)
+        if ent is not None and e is not None:
             ent = ent.index_copy(0, rows, torch.nn.functional.pad(e, (0, cols - width)))
     return lp, ent
 
