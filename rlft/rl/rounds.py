@@ -89,8 +89,10 @@ def sample_round(
     are dropped and more prompts are sampled, up to `max_rounds` rounds, until B groups carry a
     signal. Randomness comes from `rollout.seed_generator(seed, step, round)` only, so a resumed
     run replays a round bitwise. `engine` (vLLM, `sampling_engine`) samples instead of
-    `rollout.generate` when given.
+    `rollout.generate` when given: it gets the policy's weights first and sleeps afterwards.
     """
+    if engine is not None:
+        engine.sync(policy, step)
     G, B = spec.group_size, spec.prompts_per_step
     dynamic = spec.dynamic_sampling if isinstance(spec, GRPOSpec) and spec.dynamic_sampling.enabled else None
     parts, totals, rows, stats = [], [], [], {}
@@ -122,6 +124,8 @@ def sample_round(
         totals.append(result.total[keep.repeat_interleave(G).to(result.total.device)])
         if sum(len(p.texts) for p in parts) >= B * G:
             break
+    if engine is not None:
+        engine.sleep()  # the trainer has the GPU until the next round
     out = concat_rollouts(parts, tokenizer.pad_token_id)
     n = min(len(out.texts), B * G)
     stats |= {"dynamic/rounds": r + 1, "dynamic/groups": n // G}

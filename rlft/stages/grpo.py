@@ -56,12 +56,8 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     engine = rounds.sampling_engine(ctx)  # None: the built-in sampler
     for step in loop:
         timer = StepTimer()
-        if engine is not None:
-            engine.sync(policy, step)
         exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step,
                                            timer, engine)
-        if engine is not None:
-            engine.sleep()
         updates = learner.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
         opt_step += len(updates)
         timer.lap("policy")

@@ -107,11 +107,7 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
     engine = rounds.sampling_engine(ctx)  # None: the built-in sampler
     for step in loop:
         timer = StepTimer()
-        if engine is not None:
-            engine.sync(policy, step)
         r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer, engine)
-        if engine is not None:
-            engine.sleep()
         batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
         timer.lap("experience")  # old_logp, V_old, ref_logp, GAE
         stats: dict[str, Any] = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
