@@ -133,11 +133,35 @@ def _launch(nproc: int | None, loaded: LoadedRecipe, stages: list[str]) -> None:
                                  "drop --nproc (torchrun's --nproc-per-node decides)")
         return
     import subprocess
+    import tempfile
 
     args = sys.argv[1:] if _ARGV is None else _ARGV
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "rlft", *_without_nproc(args)]
-    raise SystemExit(subprocess.call(command))
+    with tempfile.TemporaryDirectory(prefix="rlft-exit-") as codes:
+        code = subprocess.call(command, env=os.environ | {_EXIT_DIR: codes})
+        raise SystemExit(_job_exit_code(code, Path(codes)))
+
+
+_EXIT_DIR = "RLFT_EXIT_DIR"
+
+
+def _job_exit_code(torchrun_code: int, codes: Path) -> int:
+    """The job's exit code: torchrun reports any failed rank as 1, so take the code rlft gave
+    (2 input, 3 checkpoint/write, 4 alarm...) from the lowest rank that recorded one."""
+    if torchrun_code == 0:
+        return 0
+    recorded = sorted((int(f.name.removeprefix("rank-")), int(f.read_text())) for f in codes.glob("rank-*"))
+    return next((code for _, code in recorded if code != 0), torchrun_code)
+
+
+def _record_exit_code(code: int) -> None:
+    """Under `--nproc`, leave this rank's exit code where the launcher reads it."""
+    import os
+
+    codes, rank = os.environ.get(_EXIT_DIR), os.environ.get("RANK")
+    if code != 0 and codes and rank is not None and Path(codes).is_dir():
+        (Path(codes) / f"rank-{int(rank)}").write_text(str(code))
 
 
 def _without_nproc(args: list[str]) -> list[str]:
@@ -342,6 +366,12 @@ def _print_error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (also used by tests that fork a run)."""
+    code = _main(argv)
+    _record_exit_code(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from rlft.ckpt.fsio import storage_errno
 
     global _ARGV
