@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -136,16 +137,24 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+KILL_TRIALS = int(os.environ.get("RLFT_KILL_TRIALS", "1"))  # .ci/run asks for more
+
+
 @pytest.mark.slow
-def test_kill9_of_one_rank_then_rerun_equals_uninterrupted(runs: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trial", range(KILL_TRIALS))
+def test_kill9_of_one_rank_then_rerun_equals_uninterrupted(runs: Path, tmp_path: Path, trial: int) -> None:
+    """Each trial kills another rank at another point: after the checkpoint of step 1, 2 or 3 has
+    appeared, plus a random delay that lands in the next step or in the next commit."""
+    after_step, rank, delay = 1 + trial % 3, (trial + 1) % 2, random.Random(trial).uniform(0.0, 0.4)
     recipe = _recipe(tmp_path, "k")
     stage = _stage(tmp_path, "k")
     launcher = subprocess.Popen([str(RLFT), "run", str(recipe), "--nproc", "2"], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not (stage / "step-00000002").exists() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    victim = _rank_pid(launcher.pid, 1)
+    while not (stage / f"step-{after_step:08d}").exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    victim = _rank_pid(launcher.pid, rank)
     assert victim is not None and launcher.poll() is None, "the job ended before a rank could be killed"
     os.kill(victim, signal.SIGKILL)
     assert launcher.wait(timeout=300) != 0  # torchrun brings the job down
