@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -175,9 +175,11 @@ def distill_step(
 
     The normaliser is the step's total target count, so 1x8 and 8x1 micro-batches give the same
     update (as SFT's `train_step`). `spec` gives loss, beta, temperature and max_grad_norm.
+    On several processes `micro_batches` is this rank's share of the step: the normaliser is
+    summed over ranks and `finish_step` sums the gradients, so every rank takes the one step.
     """
     dev = next(student.parameters()).device
-    n_tokens = torch.stack([mb["loss_mask"][:, 1:].sum() for mb in micro_batches]).sum().to(dev).clamp(min=1)
+    n_tokens = training.global_target_count(micro_batches, dev)
     divergence = Divergence(spec.loss, spec.beta, spec.temperature)
     params = list(trainable_named_params(student).values())
     total = torch.zeros((), device=dev)
@@ -192,13 +194,17 @@ def distill_step(
 
 def student_batch(
     student: Any, tokenizer: Any, prompts: list[encode.PromptExample], sampling: rollout.SamplingParams,
-    generator: torch.Generator, micro_batch_size: int,
-) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
+    generator: torch.Generator | Sequence[torch.Generator], micro_batch_size: int,
+) -> tuple[list[dict[str, Tensor]], Tensor]:
     """The student completes each prompt once; prompt + completion become right-padded
     micro-batches whose loss mask covers the generated tokens (EOS included).
 
-    Returns the micro-batches and completion statistics (mean length, truncated share).
+    Returns the micro-batches and the completion counts for `completion_stats` (a float64
+    tensor: completion tokens, completions, truncated completions; zeros when `prompts` is empty),
+    counts so that several processes can sum them before taking the means.
     """
+    if not prompts:
+        return [], torch.zeros(3, dtype=torch.float64)
     out = rollout.generate(student, tokenizer, [p.prompt_ids for p in prompts], sampling, 1, generator,
                            micro_batch_size)
     lengths = out.completion_mask.sum(-1).tolist()
@@ -209,9 +215,14 @@ def student_batch(
     pad = tokenizer.pad_token_id
     starts = range(0, len(examples), micro_batch_size)
     batches = [collate(examples[k : k + micro_batch_size], pad) for k in starts]
-    stats = {"completion/len_mean": sum(lengths) / len(lengths),
-             "completion/truncated": float(out.truncated.float().mean())}
-    return batches, stats
+    counts = torch.tensor([sum(lengths), len(lengths), int(out.truncated.sum())], dtype=torch.float64)
+    return batches, counts
+
+
+def completion_stats(counts: Tensor) -> dict[str, float]:
+    """Mean completion length and truncated share from `student_batch`'s counts."""
+    tokens, rows, truncated = counts.tolist()
+    return {"completion/len_mean": tokens / max(rows, 1.0), "completion/truncated": truncated / max(rows, 1.0)}
 
 
 # --------------------------------------------------------------------------- sequence-level data
