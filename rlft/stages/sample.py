@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlft import dist, rollout
+from rlft.ckpt.faults import fault_point
 from rlft.ckpt.fsio import atomic_write_text, commit_dir, writing
 from rlft.data import encode
 from rlft.data.files import json_type
@@ -74,6 +75,7 @@ def run(ctx: RunContext[SampleSpec]) -> Artifact:
         if dist.is_main():
             for shard, rows in out.items():
                 atomic_write_text(_shard_path(shard_dir, shard), "".join(json.dumps(x, sort_keys=True) + "\n" for x in rows))
+                fault_point("sample_shard", shard)  # tests: die right after committing this shard
     score.close()
     artifact = _finish(ctx, shard_dir, n_shards, prompts, mixed) if dist.is_main() else None
     return dist.broadcast_object(artifact)
