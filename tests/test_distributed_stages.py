@@ -20,8 +20,6 @@ import pytest
 from helpers import metrics, rlft, sft_recipe, sha, step_losses, write_recipe
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow  # two pipelines of five stages, one of them on 2 processes: ~1-2 min
-
 ARITH = {"source": "tiny:arith", "max_length": 96}
 SAMPLING = {"temperature": 1.0, "max_new_tokens": 8}
 # a wrong completion "passes" (summed reward >= 1) when it has at least 8 characters, so an
@@ -75,6 +73,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tmp / "one" / "t", tmp / "two" / "t"
 
 
+@pytest.mark.slow  # the `runs` fixture: two pipelines of five stages, one on 2 processes (~1-2 min)
 def test_sampled_data_is_byte_identical(runs: tuple[Path, Path]) -> None:
     one, two = (r / "sample" for r in runs)
     names = ["final/data.jsonl", "final/stats.json", *(f"shards/shard-{i:05d}.jsonl" for i in range(3))]
@@ -84,12 +83,14 @@ def test_sampled_data_is_byte_identical(runs: tuple[Path, Path]) -> None:
     assert stats["prompts"] == 11 and 0 < stats["pass_rate_mean"] < 1, stats  # some kept, not all
 
 
+@pytest.mark.slow
 def test_eval_results_are_identical(runs: tuple[Path, Path]) -> None:
     one, two = (r / "eval" / "final" / "eval.json" for r in runs)
     assert one.read_bytes() == two.read_bytes()
     assert '"prompts": 20' in one.read_text()
 
 
+@pytest.mark.slow
 def test_heldout_evaluation_inside_training_stages_is_identical(runs: tuple[Path, Path]) -> None:
     """Identical before training (the same weights); after it, within the weights' 1e-5 (the
     gradients are summed over ranks in another order)."""
@@ -102,6 +103,7 @@ def test_heldout_evaluation_inside_training_stages_is_identical(runs: tuple[Path
         assert all(abs(one[-1][k] - two[-1][k]) <= 1e-5 for k in one[-1]), (stage, one, two)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["logits", "on_policy"])
 def test_distill_modes_on_two_processes_train_as_one(runs: tuple[Path, Path], stage: str) -> None:
     one, two = (r / stage for r in runs)
@@ -123,6 +125,7 @@ def test_distill_modes_on_two_processes_train_as_one(runs: tuple[Path, Path], st
     assert worst <= 1e-5
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(runs: tuple[Path, Path]) -> None:
     run_dir = runs[1]
     for stage in ("sample", "eval", "logits", "on_policy"):
@@ -130,3 +133,12 @@ def test_only_rank_zero_writes(runs: tuple[Path, Path]) -> None:
     scratch = run_dir / ".ranks"
     written = [p for p in scratch.rglob("*") if p.is_file()] if scratch.exists() else []
     assert written == [], written
+
+
+def test_explain_splits_sample_eval_and_every_distill_mode(tmp_path: Path) -> None:
+    shown = rlft("explain", str(_recipe(tmp_path, "e")), "--nproc", "2")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    out = " ".join(shown.stdout.split())
+    assert "shards still to write are taken 2 at a time and their generation batches of 2 prompts" in out
+    assert "the generation batches of held-out prompts split over the 2 ranks" in out
+    assert out.count("each rank takes 4 sequences = 2 micro-batches x 2 of the global 8") == 3  # sft, logits, on_policy
