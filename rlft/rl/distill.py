@@ -230,28 +230,35 @@ def completion_stats(counts: Tensor) -> dict[str, float]:
 
 def teacher_completions(
     teacher: Any, tokenizer: Any, rows: list[dict[str, Any]], sampling: rollout.SamplingParams, seed: int,
-    batch_size: int,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    batch_size: int, batches: Sequence[int] | None = None,
+) -> tuple[list[dict[str, Any]], int]:
     """One teacher completion per row, as SFT rows (the row's reply replaced by the teacher's).
 
     Prompt i samples from `seed_generator(seed, i)`, so the output does not depend on how
-    prompts are batched. Returns the rows and statistics (truncated share, and the teacher's
-    accuracy on rows that carry an answer).
+    prompts are batched. `batches` picks which of the generation batches of `batch_size` rows to
+    make (default all; several processes each make a share). Returns the rows of those batches
+    and how many of their completions were truncated (for `teacher_stats`).
     """
     prompts = encode.prompt_examples(rows, tokenizer)
     out_rows, truncated = [], 0
     starts = range(0, len(prompts), batch_size)
-    for lo in progress(starts, len(starts), "teacher completions"):
+    picked = [starts[b] for b in (range(len(starts)) if batches is None else batches)]
+    for lo in progress(picked, len(picked), "teacher completions"):
         batch = prompts[lo : lo + batch_size]
         gens = [rollout.seed_generator(seed, lo + i) for i in range(len(batch))]
         out = rollout.generate(teacher, tokenizer, [p.prompt_ids for p in batch], sampling, 1, gens)
         truncated += int(out.truncated.sum())
         out_rows += [with_completion(r, t) for r, t in zip(rows[lo : lo + batch_size], out.texts, strict=True)]
-    stats = {"teacher/truncated": truncated / len(rows)}
+    return out_rows, truncated
+
+
+def teacher_stats(out_rows: list[dict[str, Any]], truncated: int) -> dict[str, float]:
+    """The teacher's truncated share and its accuracy on rows that carry an answer."""
+    stats = {"teacher/truncated": truncated / max(1, len(out_rows))}
     graded = [r for r in out_rows if "answer" in r]
     if graded:
         stats["teacher/accuracy"] = sum(evaluate.is_correct(r, reply(r)) for r in graded) / len(graded)
-    return out_rows, stats
+    return stats
 
 
 def with_completion(row: dict[str, Any], text: str) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from `student:`). Held-out rows give eval/loss (those with a reply) and eval/acc
 
 On N processes every mode splits each step's micro-batches over the ranks (on_policy: the
 micro-batches of prompts each rank completes), sums the token-mean normaliser and the
-gradients over ranks, and takes the one-process step; rank 0 alone writes the teacher's data,
+gradients over ranks, and takes the one-process step. In mode sequence the ranks share the
+teacher's generation batches and rank 0 alone writes the teacher's data; it alone writes
 checkpoints and metrics.
 """
 
@@ -157,15 +158,21 @@ def sequence_data(ctx: RunContext[DistillSpec], tokenizer: Any) -> Prepared:
         "specs": [d.model_dump(exclude=TOKENIZING_KEYS) for d in spec.data], "seed": ctx.seed,
         "batch_size": spec.batch_size,
     })
-    # on several processes rank 0 writes the teacher's data and the other ranks read it back
+    # on several processes each rank asks the teacher for its share of the generation batches,
+    # rank 0 writes the gathered rows (in batch order) and every rank reads them back
     found = distill.read_teacher_data(ctx.stage_dir, key) if dist.is_main() else None
-    if found is None and dist.is_main():
+    if dist.broadcast_object(found is None):
         source = ctx.artifacts[spec.teacher].model_source
         teacher = distill.load_teacher(source, ctx.model_spec(), device())
-        out, stats = distill.teacher_completions(teacher, load_tokenizer(source, ctx.model_spec()), rows, sampling,
-                                                 ctx.seed, spec.batch_size)
+        n_batches = -(-len(rows) // spec.batch_size)
+        mine = distill.teacher_completions(teacher, load_tokenizer(source, ctx.model_spec()), rows, sampling,
+                                           ctx.seed, spec.batch_size, dist.shard(n_batches))
         del teacher
-        distill.write_teacher_data(ctx.stage_dir, key, out, stats)
+        parts = dist.gather_objects(mine)
+        if dist.is_main():
+            out = [r for part_rows, _ in parts for r in part_rows]
+            stats = distill.teacher_stats(out, sum(t for _, t in parts))
+            distill.write_teacher_data(ctx.stage_dir, key, out, stats)
         found = None
     dist.barrier()
     if found is None:
