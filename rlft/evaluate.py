@@ -1,4 +1,9 @@
-"""Held-out evaluation shared by the stages: token-mean loss and task accuracy with a verifier."""
+"""Held-out evaluation shared by the stages: token-mean loss and task accuracy with a verifier.
+
+On several processes every rank calls these together: each takes a contiguous share of the
+chunks (`dist.shard`), and the per-chunk figures are gathered in chunk order and summed as one
+process sums them, so the result is the one-process result, bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rlft import rollout, training
+from rlft import dist, rollout, training
 from rlft.data import encode, tasks
 from rlft.data.batch import collate
 from rlft.rewards import builtin
@@ -17,14 +22,24 @@ def heldout_loss(model: Any, examples: list[Any], micro_batch_size: int, pad_id:
     """Token-mean cross-entropy of `examples` (eval mode, no dropout)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0.0
     dev = next(model.parameters()).device
-    for i in range(0, len(examples), micro_batch_size):
+    starts = range(0, len(examples), micro_batch_size)
+    mine = []
+    for i in [starts[c] for c in dist.shard(len(starts))]:
         batch = {k: v.to(dev) for k, v in collate(examples[i : i + micro_batch_size], pad_id).items()}
         loss_sum, n = training.sft_loss_sum(model, batch)
-        total, count = total + float(loss_sum), count + float(n)
+        mine.append((float(loss_sum), float(n)))
     model.train(was_training)
+    total, count = 0.0, 0.0
+    for loss_sum, n in in_order(mine):
+        total, count = total + loss_sum, count + n
     return total / max(count, 1.0)
+
+
+def in_order(mine: list[Any]) -> list[Any]:
+    """Every rank's per-chunk results (each rank's `mine`, its `dist.shard` of the chunks), in
+    chunk order on every rank: the one-process list."""
+    return [item for part in dist.gather_objects(mine) for item in part]
 
 
 def is_correct(columns: dict[str, Any], completion: str) -> bool:
@@ -44,12 +59,13 @@ def task_accuracy(
     if not prompts:
         return None
     sampling = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    correct = 0
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    mine = []
+    for i in [starts[c] for c in dist.shard(len(starts))]:
         chunk = prompts[i : i + batch_size]
         out = rollout.generate(
             model, tokenizer, [p.prompt_ids for p in chunk], sampling, group_size=1,
             generator=rollout.seed_generator(0),
         )
-        correct += sum(is_correct(p.columns, t) for p, t in zip(chunk, out.texts, strict=True))
-    return correct / len(prompts)
+        mine.append(sum(is_correct(p.columns, t) for p, t in zip(chunk, out.texts, strict=True)))
+    return sum(in_order(mine)) / len(prompts)

@@ -80,11 +80,17 @@ def batch_arithmetic(spec: Any) -> str:
 
 # --------------------------------------------------------------------------- several processes
 
-DISTRIBUTED_KINDS = ("sft", "distill")
+DISTRIBUTED_KINDS = ("sft", "distill", "sample", "eval")
 
 
 def rank_split(spec: Any, world: int) -> str:
     """What each of `world` ranks takes of one optimizer step (sizes in the recipe are global)."""
+    if spec.kind == "sample":
+        return (f"the shards still to write are taken {world} at a time and their generation batches of "
+                f"{spec.batch_size} prompts split over the ranks; rank 0 writes the gathered rows")
+    if spec.kind == "eval":
+        return (f"the generation batches of held-out prompts split over the {world} ranks; the results "
+                "are gathered in prompt order")
     per_rank = spec.batch_size // world
     micro = spec.micro_batch_size or per_rank
     return (f"each rank takes {per_rank} sequences = {per_rank // micro} micro-batches x {micro} of the "
@@ -97,12 +103,11 @@ def split_problem(loaded: Any, stage: str, world: int) -> str | None:
     if world <= 1:
         return None
     spec = loaded.recipe.stages[stage]
-    if spec.kind == "distill" and spec.mode != "sequence":
-        return (f"stage {stage} (distill, mode {spec.mode}) runs in one process only so far; several processes "
-                f"run mode sequence (run it with `rlft stage {stage}` without --nproc)")
     if spec.kind not in DISTRIBUTED_KINDS:
         return (f"stage {stage} ({spec.kind}) runs in one process only so far; several processes run "
                 f"{', '.join(DISTRIBUTED_KINDS)} stages (run it with `rlft stage {stage}` without --nproc)")
+    if spec.kind in ("sample", "eval"):  # any number of generation batches splits (some ranks may idle)
+        return None
     micro = spec.micro_batch_size or spec.batch_size // world or 1
     if spec.batch_size % (micro * world) == 0:
         return None

@@ -120,7 +120,10 @@ def _rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def progress(items: Iterable[int], total: int, description: str, start: int = 0) -> Iterator[int]:
     """Iterate `items` behind a rich progress bar with ETA; not on a terminal (a log file, CI), one
-    plain line every RLFT_PROGRESS_EVERY seconds (default 30) and at the end instead."""
+    plain line every RLFT_PROGRESS_EVERY seconds (default 30) and at the end instead; only rank 0 shows it."""
+    if not dist.is_main():
+        yield from items
+        return
     if not console.is_terminal:
         yield from _plain_progress(items, total, description, start)
         return

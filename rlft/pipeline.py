@@ -106,9 +106,10 @@ def _follow_pipeline(loaded: LoadedRecipe, only: str | None, resume: bool, force
     """A rank > 0: run each stage rank 0 runs, taking rank 0's skip decisions and artifacts."""
     artifacts: dict[str, Artifact] = dist.broadcast_object(None)
     while True:
-        stage = dist.broadcast_object(None)
-        if stage is None:
+        sent = dist.broadcast_object(None)
+        if sent is None:
             return artifacts
+        stage, artifacts = sent  # with the stages rank 0 skipped since its last broadcast
         ctx = RunContext(loaded, loaded.run_dir, stage, artifacts, resume=resume, force=force)
         dist.barrier()  # rank 0 has removed the stage's directory (--restart) and checked it
         with hints.running(loaded.path, stage, only is not None):
@@ -149,7 +150,7 @@ def _run_pipeline(
             continue
         _check_parents(loaded, stage, artifacts)
         _check_resumable(ctx, only is not None and not resume)
-        dist.broadcast_object(stage)  # the other ranks run it too
+        dist.broadcast_object((stage, artifacts))  # the other ranks run it too
         dist.barrier()
         with hints.running(loaded.path, stage, only is not None):
             artifact = stage_runner(loaded.recipe.stages[stage].kind)(ctx)

@@ -283,16 +283,27 @@ def sft_step(
     loss over the global batch.
     """
     dev = next(policy.parameters()).device
-    micro_batches = [micro_batches[i] for i in dist.shard(len(micro_batches))]
-    counts = [mb["loss_mask"][:, 1:].sum() for mb in micro_batches]
-    local = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.long)
-    n_tokens = dist.all_reduce_sum(local).to(dev).clamp(min=1)
+    micro_batches = rank_share(micro_batches)
+    n_tokens = global_target_count(micro_batches, dev)
     params = list(trainable_named_params(policy).values())
     total = torch.zeros((), device=dev)
     for mb in micro_batches:
         loss_sum, _ = sft_loss_sum(policy, {k: v.to(dev) for k, v in mb.items()})
         backward_into(loss_sum / n_tokens, total, step)
     return finish_step(optimizer, params, total, guard, max_grad_norm, step, n_tokens)
+
+
+def rank_share(micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """This rank's contiguous share of a global step's micro-batches (all of them in one process)."""
+    return [micro_batches[i] for i in dist.shard(len(micro_batches))]
+
+
+def global_target_count(micro_batches: list[dict[str, torch.Tensor]], dev: torch.device) -> torch.Tensor:
+    """The step's token-mean normaliser: loss-mask tokens of this rank's micro-batches, summed
+    over ranks (at least 1), so every rank divides by the global batch's count."""
+    counts = [mb["loss_mask"][:, 1:].sum() for mb in micro_batches]
+    local = torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.long)
+    return dist.all_reduce_sum(local).to(dev).clamp(min=1)
 
 
 def sft_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

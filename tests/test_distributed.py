@@ -208,7 +208,7 @@ def test_nproc_refuses_stages_that_run_in_one_process_only(tmp_path: Path) -> No
 
 def _distill_recipe(tmp: Path, name: str) -> Path:
     """SFT, then sequence-level distillation into a fully fine-tuned tiny student (a tiny:student
-    that rank 0 builds, teacher completions that rank 0 writes and every rank reads)."""
+    that rank 0 builds, teacher completions that the ranks share, rank 0 writes and every rank reads)."""
     recipe = sft_recipe(tmp / name, batch_size=8, micro_batch_size=4, max_steps=2)
     recipe["lora"]["dropout"] = 0.0
     recipe["stages"]["distill"] = {
@@ -228,6 +228,11 @@ def test_two_processes_distill_as_one(tmp_path: Path) -> None:
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = tmp_path / "one" / "t" / "distill", tmp_path / "two" / "t" / "distill"
     assert (a / "final").exists() and (b / "final").exists()
+    # 20 prompts = teacher batches of 8, 8, 4 (rank 0 makes the first, rank 1 the others); the
+    # metadata's key differs: it pins the teacher's weights, which are the SFT stage's within 1e-5
+    assert (a / "teacher_data.jsonl").read_bytes() == (b / "teacher_data.jsonl").read_bytes()
+    meta_a, meta_b = (json.loads((d / "teacher_data.json").read_text()) for d in (a, b))
+    assert (meta_a["stats"], meta_a["rows"]) == (meta_b["stats"], meta_b["rows"]) and meta_a["rows"] == 20
     la, lb = step_losses(a), step_losses(b)
     assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3]
     assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(la, lb, strict=True)), (la, lb)

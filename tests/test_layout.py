@@ -146,7 +146,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"errors", "ckpt", "precision", "recipe", "tiny"},
     "rollout": {"errors", "core"},
     "training": {"errors", "ckpt", "core", "data", "dist", "metrics", "models", "precision"},
-    "evaluate": {"errors", "data", "rewards", "rollout", "training"},
+    "evaluate": {"errors", "data", "dist", "rewards", "rollout", "training"},
     "rundir": {"errors", "ckpt", "metrics", "models", "recipe"},
     "run": {"errors", "ckpt", "recipe", "rundir"},
     "stage_io": {"errors", "ckpt", "data", "dist", "metrics", "models", "run"},

@@ -4,8 +4,8 @@
 
 - ``phase`` names a point in the code (``after_file``, ``mid_file``, ``before_manifest``,
   ``after_manifest``, ``before_rename``, ``after_rename``, ``before_latest``, ``after_latest``,
-  ``during_retention`` in the checkpoint writer; stages add their own such as ``nan_loss`` or
-  ``kill_step``).
+  ``during_retention`` in the checkpoint writer; stages add their own such as ``nan_loss``,
+  ``kill_step`` or ``sample_shard``, after the sample stage commits that shard).
 - ``step`` is the step the point is reached at (for the checkpoint writer: the step being saved).
 - ``nth`` (default 1) fires on the nth time the point is reached at that step in this process,
   e.g. ``after_file:2:3`` kills after the third file of step 2.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -175,9 +175,11 @@ def distill_step(
 
     The normaliser is the step's total target count, so 1x8 and 8x1 micro-batches give the same
     update (as SFT's `train_step`). `spec` gives loss, beta, temperature and max_grad_norm.
+    On several processes `micro_batches` is this rank's share of the step: the normaliser is
+    summed over ranks and `finish_step` sums the gradients, so every rank takes the one step.
     """
     dev = next(student.parameters()).device
-    n_tokens = torch.stack([mb["loss_mask"][:, 1:].sum() for mb in micro_batches]).sum().to(dev).clamp(min=1)
+    n_tokens = training.global_target_count(micro_batches, dev)
     divergence = Divergence(spec.loss, spec.beta, spec.temperature)
     params = list(trainable_named_params(student).values())
     total = torch.zeros((), device=dev)
@@ -192,13 +194,17 @@ def distill_step(
 
 def student_batch(
     student: Any, tokenizer: Any, prompts: list[encode.PromptExample], sampling: rollout.SamplingParams,
-    generator: torch.Generator, micro_batch_size: int,
-) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
+    generator: torch.Generator | Sequence[torch.Generator], micro_batch_size: int,
+) -> tuple[list[dict[str, Tensor]], Tensor]:
     """The student completes each prompt once; prompt + completion become right-padded
     micro-batches whose loss mask covers the generated tokens (EOS included).
 
-    Returns the micro-batches and completion statistics (mean length, truncated share).
+    Returns the micro-batches and the completion counts for `completion_stats` (a float64
+    tensor: completion tokens, completions, truncated completions; zeros when `prompts` is empty),
+    counts so that several processes can sum them before taking the means.
     """
+    if not prompts:
+        return [], torch.zeros(3, dtype=torch.float64)
     out = rollout.generate(student, tokenizer, [p.prompt_ids for p in prompts], sampling, 1, generator,
                            micro_batch_size)
     lengths = out.completion_mask.sum(-1).tolist()
@@ -209,9 +215,14 @@ def student_batch(
     pad = tokenizer.pad_token_id
     starts = range(0, len(examples), micro_batch_size)
     batches = [collate(examples[k : k + micro_batch_size], pad) for k in starts]
-    stats = {"completion/len_mean": sum(lengths) / len(lengths),
-             "completion/truncated": float(out.truncated.float().mean())}
-    return batches, stats
+    counts = torch.tensor([sum(lengths), len(lengths), int(out.truncated.sum())], dtype=torch.float64)
+    return batches, counts
+
+
+def completion_stats(counts: Tensor) -> dict[str, float]:
+    """Mean completion length and truncated share from `student_batch`'s counts."""
+    tokens, rows, truncated = counts.tolist()
+    return {"completion/len_mean": tokens / max(rows, 1.0), "completion/truncated": truncated / max(rows, 1.0)}
 
 
 # --------------------------------------------------------------------------- sequence-level data
@@ -219,28 +230,35 @@ def student_batch(
 
 def teacher_completions(
     teacher: Any, tokenizer: Any, rows: list[dict[str, Any]], sampling: rollout.SamplingParams, seed: int,
-    batch_size: int,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    batch_size: int, batches: Sequence[int] | None = None,
+) -> tuple[list[dict[str, Any]], int]:
     """One teacher completion per row, as SFT rows (the row's reply replaced by the teacher's).
 
     Prompt i samples from `seed_generator(seed, i)`, so the output does not depend on how
-    prompts are batched. Returns the rows and statistics (truncated share, and the teacher's
-    accuracy on rows that carry an answer).
+    prompts are batched. `batches` picks which of the generation batches of `batch_size` rows to
+    make (default all; several processes each make a share). Returns the rows of those batches
+    and how many of their completions were truncated (for `teacher_stats`).
     """
     prompts = encode.prompt_examples(rows, tokenizer)
     out_rows, truncated = [], 0
     starts = range(0, len(prompts), batch_size)
-    for lo in progress(starts, len(starts), "teacher completions"):
+    picked = [starts[b] for b in (range(len(starts)) if batches is None else batches)]
+    for lo in progress(picked, len(picked), "teacher completions"):
         batch = prompts[lo : lo + batch_size]
         gens = [rollout.seed_generator(seed, lo + i) for i in range(len(batch))]
         out = rollout.generate(teacher, tokenizer, [p.prompt_ids for p in batch], sampling, 1, gens)
         truncated += int(out.truncated.sum())
         out_rows += [with_completion(r, t) for r, t in zip(rows[lo : lo + batch_size], out.texts, strict=True)]
-    stats = {"teacher/truncated": truncated / len(rows)}
+    return out_rows, truncated
+
+
+def teacher_stats(out_rows: list[dict[str, Any]], truncated: int) -> dict[str, float]:
+    """The teacher's truncated share and its accuracy on rows that carry an answer."""
+    stats = {"teacher/truncated": truncated / max(1, len(out_rows))}
     graded = [r for r in out_rows if "answer" in r]
     if graded:
         stats["teacher/accuracy"] = sum(evaluate.is_correct(r, reply(r)) for r in graded) / len(graded)
-    return out_rows, stats
+    return stats
 
 
 def with_completion(row: dict[str, Any], text: str) -> dict[str, Any]:

@@ -15,13 +15,19 @@ Modes (`mode:`):
    reverse_kl or jsd with `beta`, at `temperature` T and times T^2) on the data's own
    completions; the teacher runs under no_grad.
 3. on_policy, GKD with lambda = 1: each step the student completes the step's `batch_size`
-   prompts (`sampling:`, seeded by (stage seed, step)) and the divergence is taken on the
-   student's own tokens, gradients through the student's forward over prompt + completion.
-   Samples are not mixed with fixed data as GKD's lambda < 1 does (that is mode logits).
+   prompts (`sampling:`, prompt i of step s seeded by (stage seed, s, i)) and the divergence
+   is taken on the student's own tokens, gradients through the student's forward over prompt +
+   completion. Samples are not mixed with fixed data as GKD's lambda < 1 does (that is mode logits).
 Logit modes need a shared tokenizer, checked before the teacher model loads. Everything else
 is SFT's: AdamW, LR schedule, token-mean over the whole optimizer step (exact under
 micro-batching), NaN guard, bitwise checkpoint/resume; `from:` is ignored (the student starts
 from `student:`). Held-out rows give eval/loss (those with a reply) and eval/accuracy.
+
+On N processes every mode splits each step's micro-batches over the ranks (on_policy: the
+micro-batches of prompts each rank completes), sums the token-mean normaliser and the
+gradients over ranks, and takes the one-process step. In mode sequence the ranks share the
+teacher's generation batches and rank 0 alone writes the teacher's data; it alone writes
+checkpoints and metrics.
 """
 
 from __future__ import annotations
@@ -117,14 +123,20 @@ def step_function(
     student, teacher, tokenizer = models
     if spec.mode == "sequence":
         return lambda batches, step: training.sft_step(student, optimizer, batches, guard, spec.max_grad_norm, step + 1)
-    if spec.mode == "logits":
-        return lambda batches, step: distill.distill_step(student, teacher, optimizer, batches, guard, spec, step + 1)
+    if spec.mode == "logits":  # each rank scores its share of the step's micro-batches
+        return lambda batches, step: distill.distill_step(student, teacher, optimizer, training.rank_share(batches),
+                                                          guard, spec, step + 1)
     sampling = rollout.SamplingParams.of(spec.sampling)
-    mbs = spec.micro_batch_size or spec.batch_size
+    mbs = spec.micro_batch_size or spec.batch_size // dist.world_size()  # one micro-batch per rank
 
     def on_policy(prompts: list[encode.PromptExample], step: int) -> dict[str, float]:
-        gen = rollout.seed_generator(seed, step)
-        batches, stats = distill.student_batch(student, tokenizer, prompts, sampling, gen, mbs)
+        # each rank completes its share of the step's micro-batches of prompts; prompt i of the
+        # step draws from its own generator, so a completion does not depend on the rank
+        groups = range(0, len(prompts), mbs)
+        mine = [i for g in dist.shard(len(groups)) for i in range(groups[g], min(groups[g] + mbs, len(prompts)))]
+        gens = [rollout.seed_generator(seed, step, i) for i in mine]
+        batches, counts = distill.student_batch(student, tokenizer, [prompts[i] for i in mine], sampling, gens, mbs)
+        stats = distill.completion_stats(dist.all_reduce_sum(counts))
         return distill.distill_step(student, teacher, optimizer, batches, guard, spec, step + 1) | stats
 
     return on_policy
@@ -146,15 +158,21 @@ def sequence_data(ctx: RunContext[DistillSpec], tokenizer: Any) -> Prepared:
         "specs": [d.model_dump(exclude=TOKENIZING_KEYS) for d in spec.data], "seed": ctx.seed,
         "batch_size": spec.batch_size,
     })
-    # on several processes rank 0 writes the teacher's data and the other ranks read it back
+    # on several processes each rank asks the teacher for its share of the generation batches,
+    # rank 0 writes the gathered rows (in batch order) and every rank reads them back
     found = distill.read_teacher_data(ctx.stage_dir, key) if dist.is_main() else None
-    if found is None and dist.is_main():
+    if dist.broadcast_object(found is None):
         source = ctx.artifacts[spec.teacher].model_source
         teacher = distill.load_teacher(source, ctx.model_spec(), device())
-        out, stats = distill.teacher_completions(teacher, load_tokenizer(source, ctx.model_spec()), rows, sampling,
-                                                 ctx.seed, spec.batch_size)
+        n_batches = -(-len(rows) // spec.batch_size)
+        mine = distill.teacher_completions(teacher, load_tokenizer(source, ctx.model_spec()), rows, sampling,
+                                           ctx.seed, spec.batch_size, dist.shard(n_batches))
         del teacher
-        distill.write_teacher_data(ctx.stage_dir, key, out, stats)
+        parts = dist.gather_objects(mine)
+        if dist.is_main():
+            out = [r for part_rows, _ in parts for r in part_rows]
+            stats = distill.teacher_stats(out, sum(t for _, t in parts))
+            distill.write_teacher_data(ctx.stage_dir, key, out, stats)
         found = None
     dist.barrier()
     if found is None:

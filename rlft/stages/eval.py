@@ -1,13 +1,18 @@
 # pyright: strict, reportUnknownMemberType=false, reportUnknownArgumentType=false, reportUnknownVariableType=false
 """Score stages' models on held-out prompts with a verifier: greedy accuracy, avg@k and the
-unbiased pass@k from k samples per prompt, each with a 95% confidence interval."""
+unbiased pass@k from k samples per prompt, each with a 95% confidence interval.
+
+On several processes each rank generates a contiguous share of the generation batches (the
+batches one process makes, so every sample is the one-process sample), the per-prompt results
+are gathered in prompt order, and rank 0 alone writes `final/eval.json`.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
 
-from rlft import rollout, scoring
+from rlft import dist, evaluate, rollout, scoring
 from rlft.ckpt.fsio import commit_dir
 from rlft.data import encode
 from rlft.errors import UserInputError
@@ -35,12 +40,15 @@ def run(ctx: RunContext[EvalSpec]) -> Artifact:
         prompts = heldout_prompts(held_out, tokenizer, spec.num_prompts, ctx.stage)
         model = load_model(source, ctx.model_spec(), device()).eval()
         results[name] = evaluate_model(model, tokenizer, prompts, score, spec, ctx.seed)
-        console.print(f"eval {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in results[name].items()))
+        if dist.is_main():
+            console.print(f"eval {name}: " + ", ".join(f"{k} {fmt(v)}" for k, v in results[name].items()))
     score.close()
-    staging = new_staging(ctx.stage_dir)
-    staging.mkdir(parents=True)
-    (staging / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
-    commit_dir(staging, ctx.stage_dir / "final")
+    if dist.is_main():
+        staging = new_staging(ctx.stage_dir)
+        staging.mkdir(parents=True)
+        (staging / "eval.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+        commit_dir(staging, ctx.stage_dir / "final")
+    dist.barrier()
     return Artifact(ctx.stage, "eval", metrics=results)
 
 
@@ -85,7 +93,8 @@ def _correct(
 ) -> list[list[bool]]:
     """Per prompt, whether each of its k samples is correct (summed reward >= 1)."""
     out = []
-    for lo in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for lo in [starts[c] for c in dist.shard(len(starts))]:  # this rank's batches
         batch = prompts[lo : lo + batch_size]
         gens = [rollout.seed_generator(seed, lo + i) for i in range(len(batch))]
         result = rollout.generate(model, tokenizer, [p.prompt_ids for p in batch], sampling, k, gens)
@@ -93,4 +102,4 @@ def _correct(
         columns["completion_tokens"] = result.completion_mask.sum(-1).tolist()
         total = score([p.prompt_text for p in batch for _ in range(k)], result.texts, columns).total.tolist()
         out += [[t >= 1.0 for t in total[i * k : (i + 1) * k]] for i in range(len(batch))]
-    return out
+    return evaluate.in_order(out)

@@ -7,6 +7,12 @@ Exactness (RELIABILITY.md test 6): every prompt samples from its own generator, 
 processed in shards, each committed atomically (`shards/shard-NNNNN.jsonl`), so a kill loses
 at most the shard being written and a rerun continues with the next one.
 
+On N processes the shards still to write are taken N at a time; each rank generates a
+contiguous share of those shards' generation batches (the very batches one process makes, so
+every completion is the one-process completion), the rows are gathered in batch order, and
+rank 0 alone commits the shards and writes `final/`: the output is byte-identical to one
+process, and a kill loses at most the N shards being written.
+
 Output (`final/data.jsonl`), one schema for every row: `messages` (the prompt exactly as it was
 sampled, system message included, then the kept completion), `prompt_id` and `sample_id` (null
 for rows of `mix:` data), and the union of the other columns of the prompt and mix data (null
@@ -20,7 +26,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlft import rollout
+from rlft import dist, rollout
+from rlft.ckpt.faults import fault_point
 from rlft.ckpt.fsio import atomic_write_text, commit_dir, writing
 from rlft.data import encode
 from rlft.data.files import json_type
@@ -54,42 +61,71 @@ def run(ctx: RunContext[SampleSpec]) -> Artifact:
     sampling = rollout.SamplingParams.of(spec.sampling)
     rules = rejection.KeepRules(spec.keep, spec.threshold, spec.max_per_prompt, spec.dedup, spec.min_chars, spec.max_chars)
     shard_dir = ctx.stage_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    _pin_inputs(shard_dir, ctx.input_meta(prints), ctx.force)
     n_shards = -(-len(prompts) // spec.shard_size)
-    for shard in progress(range(n_shards), n_shards, f"sample {ctx.stage}"):
-        path = shard_dir / f"shard-{shard:05d}.jsonl"
-        if path.exists():
-            continue  # committed by an earlier run
-        lo = shard * spec.shard_size
-        out = sample_shard(model, tokenizer, prompts[lo : lo + spec.shard_size], lo, score, sampling, rules, spec, ctx.seed)
-        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in out))
+    todo = None
+    if dist.is_main():  # rank 0 decides which shards an earlier run left to write
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        _pin_inputs(shard_dir, ctx.input_meta(prints), ctx.force)
+        todo = [s for s in range(n_shards) if not _shard_path(shard_dir, s).exists()]
+    todo = dist.broadcast_object(todo)
+    world = dist.world_size()
+    rounds = [todo[i : i + world] for i in range(0, len(todo), world)]
+    for r in progress(range(len(rounds)), len(rounds), f"sample {ctx.stage}"):
+        out = sample_shards(model, tokenizer, prompts, rounds[r], score, sampling, rules, spec, ctx.seed)
+        if dist.is_main():
+            for shard, rows in out.items():
+                atomic_write_text(_shard_path(shard_dir, shard), "".join(json.dumps(x, sort_keys=True) + "\n" for x in rows))
+                fault_point("sample_shard", shard)  # tests: die right after committing this shard
     score.close()
-    return _finish(ctx, shard_dir, n_shards, prompts, mixed)
+    artifact = _finish(ctx, shard_dir, n_shards, prompts, mixed) if dist.is_main() else None
+    return dist.broadcast_object(artifact)
 
 
-def sample_shard(
-    model: Any, tokenizer: Any, prompts: list[Any], first_index: int, score: Any,
+def _shard_path(shard_dir: Path, shard: int) -> Path:
+    return shard_dir / f"shard-{shard:05d}.jsonl"
+
+
+def sample_shards(
+    model: Any, tokenizer: Any, prompts: list[Any], shards: list[int], score: Any,
+    sampling: rollout.SamplingParams, rules: rejection.KeepRules, spec: SampleSpec, seed: int,
+) -> dict[int, list[dict[str, Any]]]:
+    """Rows of `shards` (one line per prompt with its kept completions and pass rate), on every
+    rank: each rank samples a contiguous share of the shards' generation batches (`dist.shard`)
+    and the rows are gathered in batch order."""
+    batches = [(shard, lo)
+               for shard in shards
+               for lo in range(shard * spec.shard_size, min((shard + 1) * spec.shard_size, len(prompts)), spec.batch_size)]
+    mine = []
+    for shard, lo in [batches[i] for i in dist.shard(len(batches))]:
+        hi = min(lo + spec.batch_size, (shard + 1) * spec.shard_size)
+        mine.append((shard, sample_batch(model, tokenizer, prompts[lo:hi], lo, score, sampling, rules, spec, seed)))
+    out: dict[int, list[dict[str, Any]]] = {shard: [] for shard in shards}
+    for shard, rows in [item for part in dist.gather_objects(mine) for item in part]:
+        out[shard] += rows
+    return out
+
+
+def sample_batch(
+    model: Any, tokenizer: Any, batch: list[Any], first_index: int, score: Any,
     sampling: rollout.SamplingParams, rules: rejection.KeepRules, spec: SampleSpec, seed: int,
 ) -> list[dict[str, Any]]:
-    """Rows for one shard: one line per prompt with its kept completions and pass rate."""
-    out = []
+    """Rows for one generation batch, prompts first_index, first_index + 1, ... (each from its
+    own generator, seeded by (seed, prompt index))."""
     K = spec.per_prompt
-    for lo in range(0, len(prompts), spec.batch_size):
-        batch = prompts[lo : lo + spec.batch_size]
-        gens = [rollout.seed_generator(seed, first_index + lo + i) for i in range(len(batch))]
-        result = rollout.generate(model, tokenizer, [p.prompt_ids for p in batch], sampling, K, gens)
-        columns = {k: [p.columns.get(k) for p in batch for _ in range(K)] for k in batch[0].columns}
-        columns["completion_tokens"] = result.completion_mask.sum(-1).tolist()
-        rewards = score([p.prompt_text for p in batch for _ in range(K)], result.texts, columns).total.tolist()
-        for i, p in enumerate(batch):
-            texts, r = result.texts[i * K : (i + 1) * K], rewards[i * K : (i + 1) * K]
-            keep = rejection.select(texts, r, rules)
-            out.append({
-                "prompt_id": first_index + lo + i, "prompt": p.prompt_text, "columns": p.columns,
-                "kept": [texts[j] for j in keep], "rewards": [r[j] for j in keep],
-                "pass_rate": rejection.pass_rate(r, spec.threshold),
-            })
+    gens = [rollout.seed_generator(seed, first_index + i) for i in range(len(batch))]
+    result = rollout.generate(model, tokenizer, [p.prompt_ids for p in batch], sampling, K, gens)
+    columns = {k: [p.columns.get(k) for p in batch for _ in range(K)] for k in batch[0].columns}
+    columns["completion_tokens"] = result.completion_mask.sum(-1).tolist()
+    rewards = score([p.prompt_text for p in batch for _ in range(K)], result.texts, columns).total.tolist()
+    out = []
+    for i, p in enumerate(batch):
+        texts, r = result.texts[i * K : (i + 1) * K], rewards[i * K : (i + 1) * K]
+        keep = rejection.select(texts, r, rules)
+        out.append({
+            "prompt_id": first_index + i, "prompt": p.prompt_text, "columns": p.columns,
+            "kept": [texts[j] for j in keep], "rewards": [r[j] for j in keep],
+            "pass_rate": rejection.pass_rate(r, spec.threshold),
+        })
     return out
 
 
