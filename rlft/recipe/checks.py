@@ -267,13 +267,13 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
             why = (f"stage '{name}' (distill, mode: {stage['mode']}) is not sharded yet; fsdp runs distill in mode: "
                    "sequence: use strategy: ddp for this recipe")
         elif (stage["lora"] if "lora" in stage else raw.get("lora")) != "full":
-            own = "its lora:" if "lora" in stage else "the recipe's lora: (LoRA by default)"
+            own = "its own lora:" if "lora" in stage else "the recipe's lora:" if "lora" in raw else "the default lora:"
             why = (f"stage '{name}' trains a LoRA adapter ({own}); fsdp shards fully fine-tuned weights, and with "
                    "LoRA the trained weights and optimizer state are small and replicate cheaply: use strategy: ddp, "
                    "or lora: full")
         else:
             continue
-        problems.append(loc.at(("distributed", "strategy"), f"strategy: fsdp: {why}"))
+        problems.append(loc.at(("distributed", "strategy"), f"fsdp: {why}"))
     return problems
 
 
