@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import helpers
+import pytest
 from helpers import final_hashes, sft_recipe, step_losses, write_recipe
 from safetensors.torch import load_file
 
@@ -314,6 +314,7 @@ def test_fsdp_mixed_precision_follows_model_precision() -> None:
     """The CUDA policy is built, not run, here: bf16 compute with float32 reduction for
     bf16_master (auto on CUDA); nothing for fp32 or bf16_autocast, and nothing on the CPU."""
     import torch
+
     from rlft import fsdp
     from rlft.recipe.schema import ModelSpec
 
