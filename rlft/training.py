@@ -207,7 +207,8 @@ def _save_state(
     for name, value in params.items():
         if not torch.isfinite(value).all():
             raise TrainingError(f"refusing to checkpoint step {step}: parameter {name} is NaN/Inf")
-    optim_tensors, optim_state = checkpoint.state_dict_to_tensors(full[1] if full else optimizer.state_dict())
+    optim_tensors, optim_state = (checkpoint.state_dict_to_tensors(full[1]) if full
+                                  else checkpoint.optimizer_to_tensors(optimizer))
     rng_tensors, rng_state = rng
     tensors = {"params": params, "optimizer": optim_tensors, "rng": rng_tensors, **(extra_tensors or {})}
     full_state = {"step": step, "optimizer": optim_state, "rng": rng_state, "stage": state}

@@ -198,11 +198,15 @@ def test_nproc_refuses_stages_that_run_in_one_process_only(tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []  # refused before torchrun started or anything was written
 
 
-def _distill_recipe(tmp: Path, name: str) -> Path:
+def _distill_recipe(tmp: Path, name: str, fsdp: bool = False) -> Path:
     """SFT, then sequence-level distillation into a fully fine-tuned tiny student (a tiny:student
-    that rank 0 builds, teacher completions that rank 0 writes and every rank reads)."""
+    that rank 0 builds, teacher completions that rank 0 writes and every rank reads); `fsdp`:
+    both stages fully fine-tuned under distributed.strategy: fsdp."""
     recipe = sft_recipe(tmp / name, batch_size=8, micro_batch_size=4, max_steps=2)
     recipe["lora"]["dropout"] = 0.0
+    if fsdp:
+        recipe["lora"], recipe["distributed"] = "full", {"strategy": "fsdp"}
+        recipe["stages"]["sft"]["lr"] = 1e-3
     recipe["stages"]["distill"] = {
         "kind": "distill", "teacher": "sft", "student": {"name": "tiny:student"}, "lora": "full",
         "mode": "sequence", "data": {"source": "tiny:arith", "num_examples": 24, "eval_size": 4, "max_length": 96},
@@ -213,10 +217,11 @@ def _distill_recipe(tmp: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_two_processes_distill_as_one(tmp_path: Path) -> None:
-    one = _rlft("run", str(_distill_recipe(tmp_path, "one")))
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_distill_as_one(tmp_path: Path, fsdp: bool) -> None:
+    one = _rlft("run", str(_distill_recipe(tmp_path, "one", fsdp)))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _rlft("run", str(_distill_recipe(tmp_path, "two")), "--nproc", "2")
+    two = _rlft("run", str(_distill_recipe(tmp_path, "two", fsdp)), "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = tmp_path / "one" / "t" / "distill", tmp_path / "two" / "t" / "distill"
     assert (a / "final").exists() and (b / "final").exists()
@@ -224,6 +229,7 @@ def test_two_processes_distill_as_one(tmp_path: Path) -> None:
     assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3]
     assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(la, lb, strict=True)), (la, lb)
     wa, wb = load_file(a / "final/model/model.safetensors"), load_file(b / "final/model/model.safetensors")
+    assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
 
 
