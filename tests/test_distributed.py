@@ -331,3 +331,28 @@ def test_fsdp_mixed_precision_follows_model_precision() -> None:
     for precision in ("fp32", "bf16_autocast"):
         assert fsdp.mixed_precision(ModelSpec(name="m", precision=precision), cuda) is None
     assert fsdp.mixed_precision(ModelSpec(name="m"), cpu) is None
+
+
+def test_fsdp_shard_wraps_each_decoder_layer_then_the_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`shard` with torch's fully_shard replaced by a recorder (no process group needed): every
+    decoder layer first, then the root (resharded after its forward too), bf16 weights cast to
+    float32 masters, and the precision policy passed to each call."""
+    import torch
+    import torch.distributed.fsdp as torch_fsdp
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlft import fsdp
+    from rlft.recipe.schema import ModelSpec
+
+    config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    calls: list[tuple[torch.nn.Module, dict[str, Any]]] = []
+    monkeypatch.setattr(torch_fsdp, "fully_shard", lambda module, **kwargs: calls.append((module, kwargs)))
+    policy = object()
+    monkeypatch.setattr(fsdp, "mixed_precision", lambda spec, dev: policy)
+    assert fsdp.shard(model, ModelSpec(name="m")) is model
+    assert [m for m, _ in calls] == [*model.model.layers, model]
+    assert all(kw["mp_policy"] is policy for _, kw in calls)
+    assert calls[-1][1]["reshard_after_forward"] is True
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
