@@ -47,7 +47,7 @@ def explain_recipe(loaded: Any, nproc: int = 1) -> str:
     for name, spec in recipe.stages.items():
         lines.append(f"  {name}: {batch_arithmetic(spec)}")
         if nproc > 1:
-            lines.append(f"    on {nproc} processes: {rank_split(spec, nproc)}")
+            lines.append(f"    on {nproc} processes: {rank_split(spec, nproc)}{strategy_split(recipe, spec, nproc)}")
     lines += ["", *prompts_section(loaded)]
     return "\n".join(lines)
 
@@ -95,6 +95,16 @@ def rank_split(spec: Any, world: int) -> str:
     micro = spec.micro_batch_size or per_rank
     return (f"each rank takes {per_rank} sequences = {per_rank // micro} micro-batches x {micro} of the "
             f"global {spec.batch_size}; gradients and the token count are summed over ranks")
+
+
+def strategy_split(recipe: Any, spec: Any, world: int) -> str:
+    """What `distributed.strategy` does with a training stage's weights on `world` ranks."""
+    if spec.kind not in ("sft", "distill", "grpo", "ppo"):
+        return ""
+    if recipe.distributed.strategy == "fsdp":
+        return (f"; strategy fsdp: each rank holds 1/{world} of the weights, gradients and AdamW state "
+                "(weights all-gathered per decoder layer, gradients reduce-scattered)")
+    return "; strategy ddp: each rank holds the whole model and optimizer state"
 
 
 def split_problem(loaded: Any, stage: str, world: int) -> str | None:

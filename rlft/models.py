@@ -202,16 +202,17 @@ def reference_mode(model: Any) -> Iterator[Any]:
         yield model
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
+def save_model(model: Any, tokenizer: Any, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save a standalone model dir (adapter merged in) and, for LoRA, the adapter beside it.
 
     Writes `<out_dir>/model/` (loads with AutoModelForCausalLM.from_pretrained) and
     `<out_dir>/adapter/` (loads with peft). The model is merged in place: call this last.
+    `state_dict`: the full weights of a sharded (FSDP) model, gathered by the caller.
     """
     if is_lora(model):
         model.save_pretrained(out_dir / "adapter", safe_serialization=True)
         model = model.merge_and_unload()
-    model.save_pretrained(out_dir / "model", safe_serialization=True)
+    model.save_pretrained(out_dir / "model", safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir / "model")
 
 

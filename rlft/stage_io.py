@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlft import dist
+from rlft import dist, fsdp
 from rlft.ckpt.fsio import commit_dir, writing
 from rlft.data import encode
 from rlft.data.batch import pack
@@ -129,12 +129,13 @@ def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> A
     from rlft.run import Artifact
 
     final = ctx.stage_dir / "final"
+    state = fsdp.full_model_state(model)  # a sharded model: every rank sends its shards to rank 0
     if not dist.is_main():  # rank 0 writes the one output; the others wait for it
         dist.barrier()
         return Artifact(ctx.stage, ctx.spec.kind, model=str(final / "model"), metrics=output.summary)
     staging = new_staging(ctx.stage_dir)
     with writing(f"stage {ctx.stage}'s final model", final), removed_on_error(staging):
-        save_model(model, tokenizer, staging)
+        save_model(model, tokenizer, staging, state)
         (staging / "metrics.json").write_text(json.dumps(output.summary, indent=1, sort_keys=True))
         commit_dir(staging, final)
     dist.barrier()

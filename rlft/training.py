@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rlft import dist, precision
+from rlft import dist, fsdp, precision
 from rlft.ckpt import checkpoint
 from rlft.ckpt.faults import fault_active, fault_point
 from rlft.ckpt.trainstate import GracefulExit
@@ -80,7 +80,9 @@ class NanGuard:
     def check(self, loss: torch.Tensor, params: list[torch.nn.Parameter], step: int) -> bool:
         """True when the step may be taken; False when it must be skipped (grads are zeroed)."""
         finite = bool(torch.isfinite(loss).all())
-        if finite:
+        if fsdp.sharded(params):  # each rank holds a shard of the gradients: every rank must agree
+            finite = fsdp.grads_finite(params) and finite
+        elif finite:
             grads = [p.grad for p in params if p.grad is not None]
             finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
         if finite:
@@ -116,7 +118,8 @@ def apply_step(
     if not guard.check(loss, params, step):
         optimizer.zero_grad(set_to_none=True)
         return None
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    clip = fsdp.clip_grad_norm_ if fsdp.sharded(params) else torch.nn.utils.clip_grad_norm_
+    grad_norm = clip(params, max_grad_norm or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
@@ -138,10 +141,12 @@ def finish_step(
     """`apply_step` on the accumulated gradients, and the step's metrics (loss NaN when skipped).
 
     On several processes the gradients and `total` are first summed over ranks (each rank's
-    share is already divided by the global normaliser), so every rank takes the same step.
+    share is already divided by the global normaliser), so every rank takes the same step; a
+    sharded model's backward has already reduce-scattered its gradients (rlft/fsdp.py).
     """
     if dist.initialized():
-        dist.all_reduce_grads(params)
+        if not fsdp.sharded(params):
+            dist.all_reduce_grads(params)
         total = dist.all_reduce_sum(total)
     grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, step)
     if grad_norm is None:
@@ -179,12 +184,15 @@ def _save_state_ranks(
 ) -> Path:
     ranks = dist.gather_objects(rng)
     path = stage_dir / f"step-{step}"
+    full = None
+    if fsdp.is_sharded(model):  # every rank sends its shards; rank 0 gets the full tensors
+        full = fsdp.gather_state(trainable_named_params(model), optimizer)
     if dist.is_main():
         extra = dict(extra_tensors or {})
         extra |= {f"rng.rank{r}": tensors for r, (tensors, _) in enumerate(ranks) if r > 0}
         state = state | {"rank_rng": [s for _, s in ranks[1:]]}
-        meta = meta | {"world_size": dist.world_size()}
-        path = _save_state(stage_dir, step, model, optimizer, state, meta, keep_last, extra, rng)
+        meta = meta | {"world_size": dist.world_size()} | ({"strategy": "fsdp"} if full else {})
+        path = _save_state(stage_dir, step, model, optimizer, state, meta, keep_last, extra, rng, full)
     dist.barrier()
     return path
 
@@ -192,13 +200,15 @@ def _save_state_ranks(
 def _save_state(
     stage_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
     meta: dict[str, Any], keep_last: int, extra_tensors: dict[str, dict[str, torch.Tensor]] | None,
-    rng: tuple[dict[str, torch.Tensor], dict[str, Any]],
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]], full: tuple[dict[str, torch.Tensor], Any] | None = None,
 ) -> Path:
-    params = {n: p.detach() for n, p in trainable_named_params(model).items()}
+    """`full`: a sharded model's gathered weights and optimizer state (`fsdp.gather_state`)."""
+    params = full[0] if full else {n: p.detach() for n, p in trainable_named_params(model).items()}
     for name, value in params.items():
         if not torch.isfinite(value).all():
             raise TrainingError(f"refusing to checkpoint step {step}: parameter {name} is NaN/Inf")
-    optim_tensors, optim_state = checkpoint.optimizer_to_tensors(optimizer)
+    optim_tensors, optim_state = (checkpoint.state_dict_to_tensors(full[1]) if full
+                                  else checkpoint.optimizer_to_tensors(optimizer))
     rng_tensors, rng_state = rng
     tensors = {"params": params, "optimizer": optim_tensors, "rng": rng_tensors, **(extra_tensors or {})}
     full_state = {"step": step, "optimizer": optim_state, "rng": rng_state, "stage": state}
@@ -226,6 +236,12 @@ def restore_state(
             f"and data share are in it, so it resumes on {saved_world} only (rerun with --nproc {saved_world}, "
             "or pass --restart to start the stage over)"
         )
+    saved_strategy, strategy = saved_meta.get("strategy", "ddp"), "fsdp" if fsdp.is_sharded(model) else "ddp"
+    if saved_strategy != strategy:
+        raise CheckpointError(
+            f"{ckpt} was saved with distributed.strategy {saved_strategy} and this run uses {strategy}: its "
+            f"optimizer state is laid out for {saved_strategy} (set strategy: {saved_strategy}, or pass --restart)"
+        )
     saved_inputs = saved_meta.get("inputs", {})
     keys = sorted(set(saved_inputs) | set(meta["inputs"]))
     overrides = checkpoint.check_inputs(saved_inputs, meta["inputs"], keys, force)
@@ -239,10 +255,14 @@ def restore_state(
     missing = set(params) ^ set(tensors["params"])
     if missing:
         raise CheckpointError(f"{ckpt}: parameters differ from the model's: {sorted(missing)[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors["params"][name])
-    checkpoint.load_optimizer(optimizer, tensors["optimizer"], full_state["optimizer"])
+    if strategy == "fsdp":
+        optim = checkpoint.state_dict_from_tensors(tensors["optimizer"], full_state["optimizer"])
+        fsdp.load_state(params, optimizer, tensors["params"], optim)
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors["params"][name])
+        checkpoint.load_optimizer(optimizer, tensors["optimizer"], full_state["optimizer"])
     if dist.rank() > 0:
         checkpoint.restore_rng(tensors[f"rng.rank{dist.rank()}"], full_state["stage"]["rank_rng"][dist.rank() - 1])
     else:
@@ -283,13 +303,18 @@ def sft_step(
     loss over the global batch.
     """
     dev = next(policy.parameters()).device
-    micro_batches = rank_share(micro_batches)
-    n_tokens = global_target_count(micro_batches, dev)
+    share = rank_share(micro_batches)
+    n_tokens = global_target_count(share, dev)
     params = list(trainable_named_params(policy).values())
     total = torch.zeros((), device=dev)
-    for mb in micro_batches:
+    for mb in share:
         loss_sum, _ = sft_loss_sum(policy, {k: v.to(dev) for k, v in mb.items()})
         backward_into(loss_sum / n_tokens, total, step)
+    if fsdp.is_sharded(policy) and len(share) < -(-len(micro_batches) // dist.world_size()):
+        # every rank must take part in each forward's all-gather and backward's reduce-scatter:
+        # a rank one micro-batch short (an epoch's short last batch) runs one pass that adds zero
+        loss_sum, _ = sft_loss_sum(policy, {k: v.to(dev) for k, v in micro_batches[0].items()})
+        (loss_sum * 0.0).backward()
     return finish_step(optimizer, params, total, guard, max_grad_norm, step, n_tokens)
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from helpers import final_hashes, sft_recipe, step_losses, write_recipe
 from safetensors.torch import load_file
@@ -206,11 +207,15 @@ def test_nproc_refuses_stages_that_run_in_one_process_only(tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []  # refused before torchrun started or anything was written
 
 
-def _distill_recipe(tmp: Path, name: str) -> Path:
+def _distill_recipe(tmp: Path, name: str, fsdp: bool = False) -> Path:
     """SFT, then sequence-level distillation into a fully fine-tuned tiny student (a tiny:student
-    that rank 0 builds, teacher completions that the ranks share, rank 0 writes and every rank reads)."""
+    that rank 0 builds, teacher completions that the ranks share, rank 0 writes and every rank
+    reads); `fsdp`: both stages fully fine-tuned under distributed.strategy: fsdp."""
     recipe = sft_recipe(tmp / name, batch_size=8, micro_batch_size=4, max_steps=2)
     recipe["lora"]["dropout"] = 0.0
+    if fsdp:
+        recipe["lora"], recipe["distributed"] = "full", {"strategy": "fsdp"}
+        recipe["stages"]["sft"]["lr"] = 1e-3
     recipe["stages"]["distill"] = {
         "kind": "distill", "teacher": "sft", "student": {"name": "tiny:student"}, "lora": "full",
         "mode": "sequence", "data": {"source": "tiny:arith", "num_examples": 24, "eval_size": 4, "max_length": 96},
@@ -221,10 +226,11 @@ def _distill_recipe(tmp: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_two_processes_distill_as_one(tmp_path: Path) -> None:
-    one = _rlft("run", str(_distill_recipe(tmp_path, "one")))
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_distill_as_one(tmp_path: Path, fsdp: bool) -> None:
+    one = _rlft("run", str(_distill_recipe(tmp_path, "one", fsdp)))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _rlft("run", str(_distill_recipe(tmp_path, "two")), "--nproc", "2")
+    two = _rlft("run", str(_distill_recipe(tmp_path, "two", fsdp)), "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = tmp_path / "one" / "t" / "distill", tmp_path / "two" / "t" / "distill"
     assert (a / "final").exists() and (b / "final").exists()
@@ -237,4 +243,130 @@ def test_two_processes_distill_as_one(tmp_path: Path) -> None:
     assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3]
     assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(la, lb, strict=True)), (la, lb)
     wa, wb = load_file(a / "final/model/model.safetensors"), load_file(b / "final/model/model.safetensors")
+    assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+
+
+# --------------------------------------------------------------------------- distributed.strategy: fsdp
+
+
+def _fsdp_recipe(tmp: Path, name: str, **changes: Any) -> Path:
+    """Full fine-tuning under `distributed.strategy: fsdp`. 38 training rows, 12 a step = 6
+    micro-batches of 2 (3 per rank); step 4 is the epoch's last 2 rows, one micro-batch: rank 1
+    has none of its own and runs the pass that adds zero (every rank joins each collective)."""
+    stage = {"batch_size": 12, "micro_batch_size": 2, "max_steps": 5, "lr": 1e-3,
+             "data": {"source": "tiny:arith", "num_examples": 46, "eval_size": 8, "max_length": 128}}
+    recipe = sft_recipe(tmp / name, **stage)
+    recipe["lora"] = "full"
+    recipe["distributed"] = {"strategy": "fsdp"}
+    return write_recipe(tmp / f"{name}.yaml", recipe | changes)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fsdp recipe run by 1 process (nothing to shard: the plain path) and by 2 (sharded)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    one = _rlft("run", str(_fsdp_recipe(tmp, "one")))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _rlft("run", str(_fsdp_recipe(tmp, "two")), "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_train_as_one(fsdp_runs: Path) -> None:
+    one, two = _stage(fsdp_runs, "one"), _stage(fsdp_runs, "two")
+    rows_one, rows_two = helpers.metrics(one), helpers.metrics(two)
+    steps = [(r["step"], r["loss"], r["grad_norm"]) for r in rows_two if "loss" in r]
+    assert [s for s, _, _ in steps] == [1, 2, 3, 4, 5]
+    for a, b in zip([(r["loss"], r["grad_norm"]) for r in rows_one if "loss" in r], [(x, g) for _, x, g in steps],
+                    strict=True):
+        assert abs(a[0] - b[0]) <= 1e-5 and abs(a[1] - b[1]) <= 1e-5, (rows_one, rows_two)
+    assert steps[0][1] != steps[-1][1]  # it trained
+    a, b = load_file(one / "final/model/model.safetensors"), load_file(two / "final/model/model.safetensors")
+    assert a.keys() == b.keys()  # an ordinary model: the tied output layer saved once, as one process saves it
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    config = json.loads((two / "final/model/config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    # the checkpoint holds whole tensors, laid out as one process's
+    c1, c2 = (load_file(sorted(s.glob("step-*"))[-1] / "params.safetensors") for s in (one, two))
+    assert {k: v.shape for k, v in c1.items()} == {k: v.shape for k, v in c2.items()}
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_a_kill_is_bitwise(fsdp_runs: Path, tmp_path: Path) -> None:
+    recipe = _fsdp_recipe(tmp_path, "k")
+    killed = _rlft("run", str(recipe), "--nproc", "2", env={"RLFT_FAULT": "kill_step:3"})
+    assert killed.returncode != 0
+    stage = _stage(tmp_path, "k")
+    assert (stage / "step-00000003").exists() and not (stage / "final").exists()
+    rerun = _rlft("run", str(recipe), "--nproc", "2")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert final_hashes(stage) == final_hashes(_stage(fsdp_runs, "two"))
+    assert step_losses(stage) == step_losses(_stage(fsdp_runs, "two"))
+
+
+def test_the_strategy_key_is_checked_and_explained(tmp_path: Path) -> None:
+    shown = _rlft("explain", str(_fsdp_recipe(tmp_path, "ok")), "--nproc", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert "distributed:\n  strategy: fsdp" in shown.stdout
+    assert "strategy fsdp: each rank holds 1/2 of the weights, gradients and AdamW state" in shown.stdout
+
+    def refused(name: str, strategy: Any, **changes: Any) -> str:
+        recipe = _fsdp_recipe(tmp_path, name, distributed={"strategy": strategy}, **changes)
+        out = _rlft("explain", str(recipe))
+        assert out.returncode == 2, out.stdout[-2000:]
+        line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if "strategy:" in text)
+        message = " ".join(out.stderr.split())
+        assert f"{recipe}:{line}:" in message, message
+        return message
+
+    assert "distributed.strategy: must be one of ddp, fsdp; got 'fdsp' (did you mean 'fsdp'?)" in refused("typo", "fdsp")
+    lora = refused("lora", "fsdp", lora={"r": 4})
+    assert "stage 'sft' trains a LoRA adapter (the recipe's lora:)" in lora and "use strategy: ddp, or lora: full" in lora
+    grpo = Path(__file__).resolve().parents[1] / "recipes" / "tiny-grpo.yaml"
+    out = _rlft("explain", str(grpo), "--set", "distributed.strategy=fsdp", "--set", "lora=full")
+    assert out.returncode == 2
+    assert "is not sharded yet; fsdp runs sft and distill (mode: sequence) stages" in " ".join(out.stderr.split())
+
+
+def test_fsdp_mixed_precision_follows_model_precision() -> None:
+    """The CUDA policy is built, not run, here: bf16 compute with float32 reduction for
+    bf16_master (auto on CUDA); nothing for fp32 or bf16_autocast, and nothing on the CPU."""
+    import torch
+
+    from rlft import fsdp
+    from rlft.recipe.schema import ModelSpec
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    policy = fsdp.mixed_precision(ModelSpec(name="m"), cuda)
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp.mixed_precision(ModelSpec(name="m", precision="bf16_master"), cuda) == policy
+    for precision in ("fp32", "bf16_autocast"):
+        assert fsdp.mixed_precision(ModelSpec(name="m", precision=precision), cuda) is None
+    assert fsdp.mixed_precision(ModelSpec(name="m"), cpu) is None
+
+
+def test_fsdp_shard_wraps_each_decoder_layer_then_the_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`shard` with torch's fully_shard replaced by a recorder (no process group needed): every
+    decoder layer first, then the root (resharded after its forward too), bf16 weights cast to
+    float32 masters, and the precision policy passed to each call."""
+    import torch
+    import torch.distributed.fsdp as torch_fsdp
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlft import fsdp
+    from rlft.recipe.schema import ModelSpec
+
+    config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    calls: list[tuple[torch.nn.Module, dict[str, Any]]] = []
+    monkeypatch.setattr(torch_fsdp, "fully_shard", lambda module, **kwargs: calls.append((module, kwargs)))
+    policy = object()
+    monkeypatch.setattr(fsdp, "mixed_precision", lambda spec, dev: policy)
+    assert fsdp.shard(model, ModelSpec(name="m")) is model
+    assert [m for m, _ in calls] == [*model.model.layers, model]
+    assert all(kw["mp_policy"] is policy for _, kw in calls)
+    assert calls[-1][1]["reshard_after_forward"] is True
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -248,6 +248,35 @@ def quantize_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     return problems
 
 
+def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
+    """`distributed.strategy: fsdp` shards fully fine-tuned sft and distill (mode sequence) stages:
+    a training stage with a LoRA adapter, a grpo or ppo stage, or distillation in another mode is
+    refused (docs/distributed.md says why)."""
+    spec = raw.get("distributed")
+    if not isinstance(spec, dict) or spec.get("strategy") != "fsdp":
+        return []
+    problems = []
+    for name, stage in _stages(raw).items():
+        kind = stage.get("kind") if isinstance(stage, dict) else None
+        if kind not in MODEL_KINDS or not isinstance(stage, dict):
+            continue
+        if kind in ("grpo", "ppo"):
+            why = (f"stage '{name}' ({kind}) is not sharded yet; fsdp runs sft and distill (mode: sequence) "
+                   "stages: use strategy: ddp for this recipe")
+        elif kind == "distill" and stage.get("mode", "sequence") != "sequence":
+            why = (f"stage '{name}' (distill, mode: {stage['mode']}) is not sharded yet; fsdp runs distill in mode: "
+                   "sequence: use strategy: ddp for this recipe")
+        elif (stage["lora"] if "lora" in stage else raw.get("lora")) != "full":
+            own = "its own lora:" if "lora" in stage else "the recipe's lora:" if "lora" in raw else "the default lora:"
+            why = (f"stage '{name}' trains a LoRA adapter ({own}); fsdp shards fully fine-tuned weights, and with "
+                   "LoRA the trained weights and optimizer state are small and replicate cheaply: use strategy: ddp, "
+                   "or lora: full")
+        else:
+            continue
+        problems.append(loc.at(("distributed", "strategy"), f"fsdp: {why}"))
+    return problems
+
+
 def _reward_entries(raw: dict[str, Any]) -> Iterator[tuple[Path_, Any]]:
     for name, spec in _stages(raw).items():
         rewards = spec.get("rewards") if isinstance(spec, dict) else None
@@ -318,6 +347,7 @@ def all_problems(raw: dict[str, Any], loc: Locator, base_dir: Path) -> list[Prob
         + prompt_length_problems(raw, loc)
         + model_problems(raw, loc)
         + quantize_problems(raw, loc)
+        + strategy_problems(raw, loc)
         + reward_file_problems(raw, loc, base_dir)
         + gate_problems(raw, loc)
     )

@@ -543,6 +543,21 @@ def _check_divides(batch: int, micro: int | None) -> None:
         raise ValueError(f"micro_batch_size {micro} must divide batch_size {batch}")
 
 
+# --------------------------------------------------------------------------- several processes
+
+
+class DistributedSpec(Strict):
+    """How training stages split over several processes (torchrun, `rlft run --nproc N`); one process ignores it."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="ddp: every rank holds the whole model and optimizer, gradients are summed over "
+        "ranks once per step (the default: right for LoRA, whose trained weights are small). fsdp: FSDP2 fully_shard "
+        "per decoder layer, each rank holds 1/N of the weights, gradients and AdamW state (full fine-tuning of "
+        "models too large to replicate); needs lora: full in every sft and distill stage (distill mode: sequence), "
+        "and no grpo or ppo stage yet (docs/distributed.md)."
+    )
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -562,6 +577,9 @@ class Recipe(Strict):
     model: ModelSpec = Field(description="The base model.")
     lora: LoraOrFull = Field(default_factory=LoraSpec, description="LoRA defaults for every stage; full = no adapter.")
     stages: dict[str, StageSpec] = Field(min_length=1, description="Named stages, run in the order written.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Several processes: the data-parallel strategy of training stages."
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"], description="Metric loggers beside metrics.jsonl; wandb and mlflow "
         "are optional extras (pip install 'rlft[wandb]' / 'rlft[mlflow]'), configured by their environment variables."

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlft import dist, evaluate, rollout, training
+from rlft import dist, evaluate, fsdp, rollout, training
 from rlft.data import encode
 from rlft.data.batch import PromptLoader, SFTExample, SFTLoader, pack
 from rlft.data.rows import mix, row_format
@@ -101,10 +101,13 @@ def load_student(ctx: RunContext[DistillSpec]) -> tuple[Any, Any]:
     key = f"stages.{ctx.stage}.student"
     if not dist.is_main():  # rank 0 builds a tiny:<preset> student first; the others load it
         dist.barrier()
-    loaded = load_named_policy(ctx.spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(), ctx.seed, key)
+    student, tokenizer = load_named_policy(ctx.spec.student, ctx.run_dir / "models", ctx.data_base_dir(), ctx.lora(),
+                                           ctx.seed, key)
     if dist.is_main():
         dist.barrier()
-    return loaded
+    if fsdp.active(ctx.recipe.distributed.strategy):  # lora: full, mode: sequence (the recipe checks say so)
+        student = fsdp.shard(student, ctx.spec.student)
+    return student, tokenizer
 
 
 def logit_teacher(ctx: RunContext[DistillSpec], student: Any, tokenizer: Any) -> Any:

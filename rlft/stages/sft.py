@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from rlft import dist, evaluate, training
+from rlft import dist, evaluate, fsdp, training
 from rlft.data.batch import SFTLoader
 from rlft.metrics import MetricsLog
 from rlft.models import load_named_policy, load_policy
@@ -38,6 +38,8 @@ def run(ctx: RunContext[SFTSpec]) -> Artifact:
             dist.barrier()
     else:
         policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
+    if fsdp.active(ctx.recipe.distributed.strategy):  # lora: full (the recipe checks say so)
+        policy = fsdp.shard(policy, spec.student or ctx.model_spec())
     train_ex, eval_ex, eval_prompts, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
     # no micro_batch_size: one micro-batch per rank (the whole batch in one process)
     micro = spec.micro_batch_size or spec.batch_size // dist.world_size()

@@ -1,0 +1,183 @@
+"""FSDP2 (`distributed.strategy: fsdp`): a fully fine-tuned model sharded across ranks with
+torch.distributed.fsdp `fully_shard`, one group per decoder layer and one for the rest (embeddings,
+final norm, output layer).
+
+Each rank keeps 1/N of every weight, gradient and AdamW moment as a DTensor shard. A forward
+all-gathers one layer's weights at a time and frees them after use; the backward gathers them
+again and reduce-scatters the layer's gradients, so each rank receives the sum of its shard's
+gradient over ranks (gradients are summed, not averaged: every rank's loss is already divided
+by the global token count). The optimizer steps the local shards. In one process nothing is
+sharded and none of this runs.
+
+Checkpoints gather full tensors to rank 0 (torch.distributed.checkpoint's `get_*_state_dict`
+with `full_state_dict`), which commits them as the single-process path does, so commits stay
+atomic and rank-0-only and `final/` is an ordinary safetensors model; a resume gives every rank
+the full tensors and each keeps its shard (`set_*_state_dict`). That costs one full copy of the
+weights and optimizer state in rank 0's CPU memory at a save.
+
+On CUDA, `model.precision` bf16_master (the default there) becomes a `MixedPrecisionPolicy`:
+float32 sharded weights (the master copy the optimizer steps), bfloat16 weights for the forward
+and backward, gradients reduced in float32. The CUDA path follows torch's documented API and is
+not run by the project's CPU tests.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, cast
+
+import torch
+
+from rlft import dist, precision
+
+
+def active(strategy: str) -> bool:
+    """True when this run shards: `strategy` is fsdp and the job has more than one process."""
+    return strategy == "fsdp" and dist.initialized() and dist.world_size() > 1
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The model's decoder layers: the modules whose class the model names in `_no_split_modules`
+    (transformers' list of blocks that must stay whole: Qwen2DecoderLayer, LlamaDecoderLayer, ...)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
+    return layers
+
+
+def mixed_precision(model_spec: Any, dev: torch.device) -> Any:
+    """The `MixedPrecisionPolicy` for `model.precision` on `dev`: bf16 compute with float32
+    reduction for bf16_master on CUDA, None (float32 throughout, or bf16_autocast's own autocast)
+    otherwise."""
+    if dev.type != "cuda" or precision.resolve_precision(model_spec.precision, dev) != "bf16_master":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard(model: Any, model_spec: Any) -> Any:
+    """Shard `model` in place with `fully_shard` (every decoder layer, then the root) and return it.
+
+    The weights become float32 first (bf16_master's bfloat16 weights are cast: the sharded float32
+    weights are the optimizer's master copy, and the policy casts them to bfloat16 for compute).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    dev = next(model.parameters()).device
+    policy = mixed_precision(model_spec, dev)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model.to(torch.float32)
+    kwargs = {"mp_policy": policy} if policy is not None else {}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    # the root reshards after its forward too (torch's default keeps it gathered until the backward):
+    # outside a step, named_parameters() must name the sharded parameters the optimizer holds
+    fully_shard(model, reshard_after_forward=True, **kwargs)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # sum, not mean, over ranks; only SUM collectives (gloo has no PREMUL_SUM)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model: Any) -> bool:
+    """True for a model `shard` wrapped (without importing FSDP when nothing did)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def sharded(params: list[torch.nn.Parameter]) -> bool:
+    """True when `params` are DTensor shards (a sharded model's parameters)."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and any(isinstance(p, tensor.DTensor) for p in params)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t` (a DTensor's local shard; any other tensor as it is)."""
+    to_local = getattr(t, "to_local", None)
+    return cast(torch.Tensor, to_local()) if callable(to_local) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of `t` on every rank (a DTensor's `full_tensor`, a collective; else `t`)."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return cast(torch.Tensor, full_tensor()) if callable(full_tensor) else t
+
+
+def grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    """True when every rank's gradient shards are finite (the same answer on every rank)."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+    return not dist.any_rank(not finite)
+
+
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip sharded gradients to the global L2 norm `max_norm`, as `torch.nn.utils.clip_grad_norm_`
+    does for whole tensors, and return the global norm (the same on every rank).
+
+    The norm is the square root of the all-reduced sum of every rank's squared shard entries.
+    """
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    squares = torch.stack([g.float().square().sum() for g in grads]).sum() if grads else torch.zeros(())
+    total = dist.all_reduce_sum(squares).sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+def _options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_state(
+    params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The full trainable weights and optimizer state (`optimizer.state_dict()` with every shard
+    replaced by its whole tensor), in the layout a single process saves. Every rank must call it
+    (each tensor is all-gathered in turn); rank 0 writes them, the others drop them."""
+    weights = {n: full(p.detach()).cpu() for n, p in params.items()}
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: full(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    return weights, state
+
+
+def load_state(
+    params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor], optim: Any
+) -> None:
+    """Put full `weights` and optimizer state (as `gather_state` gave them; every rank holds them)
+    into this rank's shards, without communication: each rank keeps its own slice."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def mine(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if not isinstance(like, DTensor) or whole.dim() == 0:
+            return whole
+        return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+    with torch.no_grad():
+        for name, p in params.items():
+            local(p).copy_(local(mine(weights[name], p)))
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    optim = dict(optim)
+    optim["state"] = {i: {k: mine(v, order[int(i)]) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                      for i, s in optim["state"].items()}
+    optimizer.load_state_dict(optim)
+
+
+def full_model_state(model: Any) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on rank 0 for `save_pretrained` (None when `model` is not
+    sharded; every rank must call it)."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options())
+    # a tied output layer appears under both names; keep the names a plain model's save keeps
+    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: cast(torch.Tensor, v) for k, v in state.items() if k in keep}
