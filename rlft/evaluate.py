@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rlft import dist, rollout, training
+from rlft import dist, fsdp, rollout, training
 from rlft.data import encode, tasks
 from rlft.data.batch import collate
 from rlft.rewards import builtin
@@ -25,15 +25,22 @@ def heldout_loss(model: Any, examples: list[Any], micro_batch_size: int, pad_id:
     dev = next(model.parameters()).device
     starts = range(0, len(examples), micro_batch_size)
     mine = []
-    for i in [starts[c] for c in dist.shard(len(starts))]:
+    for i in [starts[c] for c in _share(model, len(starts))]:
         batch = {k: v.to(dev) for k, v in collate(examples[i : i + micro_batch_size], pad_id).items()}
         loss_sum, n = training.sft_loss_sum(model, batch)
         mine.append((float(loss_sum), float(n)))
     model.train(was_training)
     total, count = 0.0, 0.0
-    for loss_sum, n in in_order(mine):
+    for loss_sum, n in mine if fsdp.is_sharded(model) else in_order(mine):
         total, count = total + loss_sum, count + n
     return total / max(count, 1.0)
+
+
+def _share(model: Any, n: int) -> range:
+    """This rank's chunks of n. Under fsdp every forward is a collective all ranks must join (and
+    greedy generation of one chunk runs as many forwards on each rank), so each rank computes all
+    n and nothing is gathered."""
+    return range(n) if fsdp.is_sharded(model) else dist.shard(n)
 
 
 def in_order(mine: list[Any]) -> list[Any]:
@@ -61,11 +68,11 @@ def task_accuracy(
     sampling = rollout.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     starts = range(0, len(prompts), batch_size)
     mine = []
-    for i in [starts[c] for c in dist.shard(len(starts))]:
+    for i in [starts[c] for c in _share(model, len(starts))]:
         chunk = prompts[i : i + batch_size]
         out = rollout.generate(
             model, tokenizer, [p.prompt_ids for p in chunk], sampling, group_size=1,
             generator=rollout.seed_generator(0),
         )
         mine.append(sum(is_correct(p.columns, t) for p, t in zip(chunk, out.texts, strict=True)))
-    return sum(in_order(mine)) / len(prompts)
+    return sum(mine if fsdp.is_sharded(model) else in_order(mine)) / len(prompts)

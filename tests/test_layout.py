@@ -147,7 +147,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"errors", "ckpt", "precision", "recipe", "tiny"},
     "rollout": {"errors", "core"},
     "training": {"errors", "ckpt", "core", "data", "dist", "fsdp", "metrics", "models", "precision"},
-    "evaluate": {"errors", "data", "dist", "rewards", "rollout", "training"},
+    "evaluate": {"errors", "data", "dist", "fsdp", "rewards", "rollout", "training"},
     "rundir": {"errors", "ckpt", "metrics", "models", "recipe"},
     "run": {"errors", "ckpt", "recipe", "rundir"},
     "stage_io": {"errors", "ckpt", "data", "dist", "fsdp", "metrics", "models", "run"},
