@@ -180,9 +180,11 @@ _ARGV: list[str] | None = None
 
 
 def _main_rank() -> bool:
-    from rlft import dist
+    """Rank 0 of a torchrun job (or the one process): read from torchrun's environment, since the
+    pipeline has left the process group by the time the run table is printed."""
+    import os
 
-    return dist.is_main()
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _dry(loaded: LoadedRecipe, dry_run: bool, stand_in: list[str] | None) -> LoadedRecipe:

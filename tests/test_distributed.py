@@ -55,6 +55,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert one.returncode == 0, one.stderr[-3000:]
     two = _rlft("run", str(_recipe(tmp, "two")), "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
+    shown = [line.strip() for line in (two.stdout + two.stderr).splitlines()]
+    assert shown.count("run t") == 1, two.stderr[-3000:]  # rank 0 alone prints the run table
     return tmp
 
 
