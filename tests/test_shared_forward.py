@@ -456,3 +456,34 @@ def test_length_buckets_respect_max_positions():
                     best = min(best, sum((j - i) * sizes[i] + cost for i, j in itertools.pairwise(edges)))
         if sizes:
             assert got == best, (trial, lengths.tolist(), cost, cap)
+
+
+def test_old_and_reference_forwards_are_not_split_but_the_loss_forward_is(policy):
+    """Without a graph nothing is held for a backward: old/reference log-probs keep the cheapest
+    cut (here one bucket: every row equally long), while the loss forward splits it in
+    BUCKET_SPLIT pieces; the log-probs are the same either way."""
+    from rlft.rl.learner import Experience
+
+    p_ids, p_mask, c_ids, c_mask = batch(policy.config.vocab_size, seed=19, n_prompts=3)
+    c_mask = torch.ones_like(c_mask)
+    forwards: list[tuple[int, int]] = []
+    hook = policy.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda m, args, out: forwards.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            old = rollout.completion_logprobs(policy, (p_ids, p_mask, c_ids, c_mask), 1.0)
+        n_old = len(forwards)
+        exp = Experience(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, mask=c_mask,
+                         advantages=torch.zeros(len(c_ids)), old_logp=None, ref_logp=None)
+        pieces = []
+        for logp in rollout.loss_by_bucket(policy, exp.tensors(), 1.0, lambda rows, lp, ent: (rows, lp)):
+            pieces.append(logp)
+        n_loss = len(forwards) - n_old
+    finally:
+        hook.remove()
+    assert n_old == 2  # the distinct prompts, then one bucket of every row
+    assert n_loss == 1 + rollout.BUCKET_SPLIT and len(pieces) == rollout.BUCKET_SPLIT
+    got = torch.zeros_like(old)
+    for rows, lp in pieces:
+        got[rows] = lp.detach()
+    assert_close(got, old, rtol=0, atol=1e-5)
