@@ -8,9 +8,10 @@ AdamW): a ~4.0M-parameter Qwen2, 8 chat prompts of ~55 tokens x G=8, up to 32 ne
 parameters, 4 prompts of 32-160 tokens x G=8, up to 256 new tokens, completion lengths spread.
 
 Two variants run alternately, step by step, each on its own copy of the same initial weights:
-  plain   one forward per row over [prompt; completion] at the batch's full padded width (the
-          forward before shared prompts and padding cuts);
-  rlft    `rollout.completion_logprobs` as the GRPO stage runs it.
+  plain   one forward per row over [prompt; completion] at the batch's full padded width and one
+          backward per micro-batch (the forward before shared prompts and padding cuts);
+  rlft    the training forward as the GRPO stage runs it: `rollout.completion_logprobs` for
+          old/reference log-probs, `rollout.loss_by_bucket` (backward bucket by bucket) for the loss.
 Columns: CPU-seconds per step (process time: robust on a shared machine), completion tokens per
 CPU-second, the share of a matmul FLOP floor (the step's linear-layer FLOPs over a fp32 matmul rate
 measured in this run, 6 flops per parameter per trained token, 2 per sampled token), and the
@@ -97,8 +98,16 @@ def run_shape(name: str, steps: int, tmp: Path) -> dict[str, Totals]:
     })
     sampling = rollout.SamplingParams.of(spec.sampling)
     prompts = prompt_ids(tok, prompt_messages(shape, B * (steps + 1)))
-    real = rollout.completion_logprobs
-    variants: dict[str, Any] = {"plain": functools.partial(real, one_forward=True), "rlft": real}
+    real, real_by_bucket = rollout.completion_logprobs, rollout.loss_by_bucket
+
+    def one_share(model: Any, batch: Any, temperature: float, share_of: Any, with_entropy: bool = False,
+                  share_prompts: bool = True) -> Any:
+        """The plain variant's policy loss: one forward over the whole micro-batch, one backward."""
+        lp, ent = real(model, batch, temperature, with_entropy=True, one_forward=True)
+        yield share_of(torch.arange(len(lp), device=lp.device), lp, ent if with_entropy else None)
+
+    variants: dict[str, Any] = {"plain": (functools.partial(real, one_forward=True), one_share),
+                                "rlft": (real, real_by_bucket)}
     policies, optimizers, totals = {}, {}, {}
     for v in variants:
         policies[v] = AutoModelForCausalLM.from_pretrained(source).eval()
@@ -107,9 +116,10 @@ def run_shape(name: str, steps: int, tmp: Path) -> dict[str, Totals]:
     n_mat = matmul_params(policies["rlft"])
     for step in range(steps + 1):  # step 0 warms up
         batch = prompts[step * B : (step + 1) * B]
-        for v, forward in variants.items():
+        for v, (forward, by_bucket) in variants.items():
             policy, fed = policies[v], [0]
-            rollout.completion_logprobs = forward  # the learner calls rollout.completion_logprobs
+            # the learner calls rollout.completion_logprobs (old/ref) and rollout.loss_by_bucket (policy)
+            rollout.completion_logprobs, rollout.loss_by_bucket = forward, by_bucket
             timer = CpuTimer()
             out = rollout.generate(policy, tok, batch, sampling, G, rollout.seed_generator(0, step))
             timer.lap("generation")
@@ -121,7 +131,7 @@ def run_shape(name: str, steps: int, tmp: Path) -> dict[str, Totals]:
                            lambda s: spec.lr)
             hook.remove()
             timer.lap("policy")
-            rollout.completion_logprobs = real
+            rollout.completion_logprobs, rollout.loss_by_bucket = real, real_by_bucket
             if step == 0:
                 continue
             t = totals[v]

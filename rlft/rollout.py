@@ -21,9 +21,9 @@ import hashlib
 import inspect
 import struct
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -540,6 +540,7 @@ def _logprobs_of(
 
 
 BUCKET_COST = 64  # padded positions a further length bucket must save to pay for its forward
+BUCKET_SPLIT = 3  # backward by bucket: no bucket above 1/BUCKET_SPLIT of the micro-batch's tokens
 
 
 def _micro_batch_logprobs(
@@ -547,29 +548,106 @@ def _micro_batch_logprobs(
     share_prompts: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """(n, C) log-probs (and entropies) of one micro-batch; C = its last counted column + 1."""
-    prompt_ids, prompt_mask, completion_ids, completion_mask = tensors
-    counted = completion_mask.ne(0)
-    lengths = torch.where(counted.any(-1), counted.shape[1] - counted.flip(-1).long().argmax(-1), 0)  # (n,)
-    if not bool(lengths.any()):  # nothing counted: one token of row 0, so the (zero) loss keeps its graph
-        lengths = torch.nn.functional.pad(lengths.new_ones(1), (0, len(lengths) - 1))
-    shared = None
-    if share_prompts and not _checkpointed(model):
-        shared = _SharedPrompts.of(model, *_trim_left(prompt_ids, prompt_mask))
+    completion_ids = tensors[2]
+    lengths = _counted_lengths(tensors[3])
     n, cols = len(lengths), int(lengths.max())
     lp = torch.zeros(n, cols, device=completion_ids.device)
     ent = torch.zeros(n, cols, device=completion_ids.device) if with_entropy else None
-    for rows in _length_buckets(lengths, multiple=shared is None or shared.copyable):
+    for rows, piece, e in _bucket_logprobs(model, tensors, lengths, temperature, with_entropy, share_prompts, False):
+        lp = lp.index_copy(0, rows, torch.nn.functional.pad(piece, (0, cols - piece.shape[1])))
+        if ent is not None and e is not None:
+            ent = ent.index_copy(0, rows, torch.nn.functional.pad(e, (0, cols - e.shape[1])))
+    return lp, ent
+
+
+Share = TypeVar("Share")
+
+
+def loss_by_bucket(
+    model: Any,
+    batch: Sequence[Tensor],
+    temperature: float,
+    share_of: Callable[[Tensor, Tensor, Tensor | None], Share],
+    with_entropy: bool = False,
+    share_prompts: bool = True,
+) -> Iterator[Share]:
+    """The training forward of one micro-batch, one length bucket at a time, for a loss that is a
+    sum over rows (ALGORITHMS.md §9): yields `share_of(rows, logp, entropy)` per bucket, and the
+    caller runs backward on each yielded share before asking for the next.
+
+    `rows` (r,) indexes the batch, `logp` (r, T) are those rows' log-probs with a graph (0 on
+    padding, T = the batch's width, as `completion_logprobs` gives them) and `entropy` (r, T) or
+    None. Rows with no counted token are in no bucket (except row 0 when no row has one, so the
+    share keeps a graph). Each bucket's activations are freed by its backward, so the peak holds
+    the shared prompts' forward and one bucket, not every bucket at once.
+
+    The shared prompts' keys/values (and the logits predicting each completion's first token)
+    enter the buckets as detached leaves; their gradients accumulate over the buckets and, after
+    the last one, one backward runs through the prompts' forward. By the chain rule the parameter
+    gradients are those of one backward through the whole micro-batch (to float summation order),
+    provided the shares sum to the micro-batch loss: each row's loss may depend on its own
+    tokens only (token and sequence ratios, every aggregation, all divided by one normaliser of
+    the whole batch, `losses.aggregate`).
+
+    Args:
+        model: causal LM (plain HF or peft).
+        batch: (prompt_ids (N, P) left-padded, prompt_mask, completion_ids (N, T) right-padded,
+            completion_mask), as for `completion_logprobs`.
+        temperature: sampling temperature; 0 scores at temperature 1.
+        share_of: the loss share of a bucket (and whatever else the caller wants back).
+        with_entropy: pass per-token entropies (no graph) to `share_of`.
+        share_prompts: forward each distinct prompt once (see `completion_logprobs`).
+
+    Yields:
+        `share_of`'s result, once per bucket.
+    """
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    steps = completion_ids.shape[1]
+    temp = temperature if temperature > 0 else 1.0
+    lengths = _counted_lengths(completion_mask)
+    for rows, piece, e in _bucket_logprobs(model, (prompt_ids, prompt_mask, completion_ids, completion_mask), lengths,
+                                           temp, with_entropy, share_prompts, True):
+        pad = (0, steps - piece.shape[1])
+        yield share_of(rows, torch.nn.functional.pad(piece, pad), None if e is None else torch.nn.functional.pad(e, pad))
+
+
+def _counted_lengths(completion_mask: Tensor) -> Tensor:
+    """(n,) last counted column + 1 of each row (0: none); row 0 gets 1 when no row counts a token,
+    so a loss over the micro-batch still has a graph."""
+    counted = completion_mask.ne(0)
+    lengths = torch.where(counted.any(-1), counted.shape[1] - counted.flip(-1).long().argmax(-1), 0)  # (n,)
+    if not bool(lengths.any()):
+        lengths = torch.nn.functional.pad(lengths.new_ones(1), (0, len(lengths) - 1))
+    return lengths
+
+
+def _bucket_logprobs(
+    model: Any, tensors: tuple[Tensor, Tensor, Tensor, Tensor], lengths: Tensor, temperature: float,
+    with_entropy: bool, share_prompts: bool, backward_by_bucket: bool,
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """Per length bucket: (rows, (r, width) log-probs, entropies). With `backward_by_bucket` the
+    shared prompts' outputs are cut into leaves and, once the last bucket's backward has run, their
+    accumulated gradients are pushed through the prompts' forward (see `loss_by_bucket`)."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = tensors
+    shared = None
+    if share_prompts and not _checkpointed(model):
+        shared = _SharedPrompts.of(model, *_trim_left(prompt_ids, prompt_mask))
+    multiple = shared is None or shared.copyable
+    cap = -(-int(lengths.sum()) // BUCKET_SPLIT) if backward_by_bucket and multiple else None
+    buckets = _length_buckets(lengths, multiple=multiple, max_positions=cap)
+    cut = backward_by_bucket and shared is not None and len(buckets) > 1 and shared.cut()
+    for rows in buckets:
         width = int(lengths[rows].max())
         ids, mask = completion_ids[rows, :width], completion_mask[rows, :width].ne(0).long()
         if shared is not None:
             logits = shared.logits(rows, ids, mask)
         else:
             logits = _joined_logits(model, *_trim_left(prompt_ids[rows], prompt_mask[rows]), ids, mask)
-        piece, e = _logprobs_of(logits, ids, mask.bool(), temperature, ent is not None)
-        lp = lp.index_copy(0, rows, torch.nn.functional.pad(piece, (0, cols - width)))
-        if ent is not None and e is not None:
-            ent = ent.index_copy(0, rows, torch.nn.functional.pad(e, (0, cols - width)))
-    return lp, ent
+        piece, e = _logprobs_of(logits, ids, mask.bool(), temperature, with_entropy)
+        del logits
+        yield rows, piece, e
+    if cut and shared is not None:
+        shared.backward()
 
 
 def _trim_left(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -579,10 +657,12 @@ def _trim_left(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor]
     return prompt_ids[:, first:], prompt_mask[:, first:].ne(0).long()
 
 
-def _length_buckets(lengths: Tensor, multiple: bool = True, cost: int | None = None) -> list[Tensor]:
+def _length_buckets(lengths: Tensor, multiple: bool = True, cost: int | None = None,
+                    max_positions: int | None = None) -> list[Tensor]:
     """The rows with a counted token, longest first, cut into contiguous buckets that minimise
-    sum over buckets of (rows x longest row) + `cost` per bucket (default BUCKET_COST; an exact
-    O(n^2) dynamic program; one bucket when not `multiple`)."""
+    sum over buckets of (rows x longest row) + `cost` per bucket (default BUCKET_COST), with no
+    bucket of more than one row above `max_positions` (rows x longest row; None = no limit). An
+    exact O(n^2) dynamic program; one bucket when not `multiple`."""
     cost = BUCKET_COST if cost is None else cost
     rows = lengths.nonzero().squeeze(1)
     order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
@@ -592,6 +672,8 @@ def _length_buckets(lengths: Tensor, multiple: bool = True, cost: int | None = N
     best, cut = [0.0] + [float("inf")] * len(sizes), [0] * (len(sizes) + 1)
     for j in range(1, len(sizes) + 1):
         for i in range(j):  # bucket = sorted rows i..j-1, padded to sizes[i]
+            if max_positions is not None and j - i > 1 and (j - i) * sizes[i] > max_positions:
+                continue
             c = best[i] + (j - i) * sizes[i] + cost
             if c < best[j]:
                 best[j], cut[j] = c, i
@@ -618,7 +700,9 @@ class _SharedPrompts:
                     **_logits_kwargs(model, 1))
         self.first = out.logits[:, -1:]  # (U, 1, V): predicts completion token 0
         self.cache = getattr(out, cache_keyword(model))
-        self.copyable = _cache_layers(self.cache) is not None
+        self.layers = _cache_layers(self.cache)
+        self.copyable = self.layers is not None
+        self._outputs: list[Tensor] = []  # after `cut`: the prompts' outputs, whose leaves the buckets use
 
     @classmethod
     def of(cls, model: Any, prompt_ids: Tensor, prompt_mask: Tensor) -> _SharedPrompts | None:
@@ -642,9 +726,28 @@ class _SharedPrompts:
                          **{cache_keyword(self.model): cache})
         return torch.cat([first, out.logits], dim=1)
 
+    def cut(self) -> bool:
+        """Replace the prompts' outputs (first logits, keys, values) by leaves that collect the
+        buckets' gradients; False (nothing cut) when they carry no graph or are not copyable."""
+        if self.layers is None or not self.first.requires_grad:
+            return False
+        self._outputs = [self.first, *(t for kv in self.layers for t in kv)]
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in self._outputs]
+        self.first, self.layers = leaves[0], list(zip(leaves[1::2], leaves[2::2], strict=True))
+        return True
+
+    def backward(self) -> None:
+        """One backward through the prompts' forward with the gradients the leaves collected."""
+        leaves = [self.first, *(t for kv in self.layers or [] for t in kv)]
+        pairs = [(out, leaf.grad) for out, leaf in zip(self._outputs, leaves, strict=True)
+                 if out.requires_grad and leaf.grad is not None]
+        self._outputs = []
+        if pairs:
+            torch.autograd.backward([out for out, _ in pairs], [g for _, g in pairs])
+
     def _rows_cache(self, owner: Tensor) -> Any:
         """A cache holding each row's prompt keys/values (indexing keeps the autograd graph)."""
-        layers = _cache_layers(self.cache)
+        layers = self.layers
         if layers is None:  # one bucket only (copyable False): expand the prompts' cache in place
             self.cache.batch_select_indices(owner)
             return self.cache

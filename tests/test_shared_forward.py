@@ -184,7 +184,8 @@ def test_all_rows_masked_still_returns_a_graph(policy):
 @pytest.mark.parametrize("mu,mini_batches", [(1, 1), (2, 2)])
 def test_grpo_update_equals_the_plain_forward_update(tmp_path: Path, monkeypatch, mu, mini_batches):
     """A whole GRPO round (beta > 0, old log-probs recomputed when off-policy): same per-step losses
-    and adapter weights with the shared/trimmed forward as with plain forwards."""
+    and adapter weights with the shared/trimmed forward, backpropagated bucket by bucket, as with
+    plain forwards and one backward per micro-batch."""
     from rlft.metrics import StepTimer
     from rlft.models import attach_lora, load_model, load_tokenizer, prepare_base, reference_mode
     from rlft.recipe.schema import GRPOSpec, LoraSpec, ModelSpec
@@ -202,13 +203,20 @@ def test_grpo_update_equals_the_plain_forward_update(tmp_path: Path, monkeypatch
     })
     prompts = [tok.encode(p) for p in ["1+2=", "what is 17*3?", "9-4"]]
     sampling = rollout.SamplingParams.of(spec.sampling)
-    real = rollout.completion_logprobs
+    real, real_by_bucket = rollout.completion_logprobs, rollout.loss_by_bucket
+    monkeypatch.setattr(rollout, "BUCKET_COST", 2)  # several buckets, each backpropagated on its own
 
-    def train(share: bool):
+    def one_share(model, tensors, temperature, share_of, with_entropy=False, share_prompts=True):
+        """The reference: the whole micro-batch's plain forward as one share."""
+        logp = plain_logprobs(model, tensors, temperature if temperature > 0 else 1.0)
+        yield share_of(torch.arange(len(logp)), logp, torch.zeros_like(logp) if with_entropy else None)
+
+    def train(fast: bool):
         torch.manual_seed(0)
         policy = attach_lora(load_model(source, mspec, torch.device("cpu")), LoraSpec(r=4)).eval()
         monkeypatch.setattr(rollout, "completion_logprobs",
-                            lambda *a, **k: real(*a, **{**k, "share_prompts": share}))
+                            lambda *a, **k: real(*a, **{**k, "one_forward": not fast}))
+        monkeypatch.setattr(rollout, "loss_by_bucket", real_by_bucket if fast else one_share)
         out = rollout.generate(policy, tok, prompts, sampling, G, rollout.seed_generator(0, 0))
         rewards = torch.randn(len(out.texts), generator=torch.Generator().manual_seed(1))
         ref = lambda: reference_mode(policy)  # noqa: E731
@@ -225,3 +233,257 @@ def test_grpo_update_equals_the_plain_forward_update(tmp_path: Path, monkeypatch
     for name in w_plain:
         assert_close(w_fast[name], w_plain[name], rtol=0, atol=1e-5)
     assert exp.prompt_ids.shape[0] == 3 * G and (exp.prompt_ids[0] == exp.prompt_ids[G - 1]).all()
+
+
+# ---- backward by length bucket (rollout.loss_by_bucket) -------------------------------------------------
+
+def experience(tensors, seed: int, with_old: bool, with_ref: bool, per_token_adv: bool = False):
+    from rlft.rl.learner import Experience
+
+    p_ids, p_mask, c_ids, c_mask = tensors
+    gen = torch.Generator().manual_seed(seed)
+    shape = c_ids.shape
+    noise = lambda: torch.where(c_mask.bool(), 0.3 * torch.randn(shape, generator=gen), 0.0)  # noqa: E731
+    adv = torch.randn(shape if per_token_adv else shape[:1], generator=gen)
+    return Experience(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, mask=c_mask, advantages=adv,
+                      old_logp=noise() - 2.0 if with_old else None, ref_logp=noise() - 2.0 if with_ref else None,
+                      sample_logp=noise() - 2.0)
+
+
+LOSS_VARIANTS = [
+    {"aggregate": "token"},
+    {"aggregate": "sequence", "beta": 0.05, "kl_estimator": "k3", "importance_sampling_kl": True},
+    {"aggregate": "constant", "max_len": 16, "beta": 0.1, "kl_estimator": "k2", "dual_clip": 3.0},
+    {"aggregate": "sequence", "ratio": "sequence", "eps_low": 0.05, "eps_high": 0.05},
+    {"aggregate": "token", "tis_cap": 1.2, "beta": 0.05, "kl_estimator": "k1"},
+]
+
+
+def by_bucket(model, exp, spec, normalizer, temperature, **kw):
+    """Backpropagate `learner.policy_loss` share by share; returns the summed loss, stats and share count."""
+    from rlft.rl.learner import policy_loss
+
+    def share(rows, logp, ent):
+        return policy_loss(logp, exp.rows(rows), spec, normalizer)
+
+    total, sums, count = 0.0, {}, 0
+    for loss, stats in rollout.loss_by_bucket(model, exp.tensors(), temperature, share, **kw):
+        loss.backward()
+        total, count = total + float(loss.detach()), count + 1
+        for k, v in stats.items():
+            sums[k] = torch.maximum(sums[k], v) if k.endswith("_max") and k in sums else sums.get(k, 0.0) + v
+    return total, sums, count
+
+
+def plain_loss(model, exp, spec, normalizer, temperature):
+    """The reference: plain full-width log-probs, the loss over the whole batch, one backward."""
+    from rlft.rl.learner import policy_loss
+
+    loss, stats = policy_loss(plain_logprobs(model, exp.tensors(), temperature), exp, spec, normalizer)
+    loss.backward()
+    return float(loss), stats
+
+
+def param_grads(model) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return out
+
+
+@pytest.mark.parametrize("variant", LOSS_VARIANTS)
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_backward_by_bucket_equals_one_backward_of_the_plain_forward(policy, monkeypatch, variant, off_policy):
+    """Every loss variant is a sum over rows divided by one batch normaliser, so the per-bucket
+    backward (prompt keys/values as leaves, one backward through the prompts at the end) gives the
+    gradients of one backward through a plain forward of the whole batch (LoRA, left padding,
+    ragged completions, a fully masked row, several buckets)."""
+    from rlft.core.losses import aggregation_normalizer
+    from rlft.recipe.schema import LossSpec
+
+    monkeypatch.setattr(rollout, "BUCKET_COST", 2)
+    spec = LossSpec.model_validate(variant)
+    tensors = batch(policy.config.vocab_size, seed=11)
+    exp = experience(tensors, seed=12, with_old=off_policy, with_ref=spec.beta > 0)
+    normalizer = aggregation_normalizer(exp.mask, spec.aggregate, spec.max_len)
+    cuts = []
+    real_cut = rollout._SharedPrompts.cut
+    monkeypatch.setattr(rollout._SharedPrompts, "cut", lambda self: cuts.append(real_cut(self)) or cuts[-1])
+    loss_b, stats_b, count = by_bucket(policy, exp, spec, normalizer, 0.8)
+    g_bucket = param_grads(policy)
+    loss_p, stats_p = plain_loss(policy, exp, spec, normalizer, 0.8)
+    g_plain = param_grads(policy)
+    assert count >= 3 and cuts == [True]  # several buckets, and the prompts' outputs were cut into leaves
+    assert abs(loss_b - loss_p) <= 1e-5 * max(1.0, abs(loss_p))
+    assert stats_b.keys() == stats_p.keys()
+    for k in stats_p:
+        assert_close(stats_b[k], stats_p[k], rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_bucket, g_plain, strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert max(float(g.abs().max()) for g in g_plain) > 1e-3
+
+
+@pytest.mark.parametrize("mode", [{"share_prompts": False}, {}])
+def test_backward_by_bucket_per_token_advantages_and_unshared_prompts(policy, monkeypatch, mode):
+    """Per-token advantages (PPO-style) and the path without prompt sharing give the same gradients."""
+    from rlft.core.losses import aggregation_normalizer
+    from rlft.recipe.schema import LossSpec
+
+    monkeypatch.setattr(rollout, "BUCKET_COST", 2)
+    spec = LossSpec()
+    tensors = batch(policy.config.vocab_size, seed=13, n_prompts=4)
+    exp = experience(tensors, seed=14, with_old=True, with_ref=False, per_token_adv=True)
+    normalizer = aggregation_normalizer(exp.mask, spec.aggregate)
+    _, _, count = by_bucket(policy, exp, spec, normalizer, 1.0, **mode)
+    g_bucket = param_grads(policy)
+    plain_loss(policy, exp, spec, normalizer, 1.0)
+    assert count >= 2
+    for a, b in zip(g_bucket, param_grads(policy), strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_by_bucket_under_activation_checkpointing(tmp_path: Path, monkeypatch):
+    """Checkpointed layers drop the cache: each bucket runs its rows' prompts itself, and is
+    backpropagated on its own; the gradients still equal one plain backward."""
+    from rlft.core.losses import aggregation_normalizer
+    from rlft.models import attach_lora, dropout_free_mode, load_model, prepare_base
+    from rlft.recipe.schema import LoraSpec, LossSpec, ModelSpec
+
+    monkeypatch.setattr(rollout, "BUCKET_COST", 2)
+    mspec = ModelSpec(name="tiny:nano", gradient_checkpointing=True)
+    source = prepare_base(mspec, tmp_path)
+    torch.manual_seed(0)
+    model = dropout_free_mode(attach_lora(load_model(source, mspec, torch.device("cpu")), LoraSpec(r=4)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assert rollout._checkpointed(model)
+    spec = LossSpec(beta=0.05)
+    exp = experience(batch(model.config.vocab_size, seed=15), seed=16, with_old=True, with_ref=True)
+    normalizer = aggregation_normalizer(exp.mask, spec.aggregate)
+    _, _, count = by_bucket(model, exp, spec, normalizer, 1.0)
+    g_bucket = param_grads(model)
+    plain_loss(model, exp, spec, normalizer, 1.0)
+    assert count >= 2
+    for a, b in zip(g_bucket, param_grads(model), strict=True):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class SavedBytes:
+    """Bytes of autograd-saved activations alive at once (saved_tensors_hooks): the peak of what a
+    forward keeps for its backward."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        meter, size = self, t.numel() * t.element_size()
+
+        class Held:
+            def __init__(self):
+                meter.live += size
+                meter.peak = max(meter.peak, meter.live)
+                self.t = t
+
+            def __del__(self):
+                meter.live -= size
+
+        return Held()
+
+    @staticmethod
+    def unpack(held):
+        return held.t
+
+
+def test_backward_by_bucket_holds_one_bucket_at_a_time(policy, monkeypatch):
+    """The point of backpropagating bucket by bucket: the activations held at once are the shared
+    prompts' and one bucket's, well under what one graph over the whole micro-batch holds; no
+    bucket is wider than 1/BUCKET_SPLIT of the micro-batch's tokens (unless it is a single row)."""
+    from rlft.core.losses import aggregation_normalizer
+    from rlft.recipe.schema import LossSpec
+
+    spec = LossSpec()
+    tensors = batch(policy.config.vocab_size, seed=17, n_prompts=4, t_max=12)
+    exp = experience(tensors, seed=18, with_old=False, with_ref=False)
+    normalizer = aggregation_normalizer(exp.mask, spec.aggregate)
+    whole, split = SavedBytes(), SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(whole.pack, whole.unpack):
+        logp = rollout.completion_logprobs(policy, tensors, 1.0)  # one graph over every bucket
+        from rlft.rl.learner import policy_loss
+
+        policy_loss(logp, exp, spec, normalizer)[0].backward()
+    del logp
+    param_grads(policy)
+    widths: list[tuple[int, int]] = []
+
+    def share(rows, logp, ent):
+        widths.append((len(rows), int(exp.mask[rows].ne(0).sum(-1).max())))
+        return policy_loss(logp, exp.rows(rows), spec, normalizer)
+
+    with torch.autograd.graph.saved_tensors_hooks(split.pack, split.unpack):
+        for loss, _ in rollout.loss_by_bucket(policy, exp.tensors(), 1.0, share):
+            loss.backward()
+    param_grads(policy)
+    assert whole.live == 0 and split.live == 0  # every saved activation was released
+    assert len(widths) >= rollout.BUCKET_SPLIT
+    cap = -(-int(exp.mask.ne(0).sum(-1).sum()) // rollout.BUCKET_SPLIT)
+    assert all(r == 1 or r * w <= cap for r, w in widths), widths
+    assert split.peak < 0.6 * whole.peak, (split.peak, whole.peak)
+
+
+def test_length_buckets_respect_max_positions():
+    """With a cap, the dynamic program still finds the cheapest cut among those whose buckets of
+    more than one row hold at most `max_positions` padded positions (brute force)."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        lengths = torch.randint(0, 50, (n,), generator=gen)
+        cost, cap = int(torch.randint(0, 40, (1,), generator=gen)), int(torch.randint(1, 150, (1,), generator=gen))
+        buckets = rollout._length_buckets(lengths, cost=cost, max_positions=cap)
+        assert sorted(torch.cat(buckets).tolist()) == (lengths > 0).nonzero().squeeze(1).tolist()
+        assert all(len(b) == 1 or len(b) * int(lengths[b].max()) <= cap for b in buckets)
+        got = sum(len(b) * int(lengths[b].max()) + cost for b in buckets if len(b))
+        sizes = sorted(lengths[lengths > 0].tolist(), reverse=True)
+        best = float("inf")
+        for k in range(len(sizes)):
+            for cuts in itertools.combinations(range(1, len(sizes)), k):
+                edges = [0, *cuts, len(sizes)]
+                if all(j - i == 1 or (j - i) * sizes[i] <= cap for i, j in itertools.pairwise(edges)):
+                    best = min(best, sum((j - i) * sizes[i] + cost for i, j in itertools.pairwise(edges)))
+        if sizes:
+            assert got == best, (trial, lengths.tolist(), cost, cap)
+
+
+def test_old_and_reference_forwards_are_not_split_but_the_loss_forward_is(policy):
+    """Without a graph nothing is held for a backward: old/reference log-probs keep the cheapest
+    cut (here one bucket: every row equally long), while the loss forward splits it in
+    BUCKET_SPLIT pieces; the log-probs are the same either way."""
+    from rlft.rl.learner import Experience
+
+    p_ids, p_mask, c_ids, c_mask = batch(policy.config.vocab_size, seed=19, n_prompts=3)
+    c_mask = torch.ones_like(c_mask)
+    forwards: list[tuple[int, int]] = []
+    hook = policy.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda m, args, out: forwards.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            old = rollout.completion_logprobs(policy, (p_ids, p_mask, c_ids, c_mask), 1.0)
+        n_old = len(forwards)
+        exp = Experience(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, mask=c_mask,
+                         advantages=torch.zeros(len(c_ids)), old_logp=None, ref_logp=None)
+        pieces = []
+        for logp in rollout.loss_by_bucket(policy, exp.tensors(), 1.0, lambda rows, lp, ent: (rows, lp)):
+            pieces.append(logp)
+        n_loss = len(forwards) - n_old
+    finally:
+        hook.remove()
+    assert n_old == 2  # the distinct prompts, then one bucket of every row
+    assert n_loss == 1 + rollout.BUCKET_SPLIT and len(pieces) == rollout.BUCKET_SPLIT
+    got = torch.zeros_like(old)
+    for rows, lp in pieces:
+        got[rows] = lp.detach()
+    assert_close(got, old, rtol=0, atol=1e-5)

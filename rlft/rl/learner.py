@@ -10,7 +10,7 @@ normaliser is computed once per optimizer step over the whole mini-batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -103,18 +103,23 @@ def update(
     Returns one stats dict per optimizer step.
     """
 
-    def loss_fn(micro: Experience, normalizer: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logp, ent = rollout.completion_logprobs(policy, micro.tensors(), temperature, with_entropy=True)
-        loss, stats = policy_loss(logp, micro, spec.loss, normalizer)
-        stats["entropy"] = torch.where(micro.mask.bool(), ent, 0.0).sum()
-        return loss, stats
+    def loss_fn(micro: Experience, normalizer: Tensor) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        def share(rows: Tensor, logp: Tensor, ent: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+            part = micro.rows(rows)
+            loss, stats = policy_loss(logp, part, spec.loss, normalizer)
+            stats["entropy"] = torch.where(part.mask.bool(), ent if ent is not None else 0.0, 0.0).sum()
+            return loss, stats
+
+        # one share per length bucket, each backpropagated before the next is computed (less memory)
+        return rollout.loss_by_bucket(policy, micro.tensors(), temperature, share, with_entropy=True)
 
     params = list(trainable_named_params(policy).values())
     opt = Optimization(optimizer, params, guard, lr_for, spec.max_grad_norm)
     return optimize(exp, loss_fn, opt, spec, opt_step, spec.num_iterations)
 
 
-LossFn = Callable[[Any, Tensor], tuple[Tensor, dict[str, Tensor]]]
+Share = tuple[Tensor, dict[str, Tensor]]
+LossFn = Callable[[Any, Tensor], Share | Iterator[Share]]
 MAX_SUFFIX = "_max"  # statistics reduced by max over micro-batches and steps (not token means)
 
 
@@ -141,9 +146,10 @@ def optimize(
 
     `batch` has `.mask` (N, T) and `.rows(idx)` (an Experience, a PPO batch). `loss_fn(micro,
     normalizer)` returns the micro-batch's share of the step loss (`losses.aggregate` with the
-    whole mini-batch's `normalizer`, so accumulation is exact) and summed stats: "tokens" (counted
-    tokens) divides the others, except "loss/*" keys, which are already shares and are summed, and
-    "*_max" keys, reduced by max.
+    whole mini-batch's `normalizer`, so accumulation is exact) and summed stats, or an iterator of
+    such shares that sum to it, each backpropagated before the next is drawn (`rollout.loss_by_bucket`).
+    Stats: "tokens" (counted tokens) divides the others, except "loss/*" keys, which are already
+    shares and are summed, and "*_max" keys, reduced by max.
     After each pass, `keep_going(that pass's stats)` False ends the round (PPO's KL early stop).
 
     Returns:
@@ -178,10 +184,11 @@ def _accumulate_and_step(
     total = torch.zeros((), device=mini.mask.device)
     for s in range(0, size, micro_batch_size):
         micro = mini.rows(torch.arange(s, min(s + micro_batch_size, size), device=mini.mask.device))
-        loss, stats = loss_fn(micro, normalizer)
-        backward_into(loss, total, opt_step)
-        for k, v in stats.items():
-            sums[k] = torch.maximum(sums[k], v) if k.endswith(MAX_SUFFIX) and k in sums else sums.get(k, 0.0) + v
+        shares = loss_fn(micro, normalizer)
+        for loss, stats in shares if isinstance(shares, Iterator) else [shares]:  # each backpropagated before the next
+            backward_into(loss, total, opt_step)
+            for k, v in stats.items():
+                sums[k] = torch.maximum(sums[k], v) if k.endswith(MAX_SUFFIX) and k in sums else sums.get(k, 0.0) + v
         fault_point("micro_batch", opt_step)  # tests: die with gradients half accumulated
     return _optimizer_step(opt.optimizer, opt.params, total, sums, opt.guard, opt.max_grad_norm, opt_step)
 
