@@ -87,9 +87,10 @@ def rank_split(spec: Any, world: int) -> str:
     """What each of `world` ranks takes of one optimizer step (sizes in the recipe are global)."""
     if spec.kind in ("grpo", "ppo"):
         rows = spec.prompts_per_step * spec.group_size // spec.mini_batches
+        share = f"{rows // world}" if rows % world == 0 else f"{rows // world}-{rows // world + 1}"
         return (f"each rank samples and scores {spec.prompts_per_step // world} of the {spec.prompts_per_step} prompts "
                 f"x G={spec.group_size} (gathered on every rank); each optimizer step's {rows} completions split "
-                f"{rows // world}-{-(-rows // world)} per rank; gradients and statistics are summed over ranks")
+                f"{share} per rank; gradients and statistics are summed over ranks")
     per_rank = spec.batch_size // world
     micro = spec.micro_batch_size or per_rank
     return (f"each rank takes {per_rank} sequences = {per_rank // micro} micro-batches x {micro} of the "
