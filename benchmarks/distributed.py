@@ -97,7 +97,7 @@ def main() -> None:
                                                args.full, args.stage)
             per_step = (long_wall - short_wall) / args.steps
             rows.append((f"{nproc} process(es) x {threads} thread(s)", per_step,
-                         (long_tokens - short_tokens) / (long_wall - short_wall)))
+                         (long_tokens - short_tokens) / (long_wall - short_wall), short_wall, long_wall))
     mode = "full fine-tuning" if args.full else "LoRA r=8"
     model = f"~30M-parameter tiny qwen2 ({args.layers} layers, hidden 512), {mode}"
     if args.stage == "grpo":
@@ -106,8 +106,12 @@ def main() -> None:
     else:
         print(f"SFT, {model}, global batch 16 (micro-batches of 4), {args.steps} steps\n")
         print("| configuration | s/step | target tokens/s |\n|---|---|---|")
-    for name, per_step, tps in rows:
+    for name, per_step, tps, _, _ in rows:
         print(f"| {name} | {per_step:.2f} | {tps:.0f} |")
+    # under a varying load the difference can mean nothing (even come out negative): the raw times
+    print("\nwall seconds of the two runs (2 and steps + 2 steps):")
+    for name, _, _, short_wall, long_wall in rows:
+        print(f"  {name}: {short_wall:.1f} s, {long_wall:.1f} s")
 
 
 if __name__ == "__main__":

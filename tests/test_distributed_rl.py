@@ -4,9 +4,9 @@ killed with SIGKILL mid-GRPO brings the job down and the rerun ends bitwise wher
 uninterrupted 2-process run ends.
 
 Every run is the installed `rlft` console script in a subprocess (`--nproc 2` launches torchrun).
-The recipes have a dense reward (length shaping, with stop strings for varied lengths) so every
-group carries a signal; GRPO runs mu = 2 passes of 2 mini-batches with the `batch` advantage
-scale and a KL to the adapter-disabled reference.
+The recipes have a length-shaping reward, with stop strings for varied lengths; GRPO runs mu = 2 passes of 2 mini-batches with the `batch` advantage
+scale, dynamic sampling (zero-variance groups dropped and refilled) and a KL to the
+adapter-disabled reference.
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ def _recipe(tmp: Path, name: str, kind: str) -> Path:
         "save_every": 1, "eval_samples": 4, "eval_max_new_tokens": 8, "log_samples_every": 1,
     }
     if kind == "grpo":  # 4 prompts x G=4: each mini-batch's 8 rows are 4 per rank, 2 micro-batches each
-        spec |= {"group_size": 4, "num_iterations": 2, "loss": {"beta": 0.05}, "advantage": {"scale": "batch"}}
+        spec |= {"group_size": 4, "num_iterations": 2, "loss": {"beta": 0.05}, "advantage": {"scale": "batch"},
+                 "dynamic_sampling": {"enabled": True, "max_rounds": 3},  # a reward flat below 15 tokens: refills
+                 "rewards": [{"name": "overlong_penalty", "options": {"max_len": 16, "cache_len": 2}}],
+                 # AdamW turns float-rounding differences in near-zero gradients (summation order,
+                 # padding widths) into weight differences that scale with lr: at 1e-2 up to 1.3e-5
+                 "lr": 2e-3}
     else:  # G = 1: 2 rows per rank per mini-batch; a separate critic
         spec |= {"ppo_epochs": 2, "critic": "separate", "critic_lr": 2e-2, "loss": {"beta": 0.1}, "kl_target": 0.5,
                  "kl_horizon": 8}
@@ -99,6 +104,7 @@ def test_two_processes_grpo_as_one(grpo: tuple[Path, Path]) -> None:
     one, two = grpo
     _assert_same_run(one, two, ["final/adapter/adapter_model.safetensors", "final/model/model.safetensors"])
     assert _metrics(one)[1]["optimizer_steps"] == 4  # mu = 2 passes x 2 mini-batches
+    assert any(r.get("dynamic/rounds", 1) > 1 for r in _metrics(one))  # dynamic sampling refilled a round
     samples = [json.loads(line) for line in (two / "samples.jsonl").read_text().splitlines()]
     assert samples == [json.loads(line) for line in (one / "samples.jsonl").read_text().splitlines()]
     assert not list((two.parent / ".ranks").rglob("*.jsonl"))  # rank 1 wrote no metrics of its own

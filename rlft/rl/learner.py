@@ -146,6 +146,9 @@ def optimize(
     tokens) divides the others, except "loss/*" keys, which are already shares and are summed, and
     "*_max" keys, reduced by max.
     After each pass, `keep_going(that pass's stats)` False ends the round (PPO's KL early stop).
+    On several processes `batch` is the whole round on every rank; each rank takes a contiguous
+    share of every mini-batch's rows (the normaliser stays the whole mini-batch's), and the step's
+    gradients, loss and statistics are summed over ranks (`rlft/rl/shard.py`).
 
     Returns:
         One stats dict per optimizer step taken.
