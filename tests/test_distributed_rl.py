@@ -149,3 +149,18 @@ def test_explain_shows_the_rl_split_and_refuses_an_uneven_one(tmp_path: Path) ->
     line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if "prompts_per_step: 4" in text)
     message = " ".join(refused.stderr.split())
     assert f"{recipe}:{line}: stages.rl.prompts_per_step 4 does not split over 3 processes" in message
+
+
+def test_prompt_generators_continue_the_rounds_one_stream() -> None:
+    """Prompt b's generator draws exactly rows b*G..(b+1)*G-1 of the one (B*G, T) block that one
+    process draws for the round, so a prompt's completions do not depend on the rank sampling it."""
+    import torch
+
+    from rlft.rl.shard import prompt_generators
+    from rlft.rollout import seed_generator
+
+    full = torch.rand((5 * 4, 16), generator=seed_generator(0, 3, 1))
+    gens = prompt_generators(seed_generator(0, 3, 1), 5, 4, 16)
+    assert torch.equal(torch.cat([torch.rand((4, 16), generator=g) for g in gens]), full)
+    rank_one = prompt_generators(seed_generator(0, 3, 1), 5, 4, 16)[3:]  # a rank's share alone
+    assert torch.equal(torch.cat([torch.rand((4, 16), generator=g) for g in rank_one]), full[12:])
