@@ -80,7 +80,7 @@ def batch_arithmetic(spec: Any) -> str:
 
 # --------------------------------------------------------------------------- several processes
 
-DISTRIBUTED_KINDS = ("sft", "distill", "sample", "eval")
+DISTRIBUTED_KINDS = ("sft", "distill", "grpo", "ppo", "sample", "eval")
 
 
 def rank_split(spec: Any, world: int) -> str:
@@ -91,6 +91,12 @@ def rank_split(spec: Any, world: int) -> str:
     if spec.kind == "eval":
         return (f"the generation batches of held-out prompts split over the {world} ranks; the results "
                 "are gathered in prompt order")
+    if spec.kind in ("grpo", "ppo"):
+        rows = spec.prompts_per_step * spec.group_size // spec.mini_batches
+        share = f"{rows // world}" if rows % world == 0 else f"{rows // world}-{rows // world + 1}"
+        return (f"each rank samples and scores {spec.prompts_per_step // world} of the {spec.prompts_per_step} prompts "
+                f"x G={spec.group_size} (gathered on every rank); each optimizer step's {rows} completions split "
+                f"{share} per rank; gradients and statistics are summed over ranks")
     per_rank = spec.batch_size // world
     micro = spec.micro_batch_size or per_rank
     return (f"each rank takes {per_rank} sequences = {per_rank // micro} micro-batches x {micro} of the "
@@ -118,6 +124,8 @@ def split_problem(loaded: Any, stage: str, world: int) -> str | None:
                 f"{', '.join(DISTRIBUTED_KINDS)} stages (run it with `rlft stage {stage}` without --nproc)")
     if spec.kind in ("sample", "eval"):  # any number of generation batches splits (some ranks may idle)
         return None
+    if spec.kind in ("grpo", "ppo"):
+        return _rl_split_problem(loaded, stage, spec, world)
     micro = spec.micro_batch_size or spec.batch_size // world or 1
     if spec.batch_size % (micro * world) == 0:
         return None
@@ -129,3 +137,17 @@ def split_problem(loaded: Any, stage: str, world: int) -> str | None:
                 f"micro_batch_size each rank takes batch_size / {world}); make it a multiple of {world}")
     return (f"{where}: {key} {spec.batch_size} = {spec.batch_size // micro} micro-batches of {micro} does not "
             f"split over {world} processes; make batch_size / micro_batch_size a multiple of {world}")
+
+
+def _rl_split_problem(loaded: Any, stage: str, spec: Any, world: int) -> str | None:
+    """GRPO/PPO: each rank samples an equal share of whole prompt groups (built-in sampler only)."""
+    if spec.sampling.engine != "hf":
+        return (f"stage {stage} ({spec.kind}, sampling.engine {spec.sampling.engine}) runs in one process only so "
+                f"far; several processes sample with the built-in sampler (sampling.engine: hf)")
+    if spec.prompts_per_step % world == 0:
+        return None
+    key = f"stages.{stage}.prompts_per_step"
+    at = loaded.positions.get(key)
+    where = f"{loaded.path}:{at[0]}" if at else f"{loaded.path}"
+    return (f"{where}: {key} {spec.prompts_per_step} does not split over {world} processes (each rank samples "
+            f"whole groups of an equal share of the prompts); make it a multiple of {world}")

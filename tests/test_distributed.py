@@ -203,9 +203,10 @@ def test_without_micro_batch_size_each_rank_takes_an_equal_share(tmp_path: Path)
 
 def test_nproc_refuses_stages_that_run_in_one_process_only(tmp_path: Path) -> None:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-grpo.yaml"
-    refused = _rlft("run", str(recipe), "--nproc", "2", "--set", f"output_dir={tmp_path}")
+    refused = _rlft("run", str(recipe), "--nproc", "2", "--set", f"output_dir={tmp_path}",
+                    "--set", "stages.rl.sampling.engine=vllm")
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert "(grpo) runs in one process only so far" in " ".join(refused.stderr.split())
+    assert "(grpo, sampling.engine vllm) runs in one process only so far" in " ".join(refused.stderr.split())
     assert list(tmp_path.iterdir()) == []  # refused before torchrun started or anything was written
 
 

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlft import rollout
+from rlft import dist, rollout
 from rlft.ckpt.faults import fault_point
 from rlft.core import losses
 from rlft.models import trainable_named_params
 from rlft.recipe.schema import GRPOSpec, LossSpec, PPOSpec
-from rlft.training import NanGuard, apply_step, backward_into, lr_at, set_lr
+from rlft.rl import shard
+from rlft.training import NanGuard, backward_into, finish_step, lr_at, set_lr
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,9 @@ def optimize(
     Stats: "tokens" (counted tokens) divides the others, except "loss/*" keys, which are already
     shares and are summed, and "*_max" keys, reduced by max.
     After each pass, `keep_going(that pass's stats)` False ends the round (PPO's KL early stop).
+    On several processes `batch` is the whole round on every rank; each rank takes a contiguous
+    share of every mini-batch's rows (the normaliser stays the whole mini-batch's), and the step's
+    gradients, loss and statistics are summed over ranks (`rlft/rl/shard.py`).
 
     Returns:
         One stats dict per optimizer step taken.
@@ -163,8 +167,9 @@ def optimize(
     for _ in range(passes):
         done = []
         for rows in minis:
-            mini = batch.rows(rows)
-            normalizer = losses.aggregation_normalizer(mini.mask, spec.loss.aggregate, max_len)
+            normalizer = losses.aggregation_normalizer(batch.mask[rows], spec.loss.aggregate, max_len)
+            share = dist.shard(len(rows))  # several processes: this rank's rows of the mini-batch
+            mini = batch.rows(rows[share.start: share.stop])
             opt_step += 1
             done.append(_accumulate_and_step(mini, loss_fn, opt, normalizer, spec.micro_batch_size, opt_step))
         out += done
@@ -197,20 +202,24 @@ def _optimizer_step(
     optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], total: Tensor, sums: dict[str, Tensor],
     guard: NanGuard, max_grad_norm: float | None, opt_step: int,
 ) -> dict[str, float]:
-    tokens = float(sums.pop("tokens").clamp(min=1))
+    sums = shard.reduce_stats(sums, MAX_SUFFIX)  # several processes: the whole mini-batch's sums
+    n_tokens = sums.pop("tokens", torch.zeros(()))
+    tokens = float(n_tokens.clamp(min=1))
     stats = {k: float(v) if k.startswith("loss/") or k.endswith(MAX_SUFFIX) else float(v) / tokens
              for k, v in sums.items()}
     lr = optimizer.param_groups[0]["lr"]
-    grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, opt_step)
-    if grad_norm is None:
+    step = finish_step(optimizer, params, total, guard, max_grad_norm, opt_step, n_tokens)  # sums grads over ranks
+    if "grad_norm" not in step:
         return {"loss/policy": float("nan"), "skipped": guard.skipped}
-    return {"loss/policy": float(total), "grad_norm": grad_norm, "lr": lr, "skipped": guard.skipped, **stats}
+    return {"loss/policy": step["loss"], "grad_norm": step["grad_norm"], "lr": lr, "skipped": guard.skipped, **stats}
 
 
 @torch.no_grad()
 def logprobs_of(model: Any, exp_tensors: tuple[Tensor, ...], temperature: float, micro_batch_size: int) -> Tensor:
-    """(N, T) log-probs without a graph (old_logp before the first update, ref_logp)."""
-    return rollout.completion_logprobs(model, exp_tensors, temperature, micro_batch_size=micro_batch_size)
+    """(N, T) log-probs without a graph (old_logp before the first update, ref_logp); on several
+    processes each rank computes a share of the rows (`shard.by_rows`)."""
+    return shard.by_rows(lambda t: [rollout.completion_logprobs(model, t, temperature, micro_batch_size=micro_batch_size)],
+                         exp_tensors)[0]
 
 
 def mean_stats(updates: list[dict[str, float]]) -> dict[str, float]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rlft import rollout
+from rlft import dist, rollout
 from rlft.core import advantages
 from rlft.data import encode
 from rlft.data.batch import PromptLoader
@@ -23,6 +23,7 @@ from rlft.data.rows import mix
 from rlft.models import load_model, reference_mode
 from rlft.recipe.schema import GRPOSpec, PPOSpec
 from rlft.rewards.runner import build_rewards
+from rlft.rl import shard
 from rlft.rl.alarms import AlarmMonitor, abstained_stats, abstaining_rewards, unparsed_stats
 from rlft.stage_io import load_prompts
 
@@ -100,16 +101,23 @@ def sample_round(
     r = 0
     for r in range(rounds):
         batch = next(loader)
-        prompts, generator = [b.prompt_ids for b in batch], rollout.seed_generator(seed, step, r)
-        if engine is None:
-            out = rollout.generate(policy, tokenizer, prompts, sampling, G, generator)
-        else:
-            out = engine.generate(tokenizer, prompts, sampling, G, generator, next(policy.parameters()).device)
-        timer.lap("generation")
-        columns = {k: [b.columns.get(k) for b in batch for _ in range(G)] for k in batch[0].columns}
-        columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
-        result = score([b.prompt_text for b in batch for _ in range(G)], out.texts, columns)
-        timer.lap("rewards")
+
+        def sample(part: Any, generator: Any) -> tuple[rollout.Rollouts, Any]:
+            prompts = [b.prompt_ids for b in part]
+            if engine is None:
+                out = rollout.generate(policy, tokenizer, prompts, sampling, G, generator)
+            else:
+                out = engine.generate(tokenizer, prompts, sampling, G, generator, next(policy.parameters()).device)
+            timer.lap("generation")
+            columns = {k: [b.columns.get(k) for b in part for _ in range(G)] for k in part[0].columns}
+            columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
+            result = score([b.prompt_text for b in part for _ in range(G)], out.texts, columns)
+            timer.lap("rewards")
+            return out, result
+
+        # several processes: each rank samples and scores its share of the prompts (rlft/rl/shard.py)
+        out, result = shard.sampled_share(batch, rollout.seed_generator(seed, step, r), G, sampling.max_new_tokens,
+                                          sample, lambda parts: concat_rollouts(parts, tokenizer.pad_token_id))
         if r == 0:
             stats = round_stats(out, result, G) | abstained_stats(abstaining_rewards(spec.rewards), result)
         keep = torch.ones(len(batch), dtype=torch.bool)
@@ -219,6 +227,8 @@ class RoundLog:
             self.metrics.log(0, {"eval/accuracy": self.accuracy()})
 
     def accuracy(self) -> float | None:
+        """Held-out greedy accuracy; on several processes every rank evaluates its share of the
+        prompts and gets the whole figure (`evaluate.task_accuracy` gathers: all ranks call it)."""
         from rlft import evaluate
 
         return evaluate.task_accuracy(self.policy, self.tokenizer, self.held_out, self.max_new)
@@ -231,6 +241,8 @@ class RoundLog:
         if evaluate:
             stats["eval/accuracy"] = self.accuracy()
         stats |= unparsed_stats(self.reward_names, texts)
+        if dist.initialized():  # every rank checks alarms on the metrics rank 0 writes (timings differ)
+            stats = dist.broadcast_object(stats)
         self.metrics.log(step + 1, stats, force=evaluate)
         if self.metrics.history and self.metrics.history[-1]["step"] == step + 1:
             self.alarms.check(self.metrics.history)

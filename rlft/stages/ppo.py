@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rlft import rollout, training
+from rlft import dist, rollout, training
 from rlft.ckpt.fsio import commit_dir
 from rlft.core import advantages, losses
 from rlft.metrics import StepTimer
 from rlft.models import dropout_free_mode, load_policy
-from rlft.rl import critic, learner, rounds
+from rlft.rl import critic, learner, rounds, shard
 from rlft.stage_io import StageOutput, finish_model, new_staging
 
 if TYPE_CHECKING:
@@ -150,10 +150,16 @@ def make_optimization(policy: Any, value: critic.Critic, spec: PPOSpec) -> learn
 @torch.no_grad()
 def evaluate_batch(policy: Any, value: critic.Critic, tensors: tuple[Tensor, ...], temperature: float,
                    micro_batch_size: int) -> critic.Evaluation:
-    """old_logp and V_old of every row, micro-batch by micro-batch, without a graph."""
-    parts = [value.evaluate(policy, tuple(t[s : s + micro_batch_size] for t in tensors), temperature)
-             for s in range(0, tensors[0].shape[0], micro_batch_size)]
-    return critic.Evaluation(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logp", "entropy", "values")))
+    """old_logp and V_old of every row, micro-batch by micro-batch, without a graph (on several
+    processes each rank evaluates a share of the rows, `shard.by_rows`)."""
+    fields = ("logp", "entropy", "values")
+
+    def evaluate(rows: tuple[Tensor, ...]) -> list[Tensor]:
+        parts = [value.evaluate(policy, tuple(t[s : s + micro_batch_size] for t in rows), temperature)
+                 for s in range(0, rows[0].shape[0], micro_batch_size)]
+        return [torch.cat([getattr(p, f) for p in parts]) for f in fields]
+
+    return critic.Evaluation(*shard.by_rows(evaluate, tensors))
 
 
 def build_batch(
@@ -259,7 +265,9 @@ def finish(
         k = max(1, len(evs) // 10)
         output.summary["value/explained_variance_last"] = sum(evs[-k:]) / k
     artifact = finish_model(ctx, policy, tokenizer, output)
-    staging = new_staging(ctx.stage_dir)
-    value.save(staging, ctx.spec.reward_model)
-    commit_dir(staging, ctx.stage_dir / "final" / "critic")
+    if dist.is_main():  # rank 0 writes; the critic is the same on every rank
+        staging = new_staging(ctx.stage_dir)
+        value.save(staging, ctx.spec.reward_model)
+        commit_dir(staging, ctx.stage_dir / "final" / "critic")
+    dist.barrier()
     return artifact

@@ -1,0 +1,166 @@
+"""GRPO and PPO on several processes (torchrun, gloo on CPU): a 2-process run equals the
+1-process run with the same global batch (metrics.jsonl and final weights within 1e-5); a rank
+killed with SIGKILL mid-GRPO brings the job down and the rerun ends bitwise where an
+uninterrupted 2-process run ends.
+
+Every run is the installed `rlft` console script in a subprocess (`--nproc 2` launches torchrun).
+The recipes have a length-shaping reward, with stop strings for varied lengths; GRPO runs mu = 2 passes of 2 mini-batches with the `batch` advantage
+scale, dynamic sampling (zero-variance groups dropped and refilled) and a KL to the
+adapter-disabled reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import done_marker, final_hashes, write_recipe
+from safetensors.torch import load_file
+from test_distributed import _rank_pid
+
+RLFT = Path(sys.executable).with_name("rlft")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def _recipe(tmp: Path, name: str, kind: str) -> Path:
+    spec: dict[str, Any] = {
+        "kind": kind,
+        "data": {"source": "tiny:arith", "num_examples": 64, "eval_size": 4, "max_length": 128},
+        "rewards": [{"name": "overlong_penalty", "options": {"max_len": 16, "cache_len": 15}}],
+        "steps": 3, "prompts_per_step": 4, "mini_batches": 2, "micro_batch_size": 2, "lr": 1e-2,
+        "sampling": {"temperature": 1.0, "max_new_tokens": 16, "stop": list("aeiou0123456789")},
+        "save_every": 1, "eval_samples": 4, "eval_max_new_tokens": 8, "log_samples_every": 1,
+    }
+    if kind == "grpo":  # 4 prompts x G=4: each mini-batch's 8 rows are 4 per rank, 2 micro-batches each
+        spec |= {"group_size": 4, "num_iterations": 2, "loss": {"beta": 0.05}, "advantage": {"scale": "batch"},
+                 "dynamic_sampling": {"enabled": True, "max_rounds": 3},  # a reward flat below 15 tokens: refills
+                 "rewards": [{"name": "overlong_penalty", "options": {"max_len": 16, "cache_len": 2}}],
+                 # AdamW turns float-rounding differences in near-zero gradients (summation order,
+                 # padding widths) into weight differences that scale with lr: at 1e-2 up to 1.3e-5
+                 "lr": 2e-3}
+    else:  # G = 1: 2 rows per rank per mini-batch; a separate critic
+        spec |= {"ppo_epochs": 2, "critic": "separate", "critic_lr": 2e-2, "loss": {"beta": 0.1}, "kl_target": 0.5,
+                 "kl_horizon": 8}
+    recipe = {"run_name": "t", "output_dir": str(tmp / name), "seed": 0, "model": {"name": "tiny:nano"},
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear"}, "stages": {"rl": spec}}
+    return write_recipe(tmp / f"{name}.yaml", recipe)
+
+
+def _rlft(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(RLFT), *args], env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _stage(tmp: Path, name: str) -> Path:
+    return tmp / name / "t" / "rl"
+
+
+def _metrics(stage: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def _one_and_two(tmp: Path, kind: str) -> tuple[Path, Path]:
+    one = _rlft("run", str(_recipe(tmp, f"{kind}-one", kind)))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _rlft("run", str(_recipe(tmp, f"{kind}-two", kind)), "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    return _stage(tmp, f"{kind}-one"), _stage(tmp, f"{kind}-two")
+
+
+def _assert_same_run(one: Path, two: Path, weights: list[str]) -> None:
+    a, b = _metrics(one), _metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k, v in ra.items():
+            if isinstance(v, float):
+                assert abs(v - rb[k]) <= 1e-5, (ra["step"], k, v, rb[k])
+            else:
+                assert v == rb[k], (ra["step"], k, v, rb[k])
+    losses = [r["loss/policy"] for r in a if "loss/policy" in r]
+    assert len(losses) == 3 and all(x != 0 for x in losses)  # every round trained on a signal
+    for name in weights:
+        wa, wb = load_file(one / name), load_file(two / name)
+        assert wa.keys() == wb.keys()
+        assert max(float(wa[k].abs().max()) for k in wa) > 0
+        worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+        assert worst <= 1e-5, (name, worst)
+
+
+@pytest.fixture(scope="module")
+def grpo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _one_and_two(tmp_path_factory.mktemp("grpo"), "grpo")
+
+
+@pytest.mark.slow
+def test_two_processes_grpo_as_one(grpo: tuple[Path, Path]) -> None:
+    one, two = grpo
+    _assert_same_run(one, two, ["final/adapter/adapter_model.safetensors", "final/model/model.safetensors"])
+    assert _metrics(one)[1]["optimizer_steps"] == 4  # mu = 2 passes x 2 mini-batches
+    assert any(r.get("dynamic/rounds", 1) > 1 for r in _metrics(one))  # dynamic sampling refilled a round
+    samples = [json.loads(line) for line in (two / "samples.jsonl").read_text().splitlines()]
+    assert samples == [json.loads(line) for line in (one / "samples.jsonl").read_text().splitlines()]
+    assert not list((two.parent / ".ranks").rglob("*.jsonl"))  # rank 1 wrote no metrics of its own
+
+
+@pytest.mark.slow
+def test_two_processes_ppo_as_one(tmp_path: Path) -> None:
+    one, two = _one_and_two(tmp_path, "ppo")
+    _assert_same_run(one, two, ["final/adapter/adapter_model.safetensors", "final/critic/value_head.safetensors"])
+
+
+@pytest.mark.slow
+def test_kill9_of_one_rank_mid_grpo_then_rerun_equals_uninterrupted(grpo: tuple[Path, Path], tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "k", "grpo")
+    stage = _stage(tmp_path, "k")
+    launcher = subprocess.Popen([str(RLFT), "run", str(recipe), "--nproc", "2"], env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (stage / "step-00000001").exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = _rank_pid(launcher.pid, 1)
+    assert victim is not None and launcher.poll() is None, "the job ended before a rank could be killed"
+    os.kill(victim, signal.SIGKILL)
+    assert launcher.wait(timeout=300) != 0  # torchrun brings the job down
+    assert not (stage / "stage.done.json").exists()
+    rerun = _rlft("run", str(recipe), "--nproc", "2")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1  # it resumed, not started over
+    _, two = grpo
+    assert final_hashes(stage) == final_hashes(two)
+    assert _metrics(stage) == _metrics(two)
+
+
+def test_explain_shows_the_rl_split_and_refuses_an_uneven_one(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "e", "grpo")
+    shown = _rlft("explain", str(recipe), "--nproc", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert ("on 2 processes: each rank samples and scores 2 of the 4 prompts x G=4 (gathered on every rank); "
+            "each optimizer step's 8 completions split 4 per rank") in shown.stdout
+    refused = _rlft("explain", str(recipe), "--nproc", "3")
+    assert refused.returncode == 2
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if "prompts_per_step: 4" in text)
+    message = " ".join(refused.stderr.split())
+    assert f"{recipe}:{line}: stages.rl.prompts_per_step 4 does not split over 3 processes" in message
+
+
+def test_prompt_generators_continue_the_rounds_one_stream() -> None:
+    """Prompt b's generator draws exactly rows b*G..(b+1)*G-1 of the one (B*G, T) block that one
+    process draws for the round, so a prompt's completions do not depend on the rank sampling it."""
+    import torch
+
+    from rlft.rl.shard import prompt_generators
+    from rlft.rollout import seed_generator
+
+    full = torch.rand((5 * 4, 16), generator=seed_generator(0, 3, 1))
+    gens = prompt_generators(seed_generator(0, 3, 1), 5, 4, 16)
+    assert torch.equal(torch.cat([torch.rand((4, 16), generator=g) for g in gens]), full)
+    rank_one = prompt_generators(seed_generator(0, 3, 1), 5, 4, 16)[3:]  # a rank's share alone
+    assert torch.equal(torch.cat([torch.rand((4, 16), generator=g) for g in rank_one]), full[12:])
