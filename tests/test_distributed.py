@@ -140,17 +140,10 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-KILL_TRIALS = int(os.environ.get("RLFT_KILL_TRIALS", "1"))  # .ci/run asks for more
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trial", range(KILL_TRIALS))
-def test_kill9_of_one_rank_then_rerun_equals_uninterrupted(runs: Path, tmp_path: Path, trial: int) -> None:
-    """Each trial kills another rank at another point: after the checkpoint of step 1, 2 or 3 has
-    appeared, plus a random delay that lands in the next step or in the next commit."""
-    after_step, rank, delay = 1 + trial % 3, (trial + 1) % 2, random.Random(trial).uniform(0.0, 0.4)
-    recipe = _recipe(tmp_path, "k")
-    stage = _stage(tmp_path, "k")
+def kill_one_rank_then_rerun(recipe: Path, stage: Path, after_step: int, rank: int, delay: float = 0.0) -> None:
+    """`rlft run RECIPE --nproc 2`; SIGKILL of `rank` once the checkpoint of `after_step` has
+    appeared (plus `delay` s); torchrun must bring the job down unfinished; then the same command
+    again, which must finish."""
     launcher = subprocess.Popen([str(RLFT), "run", str(recipe), "--nproc", "2"], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -164,6 +157,20 @@ def test_kill9_of_one_rank_then_rerun_equals_uninterrupted(runs: Path, tmp_path:
     assert not (stage / "stage.done.json").exists()
     rerun = _rlft("run", str(recipe), "--nproc", "2")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+
+KILL_TRIALS = int(os.environ.get("RLFT_KILL_TRIALS", "1"))  # .ci/run asks for more
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(KILL_TRIALS))
+def test_kill9_of_one_rank_then_rerun_equals_uninterrupted(runs: Path, tmp_path: Path, trial: int) -> None:
+    """Each trial kills another rank at another point: after the checkpoint of step 1, 2 or 3 has
+    appeared, plus a random delay that lands in the next step or in the next commit."""
+    after_step, rank, delay = 1 + trial % 3, (trial + 1) % 2, random.Random(trial).uniform(0.0, 0.4)
+    recipe = _recipe(tmp_path, "k")
+    stage = _stage(tmp_path, "k")
+    kill_one_rank_then_rerun(recipe, stage, after_step, rank, delay)
     assert final_hashes(stage) == final_hashes(_stage(runs, "two"))
     assert step_losses(stage) == step_losses(_stage(runs, "two"))
 

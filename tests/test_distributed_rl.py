@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import done_marker, final_hashes, write_recipe
 from safetensors.torch import load_file
-from test_distributed import _rank_pid
+from test_distributed import kill_one_rank_then_rerun
 
 RLFT = Path(sys.executable).with_name("rlft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -120,18 +118,7 @@ def test_two_processes_ppo_as_one(tmp_path: Path) -> None:
 def test_kill9_of_one_rank_mid_grpo_then_rerun_equals_uninterrupted(grpo: tuple[Path, Path], tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "k", "grpo")
     stage = _stage(tmp_path, "k")
-    launcher = subprocess.Popen([str(RLFT), "run", str(recipe), "--nproc", "2"], env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (stage / "step-00000001").exists() and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    victim = _rank_pid(launcher.pid, 1)
-    assert victim is not None and launcher.poll() is None, "the job ended before a rank could be killed"
-    os.kill(victim, signal.SIGKILL)
-    assert launcher.wait(timeout=300) != 0  # torchrun brings the job down
-    assert not (stage / "stage.done.json").exists()
-    rerun = _rlft("run", str(recipe), "--nproc", "2")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=1)
     assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1  # it resumed, not started over
     _, two = grpo
     assert final_hashes(stage) == final_hashes(two)

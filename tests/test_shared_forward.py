@@ -120,10 +120,28 @@ def test_prompt_is_forwarded_once_and_padding_is_not(policy, monkeypatch):
         at += r
 
 
-def test_length_buckets_are_the_cheapest_cut():
-    """`_length_buckets` against every contiguous cut of the sorted rows (brute force)."""
+def _cheapest_cut(lengths: torch.Tensor, cost: int, cap: float = float("inf")) -> float:
+    """Brute force over every contiguous cut of the rows with a counted token, longest first:
+    the least sum(rows x longest) + cost per bucket, among cuts whose buckets of more than one row
+    hold at most `cap` padded positions."""
     import itertools
 
+    sizes = sorted(lengths[lengths > 0].tolist(), reverse=True)
+    best = float("inf")
+    for k in range(len(sizes)):
+        for cuts in itertools.combinations(range(1, len(sizes)), k):
+            edges = list(itertools.pairwise([0, *cuts, len(sizes)]))
+            if all(j - i == 1 or (j - i) * sizes[i] <= cap for i, j in edges):
+                best = min(best, sum((j - i) * sizes[i] + cost for i, j in edges))
+    return best
+
+
+def _cut_cost(lengths: torch.Tensor, buckets: list[torch.Tensor], cost: int) -> int:
+    return sum(len(b) * int(lengths[b].max()) + cost for b in buckets if len(b))
+
+
+def test_length_buckets_are_the_cheapest_cut():
+    """`_length_buckets` against every contiguous cut of the sorted rows (brute force)."""
     gen = torch.Generator().manual_seed(0)
     for trial in range(30):
         n = int(torch.randint(1, 10, (1,), generator=gen))
@@ -132,15 +150,8 @@ def test_length_buckets_are_the_cheapest_cut():
         buckets = rollout._length_buckets(lengths, cost=cost)
         rows = torch.cat(buckets).tolist() if buckets else []
         assert sorted(rows) == (lengths > 0).nonzero().squeeze(1).tolist()
-        got = sum(len(b) * int(lengths[b].max()) + cost for b in buckets if len(b))
-        sizes = sorted(lengths[lengths > 0].tolist(), reverse=True)
-        best = float("inf")
-        for k in range(len(sizes)):
-            for cuts in itertools.combinations(range(1, len(sizes)), k):
-                edges = [0, *cuts, len(sizes)]
-                best = min(best, sum((j - i) * sizes[i] + cost for i, j in itertools.pairwise(edges)))
-        if sizes:
-            assert got == best, (trial, lengths.tolist(), cost)
+        if (lengths > 0).any():
+            assert _cut_cost(lengths, buckets, cost) == _cheapest_cut(lengths, cost), (trial, lengths.tolist(), cost)
 
 
 def test_reference_and_old_logprobs_equal_the_plain_forward(policy):
@@ -436,8 +447,6 @@ def test_backward_by_bucket_holds_one_bucket_at_a_time(policy, monkeypatch):
 def test_length_buckets_respect_max_positions():
     """With a cap, the dynamic program still finds the cheapest cut among those whose buckets of
     more than one row hold at most `max_positions` padded positions (brute force)."""
-    import itertools
-
     gen = torch.Generator().manual_seed(1)
     for trial in range(30):
         n = int(torch.randint(1, 9, (1,), generator=gen))
@@ -446,15 +455,8 @@ def test_length_buckets_respect_max_positions():
         buckets = rollout._length_buckets(lengths, cost=cost, max_positions=cap)
         assert sorted(torch.cat(buckets).tolist()) == (lengths > 0).nonzero().squeeze(1).tolist()
         assert all(len(b) == 1 or len(b) * int(lengths[b].max()) <= cap for b in buckets)
-        got = sum(len(b) * int(lengths[b].max()) + cost for b in buckets if len(b))
-        sizes = sorted(lengths[lengths > 0].tolist(), reverse=True)
-        best = float("inf")
-        for k in range(len(sizes)):
-            for cuts in itertools.combinations(range(1, len(sizes)), k):
-                edges = [0, *cuts, len(sizes)]
-                if all(j - i == 1 or (j - i) * sizes[i] <= cap for i, j in itertools.pairwise(edges)):
-                    best = min(best, sum((j - i) * sizes[i] + cost for i, j in itertools.pairwise(edges)))
-        if sizes:
+        if (lengths > 0).any():
+            got, best = _cut_cost(lengths, buckets, cost), _cheapest_cut(lengths, cost, cap)
             assert got == best, (trial, lengths.tolist(), cost, cap)
 
 
