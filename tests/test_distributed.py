@@ -47,14 +47,20 @@ def _stage(tmp: Path, name: str) -> Path:
     return tmp / name / "t" / "sft"
 
 
+def _one_and_two(tmp: Path, recipe: Any) -> subprocess.CompletedProcess[str]:
+    """`recipe(tmp, name)` run as "one" by 1 process and as "two" by 2; both must finish."""
+    one = _rlft("run", str(recipe(tmp, "one")))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _rlft("run", str(recipe(tmp, "two")), "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    return two
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same recipe run by 1 process and by 2 (`two`), once for the module."""
     tmp = tmp_path_factory.mktemp("dist")
-    one = _rlft("run", str(_recipe(tmp, "one")))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _rlft("run", str(_recipe(tmp, "two")), "--nproc", "2")
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = _one_and_two(tmp, _recipe)
     shown = [line.strip() for line in (two.stdout + two.stderr).splitlines()]
     assert shown.count("run t") == 1, two.stderr[-3000:]  # rank 0 alone prints the run table
     return tmp
@@ -276,10 +282,7 @@ def _fsdp_recipe(tmp: Path, name: str, **changes: Any) -> Path:
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fsdp recipe run by 1 process (nothing to shard: the plain path) and by 2 (sharded)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    one = _rlft("run", str(_fsdp_recipe(tmp, "one")))
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _rlft("run", str(_fsdp_recipe(tmp, "two")), "--nproc", "2")
-    assert two.returncode == 0, two.stderr[-3000:]
+    _one_and_two(tmp, _fsdp_recipe)
     return tmp
 
 
