@@ -9,7 +9,7 @@ ifeq ($(CI),true)
 PYTEST_MARKS ?=
 # the randomized reliability tests run N=20 trials in CI (5 locally)
 export RLFT_RELIABILITY_N ?= 20
-# the kill -9 of one torchrun rank: 6 trials in CI (both ranks x three kill points), 1 locally
+# the kill -9 of one torchrun rank: 6 trials in CI (both ranks, after step 1 or 2, random delays), 1 locally
 export RLFT_KILL_TRIALS ?= 6
 else
 PYTEST_MARKS ?= -m "not slow"

@@ -370,7 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (also used by tests that fork a run)."""
     code = _main(argv)
     _record_exit_code(code)
+    _leave_if_follower(code)
     return code
+
+
+def _leave_if_follower(code: int) -> None:
+    """A torchrun rank > 0 exits here, skipping interpreter teardown: it has met the others at the
+    final barrier and written nothing that needs it, and tearing down the process group's C++
+    threads at exit can abort (SIGABRT) while rank 0 is still finishing. Rank 0 exits normally."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) > 0 and "TORCHELASTIC_RUN_ID" in os.environ:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:
