@@ -451,6 +451,7 @@ def completion_logprobs(
     with_entropy: bool = False,
     share_prompts: bool = True,
     one_forward: bool = False,
+    hidden_of: Any | None = None,
 ) -> Any:
     """Log-probs of the completion tokens under `model`: the training-time forward.
 
@@ -479,18 +480,24 @@ def completion_logprobs(
         with_entropy: also return the (N, T) per-token entropy (no graph), a metric.
         share_prompts: forward each distinct prompt of a micro-batch once.
         one_forward: one plain forward of each micro-batch at its full padded width, none of the
-            above (for callers that read the forward's hidden states, like PPO's value head).
+            above (the reference the tests and benchmarks compare with).
+        hidden_of: a module of `model` (its decoder, for PPO's value head): also return its last
+            hidden state at the same positions, (N, T, H), from the same forward (not with
+            `one_forward`); 0 on rows with no counted token and past a row's last counted token.
 
     Returns:
-        (N, T) float32 log-probs, 0 where completion_mask is 0; with_entropy: (logp, entropy).
+        (N, T) float32 log-probs, 0 where completion_mask is 0; with_entropy: (logp, entropy);
+        hidden_of: (logp, entropy or None, hidden).
     """
     if isinstance(batch, Rollouts):
         batch = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    if one_forward and hidden_of is not None:
+        raise ValueError("hidden_of is read from the bucketed forward, not with one_forward")
     n_rows, steps = completion_ids.shape
     step = micro_batch_size or n_rows
     temp = temperature if temperature > 0 else 1.0
-    parts, entropies = [], []
+    parts, entropies, hiddens = [], [], []
     for s in range(0, n_rows, step):
         rows = slice(s, s + step)
         if one_forward:
@@ -500,12 +507,16 @@ def completion_logprobs(
             if ent is not None:
                 entropies.append(ent)
             continue
-        lp, ent = _micro_batch_logprobs(
+        lp, ent, hid = _micro_batch_logprobs(
             model, (prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows]), temp,
-            with_entropy, share_prompts)
+            with_entropy, share_prompts, hidden_of)
         parts.append(torch.nn.functional.pad(lp, (0, steps - lp.shape[1])))
         if ent is not None:
             entropies.append(torch.nn.functional.pad(ent, (0, steps - ent.shape[1])))
+        if hid is not None:
+            hiddens.append(torch.nn.functional.pad(hid, (0, 0, 0, steps - hid.shape[1])))
+    if hidden_of is not None:
+        return torch.cat(parts), torch.cat(entropies) if with_entropy else None, torch.cat(hiddens)
     if with_entropy:
         return torch.cat(parts), torch.cat(entropies)
     return torch.cat(parts)
@@ -516,16 +527,42 @@ def _plain_logprobs(
     temperature: float, with_entropy: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """One forward over [prompt; completion] at the full padded width: (n, T) log-probs (and entropies)."""
-    logits = _joined_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask.ne(0).long())
+    logits, _ = _joined_outputs(model, None, prompt_ids, prompt_mask, completion_ids, completion_mask.ne(0).long())
     return _logprobs_of(logits, completion_ids, completion_mask.bool(), temperature, with_entropy)
 
 
-def _joined_logits(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
-    """(n, C, V) logits predicting the C completion tokens `ids`, from one forward over [prompt; completion]."""
+def _joined_outputs(
+    model: Any, capture: Any | None, prompt_ids: Tensor, prompt_mask: Tensor, ids: Tensor, mask: Tensor,
+) -> tuple[Tensor, Tensor | None]:
+    """(n, C, *) outputs (`_outputs_of`) at the positions predicting the C completion tokens `ids`, and
+    `capture`'s last hidden state there, from one forward over [prompt; completion]."""
     width = ids.shape[1]
     both = torch.cat([prompt_mask.ne(0).long(), mask], dim=1)
-    return model(input_ids=torch.cat([prompt_ids, ids], dim=1), attention_mask=both, position_ids=_positions(both),
-                 use_cache=False, **_logits_kwargs(model, width + 1)).logits[:, -width - 1 : -1]
+    out, hidden = _run(model, capture, input_ids=torch.cat([prompt_ids, ids], dim=1), attention_mask=both,
+                       position_ids=_positions(both), use_cache=False, **_logits_kwargs(model, width + 1))
+    return _outputs_of(out)[:, -width - 1 : -1], None if hidden is None else hidden[:, -width - 1 : -1]
+
+
+def _outputs_of(out: Any) -> Tensor:
+    """A forward's per-position outputs: the logits of a causal LM, the last hidden state of a decoder."""
+    logits = getattr(out, "logits", None)
+    return logits if isinstance(logits, Tensor) else out.last_hidden_state
+
+
+def _run(model: Any, capture: Any | None, **kwargs: Any) -> tuple[Any, Tensor | None]:
+    """model(**kwargs), and the last hidden state the module `capture` (of `model`) gave in it."""
+    if capture is None:
+        return model(**kwargs), None
+    seen: list[Tensor] = []
+    handle = capture.register_forward_hook(lambda module, args, out: seen.append(
+        out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+    try:
+        out = model(**kwargs)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RuntimeError(f"expected one forward of {type(capture).__name__}, saw {len(seen)}")
+    return out, seen[0]
 
 
 def _logprobs_of(
@@ -545,19 +582,48 @@ BUCKET_SPLIT = 3  # backward by bucket: no bucket above 1/BUCKET_SPLIT of the mi
 
 def _micro_batch_logprobs(
     model: Any, tensors: tuple[Tensor, Tensor, Tensor, Tensor], temperature: float, with_entropy: bool,
-    share_prompts: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """(n, C) log-probs (and entropies) of one micro-batch; C = its last counted column + 1."""
-    completion_ids = tensors[2]
+    share_prompts: bool, capture: Any | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(n, C) log-probs (and entropies, and `capture`'s (n, C, H) hidden states) of one micro-batch;
+    C = its last counted column + 1; rows not computed are 0."""
     lengths = _counted_lengths(tensors[3])
     n, cols = len(lengths), int(lengths.max())
-    lp = torch.zeros(n, cols, device=completion_ids.device)
-    ent = torch.zeros(n, cols, device=completion_ids.device) if with_entropy else None
-    for rows, piece, e in _bucket_logprobs(model, tensors, lengths, temperature, with_entropy, share_prompts, False):
-        lp = lp.index_copy(0, rows, torch.nn.functional.pad(piece, (0, cols - piece.shape[1])))
+    lp = torch.zeros(n, cols, device=tensors[2].device)
+    ent = torch.zeros(n, cols, device=tensors[2].device) if with_entropy else None
+    hid: Tensor | None = None
+    for rows, piece, e, h in _bucket_logprobs(model, tensors, lengths, temperature, with_entropy, share_prompts,
+                                              False, capture):
+        lp = _scatter_rows(lp, rows, piece, n, cols)
         if ent is not None and e is not None:
-            ent = ent.index_copy(0, rows, torch.nn.functional.pad(e, (0, cols - e.shape[1])))
-    return lp, ent
+            ent = _scatter_rows(ent, rows, e, n, cols)
+        if h is not None:
+            hid = _scatter_rows(hid, rows, h, n, cols)
+    return lp, ent, hid
+
+
+def _scatter_rows(acc: Tensor | None, rows: Tensor, piece: Tensor, n: int, cols: int) -> Tensor:
+    """`acc` (n, cols, *) (zeros when None) with `piece` (r, width, *), padded to `cols`, put in `rows`."""
+    piece = torch.nn.functional.pad(piece, [0, 0] * (piece.dim() - 2) + [0, cols - piece.shape[1]])
+    return (piece.new_zeros(n, *piece.shape[1:]) if acc is None else acc).index_copy(0, rows, piece)
+
+
+def completion_hidden(trunk: Any, batch: Sequence[Tensor], share_prompts: bool = True) -> Tensor:
+    """(N, T, H) last hidden state of `trunk` (a decoder, no LM head) at the positions predicting the
+    completion tokens (position P-1+t for token t): the states a value head reads.
+
+    The same forward as `completion_logprobs` (distinct prompts once, length buckets, the
+    plain path under activation checkpointing); rows with no counted token and the columns past a
+    row's last counted token are 0. Carries a graph when grad is enabled.
+    """
+    tensors = (batch[0], batch[1], batch[2], batch[3])
+    lengths = _counted_lengths(tensors[3])
+    n, steps = len(lengths), tensors[2].shape[1]
+    hid: Tensor | None = None
+    for rows, h in _bucket_forward(trunk, tensors, lengths, share_prompts, False, lambda out, ids, mask, _: out):
+        hid = _scatter_rows(hid, rows, h, n, steps)
+    if hid is None:  # _counted_lengths gives every micro-batch a bucket
+        raise RuntimeError("no completion row was computed")
+    return hid
 
 
 Share = TypeVar("Share")
@@ -605,8 +671,8 @@ def loss_by_bucket(
     steps = completion_ids.shape[1]
     temp = temperature if temperature > 0 else 1.0
     lengths = _counted_lengths(completion_mask)
-    for rows, piece, e in _bucket_logprobs(model, (prompt_ids, prompt_mask, completion_ids, completion_mask), lengths,
-                                           temp, with_entropy, share_prompts, True):
+    for rows, piece, e, _ in _bucket_logprobs(model, (prompt_ids, prompt_mask, completion_ids, completion_mask),
+                                              lengths, temp, with_entropy, share_prompts, True):
         pad = (0, steps - piece.shape[1])
         yield share_of(rows, torch.nn.functional.pad(piece, pad), None if e is None else torch.nn.functional.pad(e, pad))
 
@@ -623,15 +689,35 @@ def _counted_lengths(completion_mask: Tensor) -> Tensor:
 
 def _bucket_logprobs(
     model: Any, tensors: tuple[Tensor, Tensor, Tensor, Tensor], lengths: Tensor, temperature: float,
-    with_entropy: bool, share_prompts: bool, backward_by_bucket: bool,
-) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-    """Per length bucket: (rows, (r, width) log-probs, entropies). With `backward_by_bucket` the
-    shared prompts' outputs are cut into leaves and, once the last bucket's backward has run, their
-    accumulated gradients are pushed through the prompts' forward (see `loss_by_bucket`)."""
+    with_entropy: bool, share_prompts: bool, backward_by_bucket: bool, capture: Any | None = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None, Tensor | None]]:
+    """Per length bucket: (rows, (r, width) log-probs, entropies, `capture`'s hidden states or None)."""
+    def score(logits: Tensor, ids: Tensor, mask: Tensor, hidden: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return *_logprobs_of(logits, ids, mask.bool(), temperature, with_entropy), hidden
+
+    for rows, (piece, e, hidden) in _bucket_forward(model, tensors, lengths, share_prompts, backward_by_bucket, score,
+                                                    capture):
+        yield rows, piece, e, hidden
+
+
+Scored = TypeVar("Scored")
+
+
+def _bucket_forward(
+    model: Any, tensors: tuple[Tensor, Tensor, Tensor, Tensor], lengths: Tensor, share_prompts: bool,
+    backward_by_bucket: bool, score: Callable[[Tensor, Tensor, Tensor, Tensor | None], Scored],
+    capture: Any | None = None,
+) -> Iterator[tuple[Tensor, Scored]]:
+    """Per length bucket: (rows, `score`(outputs, ids, mask, hidden)) where `outputs` (r, width, *) are
+    the model's outputs (`_outputs_of`) at the positions predicting the bucket's completion tokens
+    `ids` (r, width) with `mask`, and `hidden` `capture`'s last hidden state there (None without).
+    With `backward_by_bucket` the shared prompts' outputs are cut into leaves and, once the last
+    bucket's backward has run, their accumulated gradients are pushed through the prompts' forward
+    (see `loss_by_bucket`)."""
     prompt_ids, prompt_mask, completion_ids, completion_mask = tensors
     shared = None
     if share_prompts and not _checkpointed(model):
-        shared = _SharedPrompts.of(model, *_trim_left(prompt_ids, prompt_mask))
+        shared = _SharedPrompts.of(model, *_trim_left(prompt_ids, prompt_mask), capture)
     multiple = shared is None or shared.copyable
     cap = -(-int(lengths.sum()) // BUCKET_SPLIT) if backward_by_bucket and multiple else None
     buckets = _length_buckets(lengths, multiple=multiple, max_positions=cap)
@@ -640,12 +726,13 @@ def _bucket_logprobs(
         width = int(lengths[rows].max())
         ids, mask = completion_ids[rows, :width], completion_mask[rows, :width].ne(0).long()
         if shared is not None:
-            logits = shared.logits(rows, ids, mask)
+            outputs, hidden = shared.outputs(rows, ids, mask)
         else:
-            logits = _joined_logits(model, *_trim_left(prompt_ids[rows], prompt_mask[rows]), ids, mask)
-        piece, e = _logprobs_of(logits, ids, mask.bool(), temperature, with_entropy)
-        del logits
-        yield rows, piece, e
+            outputs, hidden = _joined_outputs(model, capture, *_trim_left(prompt_ids[rows], prompt_mask[rows]), ids,
+                                              mask)
+        scored = score(outputs, ids, mask, hidden)
+        del outputs, hidden
+        yield rows, scored
     if cut and shared is not None:
         shared.backward()
 
@@ -694,41 +781,47 @@ def _checkpointed(model: Any) -> bool:
 class _SharedPrompts:
     """The distinct prompts of a micro-batch, forwarded once; their keys/values serve any of its rows."""
 
-    def __init__(self, model: Any, ids: Tensor, mask: Tensor, owner: Tensor):
-        self.model, self.mask, self.owner = model, mask, owner  # owner: row -> distinct prompt
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                    **_logits_kwargs(model, 1))
-        self.first = out.logits[:, -1:]  # (U, 1, V): predicts completion token 0
+    def __init__(self, model: Any, ids: Tensor, mask: Tensor, owner: Tensor, capture: Any | None = None):
+        self.model, self.mask, self.owner, self.capture = model, mask, owner, capture  # owner: row -> prompt
+        out, hidden = _run(model, capture, input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
+                           use_cache=True, **_logits_kwargs(model, 1))
+        self.first = _outputs_of(out)[:, -1:]  # (U, 1, V): predicts completion token 0
+        self.first_hidden = None if hidden is None else hidden[:, -1:]  # (U, 1, H): `capture`'s state there
         self.cache = getattr(out, cache_keyword(model))
         self.layers = _cache_layers(self.cache)
         self.copyable = self.layers is not None
         self._outputs: list[Tensor] = []  # after `cut`: the prompts' outputs, whose leaves the buckets use
 
     @classmethod
-    def of(cls, model: Any, prompt_ids: Tensor, prompt_mask: Tensor) -> _SharedPrompts | None:
+    def of(cls, model: Any, prompt_ids: Tensor, prompt_mask: Tensor, capture: Any | None = None) -> _SharedPrompts | None:
         """None when every row has its own prompt (nothing to share)."""
         distinct, owner = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
         if len(distinct) == len(prompt_ids):
             return None
         width = prompt_ids.shape[1]
-        return cls(model, distinct[:, :width], distinct[:, width:], owner)
+        return cls(model, distinct[:, :width], distinct[:, width:], owner, capture)
 
-    def logits(self, rows: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
-        """(r, C, V) logits predicting the completion tokens of `rows`."""
+    def outputs(self, rows: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(r, C, *) outputs (`_outputs_of`) predicting the completion tokens of `rows`, and `capture`'s
+        (r, C, H) last hidden states there (None without)."""
         owner = self.owner[rows]
         first = self.first[owner]
+        first_hidden = None if self.first_hidden is None else self.first_hidden[owner]
         if completion_ids.shape[1] == 1:
-            return first
+            return first, first_hidden
         cache = self._rows_cache(owner)
         mask = torch.cat([self.mask[owner], completion_mask], dim=1)
-        out = self.model(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
-                         position_ids=_positions(mask)[:, self.mask.shape[1] : -1], use_cache=True,
-                         **{cache_keyword(self.model): cache})
-        return torch.cat([first, out.logits], dim=1)
+        out, hidden = _run(self.model, self.capture, input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+                           position_ids=_positions(mask)[:, self.mask.shape[1] : -1], use_cache=True,
+                           **{cache_keyword(self.model): cache})
+        both = None if first_hidden is None or hidden is None else torch.cat([first_hidden, hidden], dim=1)
+        return torch.cat([first, _outputs_of(out)], dim=1), both
 
     def cut(self) -> bool:
         """Replace the prompts' outputs (first logits, keys, values) by leaves that collect the
         buckets' gradients; False (nothing cut) when they carry no graph or are not copyable."""
+        if self.first_hidden is not None:
+            raise ValueError("a backward by bucket cannot carry captured hidden states")
         if self.layers is None or not self.first.requires_grad:
             return False
         self._outputs = [self.first, *(t for kv in self.layers for t in kv)]

@@ -1,7 +1,8 @@
 """The training-time forward skips work (ALGORITHMS.md §9): a prompt shared by the G rows of a
 group runs once, padding is not computed. Each path must equal a plain full forward over the
 whole padded batch, in log-probs and in gradients, for the policy (LoRA), the reference (adapter
-disabled), old log-probs, under activation checkpointing, and through a whole GRPO update."""
+disabled), old log-probs, PPO's critic (values of a shared value head and of a separate trunk),
+under activation checkpointing, and through a whole GRPO or PPO update."""
 
 from __future__ import annotations
 
@@ -489,3 +490,159 @@ def test_old_and_reference_forwards_are_not_split_but_the_loss_forward_is(policy
     for rows, lp in pieces:
         got[rows] = lp.detach()
     assert_close(got, old, rtol=0, atol=1e-5)
+
+
+# ---- PPO's critic: values from the same shared-prompt, bucketed forward ---------------------------------
+
+def plain_evaluation(value, policy, tensors, temperature: float):
+    """The reference: one plain forward at the full padded width of the policy (and of a separate
+    critic's whole model), h_t read by a hook on the decoder at position P-1+t."""
+    from rlft.core.losses import entropy
+    from rlft.rl import critic
+
+    p_ids, p_mask, c_ids, c_mask = tensors
+    width = p_ids.shape[1]
+    ids, mask = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1).ne(0).long()
+    kw = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+          "use_cache": False}
+    seen: list[torch.Tensor] = []
+    owner = policy if value.trunk is None else value.trunk
+    handle = critic.decoder(owner).register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state))
+    try:
+        logits = policy(**kw).logits[:, width - 1 : -1].float()
+        if value.trunk is not None:
+            value.trunk(**kw)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    keep, temp = c_mask.bool(), temperature if temperature > 0 else 1.0
+    values = value.head(seen[0][:, width - 1 : -1].float()).squeeze(-1)
+    return critic.Evaluation(torch.where(keep, token_logprobs(logits, c_ids, temp), 0.0),
+                             torch.where(keep, entropy(logits.detach(), temp), 0.0), torch.where(keep, values, 0.0))
+
+
+def _lora_model(source, mspec, seed: int):
+    from rlft.models import attach_lora, dropout_free_mode, load_model
+    from rlft.recipe.schema import LoraSpec
+
+    torch.manual_seed(seed)
+    model = dropout_free_mode(attach_lora(load_model(source, mspec, torch.device("cpu")), LoraSpec(r=4)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def critic_models(tmp_path_factory):
+    """(policy, separate critic's LoRA trunk) per activation-checkpointing setting."""
+    from rlft.models import prepare_base
+    from rlft.recipe.schema import ModelSpec
+
+    out = {}
+    for checkpointed in (False, True):
+        mspec = ModelSpec(name="tiny:nano", gradient_checkpointing=checkpointed)
+        source = prepare_base(mspec, tmp_path_factory.mktemp(f"critic{int(checkpointed)}"))
+        out[checkpointed] = (_lora_model(source, mspec, 0), _lora_model(source, mspec, 1))
+    return out
+
+
+def _value(policy, trunk, kind: str):
+    from rlft.rl.critic import Critic
+
+    head = torch.nn.Linear(policy.config.hidden_size, 1)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(8))
+        head.bias.fill_(0.1)
+    return Critic(head, trunk if kind == "separate" else None)
+
+
+@pytest.mark.parametrize("kind", ["shared", "separate"])
+@pytest.mark.parametrize("group_size", [G, 1])
+@pytest.mark.parametrize("bucket_cost,checkpointed", [(64, False), (2, False), (64, True)])
+def test_critic_values_logp_entropy_and_gradients_equal_the_plain_forward(critic_models, monkeypatch, kind,
+                                                                          group_size, bucket_cost, checkpointed):
+    from rlft.rl.critic import Critic, decoder
+
+    monkeypatch.setattr(rollout, "BUCKET_COST", bucket_cost)
+    policy, trunk = critic_models[checkpointed]
+    assert rollout._checkpointed(policy) == checkpointed
+    value = _value(policy, trunk, kind)
+    tensors = batch(policy.config.vocab_size, seed=9, n_prompts=3 if group_size > 1 else 10)
+    if group_size == 1:  # every row its own prompt: nothing shared, buckets only
+        tensors = tuple(t[::G] for t in tensors)
+        tensors[3][1] = 0  # a row with no counted token
+    keep = tensors[3].bool()
+    gen = torch.Generator().manual_seed(10)
+    w_logp, w_value = torch.randn(keep.shape, generator=gen), torch.randn(keep.shape, generator=gen)
+    assert rollout._checkpointed(decoder(trunk)) == checkpointed
+    named = {f"policy.{n}": p for n, p in policy.named_parameters() if p.requires_grad}
+    named |= {f"critic.{n}": p for n, p in value.named_params().items()}
+
+    def run(evaluate):
+        ev = evaluate(value, policy, tensors, 0.7)
+        loss = (ev.logp * w_logp).sum() + (ev.values * w_value).sum()
+        return ev, dict(zip(named, torch.autograd.grad(loss, list(named.values())), strict=True))
+
+    got, g_got = run(Critic.evaluate)
+    want, g_want = run(plain_evaluation)
+    for name in ("logp", "entropy", "values"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape == keep.shape
+        assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+        assert (a[~keep] == 0).all() and a[keep].abs().min() > 0, name
+    for name, g in g_want.items():
+        assert_close(g_got[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert g_want["critic.head.weight"].abs().max() > 1e-3
+    adapters = ["policy"] + (["critic.trunk"] if kind == "separate" else [])
+    for prefix in adapters:  # the gradients compared are not ~0
+        assert max(float(g.abs().max()) for n, g in g_want.items() if n.startswith(prefix) and "lora_B" in n) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["shared", "separate"])
+@pytest.mark.parametrize("group_size", [2, 1])
+def test_ppo_update_equals_the_plain_critic_forward_update(tmp_path: Path, monkeypatch, kind, group_size):
+    """ppo_epochs x mini_batches optimizer steps (policy and critic) give the same per-step losses
+    and weights with the critic's bucketed forward as with one plain forward."""
+    from rlft.models import load_tokenizer, prepare_base, reference_mode
+    from rlft.recipe.schema import LoraSpec, ModelSpec, PPOSpec
+    from rlft.rl import critic
+    from rlft.stages import ppo
+
+    mspec = ModelSpec(name="tiny:nano")
+    source = prepare_base(mspec, tmp_path)
+    tok = load_tokenizer(source, mspec)
+    spec = PPOSpec.model_validate({"kind": "ppo", "data": "tiny:arith", "rewards": ["math_answer"],
+                                   "prompts_per_step": 4, "group_size": group_size, "micro_batch_size": 3,
+                                   "ppo_epochs": 2, "mini_batches": 2, "critic": kind, "lr": 1e-3})
+    prompts = [tok.encode(p) for p in ["1+2=", "what is 17*3?", "9-4", "7*7 is"]]
+    sampling = rollout.SamplingParams(max_new_tokens=10, stop=tuple("aeiou0123456789"))
+    real = critic.Critic.evaluate
+    monkeypatch.setattr(rollout, "BUCKET_COST", 2)  # several length buckets
+
+    def train(fast: bool):
+        policy = _lora_model(source, mspec, 0)
+        value = critic.build_critic(kind, policy, source, mspec, LoraSpec(r=4), 0)
+        with torch.no_grad():
+            value.head.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        monkeypatch.setattr(critic.Critic, "evaluate", real if fast else plain_evaluation)
+        out = rollout.generate(policy, tok, prompts, sampling, group_size, rollout.seed_generator(4))
+        R = torch.linspace(-1.0, 1.0, len(out.texts))
+        batch = ppo.build_batch(policy, value, lambda: reference_mode(policy), out, R, spec, 1.0, 0.1)
+        stats = ppo.update(policy, value, batch, spec, ppo.make_optimization(policy, value, spec), 0, 1.0, 0.1)
+        weights = {n: p.detach().clone() for n, p in value.named_params().items()}
+        weights |= {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        return stats, weights, out
+
+    stats_fast, w_fast, out = train(True)
+    stats_plain, w_plain, _ = train(False)
+    lengths = out.completion_mask.sum(-1)
+    assert len(set(lengths.tolist())) > 2  # ragged completions
+    assert len(stats_fast) == len(stats_plain) == 4
+    for key in ("loss/policy", "loss/value"):
+        got = torch.tensor([s[key] for s in stats_fast])
+        assert_close(got, torch.tensor([s[key] for s in stats_plain]), rtol=0, atol=1e-5, msg=key)
+    assert stats_fast[0]["loss/value"] > 1e-4
+    for name in w_plain:
+        assert_close(w_fast[name], w_plain[name], rtol=0, atol=1e-5, msg=name)

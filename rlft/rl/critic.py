@@ -11,6 +11,9 @@ predict token t, so V_t and logp_t come from the same position of the same forwa
 - `separate`: its own copy of the parent model with its own LoRA adapter (or fully trained with
   `lora: full`) and a head; its forward stops at the trunk (no LM head).
 
+Both run the training-time forward of `rollout.completion_logprobs` (distinct prompts once,
+length buckets; ALGORITHMS.md §9): h is read only at the positions that predict completion tokens.
+
 The head is float32 whatever the trunk's dtype, initialised to 0 (V = 0 until it learns), or
 from a reward model (AutoModelForSequenceClassification): its score head always, its trunk too
 for a separate critic.
@@ -18,9 +21,7 @@ for a separate critic.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -72,17 +73,13 @@ class Critic:
 
         Carries a graph when grad is enabled; call under torch.no_grad() for old_logp/old values.
         """
-        if self.trunk is None:
-            with last_hidden_state(policy) as captured:  # one forward: its hidden states feed the head
-                logp, ent = rollout.completion_logprobs(policy, tensors, temperature, with_entropy=True, one_forward=True)
-            if len(captured) != 1:
-                raise RuntimeError(f"expected one decoder forward for the value head, saw {len(captured)}")
-            hidden = captured[0]
+        if self.trunk is None:  # one forward: the decoder's hidden states feed the head
+            logp, ent, hidden = rollout.completion_logprobs(policy, tensors, temperature, with_entropy=True,
+                                                            hidden_of=decoder(policy))
         else:
             logp, ent = rollout.completion_logprobs(policy, tensors, temperature, with_entropy=True)
-            hidden = trunk_hidden(self.trunk, tensors)
-        steps = tensors[2].shape[1]
-        values = self.head(hidden[:, -steps - 1 : -1].float()).squeeze(-1)  # (N, T)
+            hidden = rollout.completion_hidden(decoder(self.trunk), tensors)
+        values = self.head(hidden.float()).squeeze(-1)  # (N, T): V_t from h at position P-1+t
         return Evaluation(logp, ent, torch.where(tensors[3].bool(), values, 0.0))
 
     def state_tensors(self) -> dict[str, Tensor]:
@@ -126,35 +123,6 @@ def decoder(model: Any) -> Any:
     if trunk is None:
         raise UserInputError(f"critic: {type(base).__name__} exposes no decoder trunk (get_decoder) for a value head")
     return trunk
-
-
-@contextlib.contextmanager
-def last_hidden_state(model: Any) -> Generator[list[Tensor], None, None]:
-    """Collect the decoder's last hidden state (N, L, H) of every forward run inside the block."""
-    captured: list[Tensor] = []
-
-    def hook(module: Any, args: Any, output: Any) -> None:
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    handle = decoder(model).register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def trunk_hidden(trunk: Any, tensors: tuple[Tensor, ...]) -> Tensor:
-    """(N, P + T, H) last hidden state of prompt + completion under `trunk`, without the LM head.
-
-    Same inputs as `rollout.completion_logprobs`: left-padded prompt, right-padded completion,
-    position = cumsum(mask) - 1 so left padding shifts nothing.
-    """
-    prompt_ids, prompt_mask, completion_ids, completion_mask = tensors
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1).ne(0).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = decoder(trunk)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    return out.last_hidden_state
 
 
 def hidden_size(model: Any) -> int:
