@@ -31,7 +31,7 @@ def heldout_loss(model: Any, examples: list[Any], micro_batch_size: int, pad_id:
         mine.append((float(loss_sum), float(n)))
     model.train(was_training)
     total, count = 0.0, 0.0
-    for loss_sum, n in mine if fsdp.is_sharded(model) else in_order(mine):
+    for loss_sum, n in _whole(model, mine):
         total, count = total + loss_sum, count + n
     return total / max(count, 1.0)
 
@@ -41,6 +41,12 @@ def _share(model: Any, n: int) -> range:
     greedy generation of one chunk runs as many forwards on each rank), so each rank computes all
     n and nothing is gathered."""
     return range(n) if fsdp.is_sharded(model) else dist.shard(n)
+
+
+def _whole(model: Any, mine: list[Any]) -> list[Any]:
+    """The per-chunk results of all n chunks: this rank's own under fsdp (it computed all of
+    them, `_share`), else every rank's gathered in chunk order."""
+    return mine if fsdp.is_sharded(model) else in_order(mine)
 
 
 def in_order(mine: list[Any]) -> list[Any]:
@@ -75,4 +81,4 @@ def task_accuracy(
             generator=rollout.seed_generator(0),
         )
         mine.append(sum(is_correct(p.columns, t) for p, t in zip(chunk, out.texts, strict=True)))
-    return sum(mine if fsdp.is_sharded(model) else in_order(mine)) / len(prompts)
+    return sum(_whole(model, mine)) / len(prompts)
