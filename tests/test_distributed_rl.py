@@ -27,7 +27,8 @@ RLFT = Path(sys.executable).with_name("rlft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def _recipe(tmp: Path, name: str, kind: str) -> Path:
+def _recipe(tmp: Path, name: str, kind: str, fsdp: bool = False) -> Path:
+    """`fsdp`: the policy (and a separate critic's trunk) fully fine-tuned under distributed.strategy: fsdp."""
     spec: dict[str, Any] = {
         "kind": kind,
         "data": {"source": "tiny:arith", "num_examples": 64, "eval_size": 4, "max_length": 128},
@@ -48,6 +49,10 @@ def _recipe(tmp: Path, name: str, kind: str) -> Path:
                  "kl_horizon": 8}
     recipe = {"run_name": "t", "output_dir": str(tmp / name), "seed": 0, "model": {"name": "tiny:nano"},
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear"}, "stages": {"rl": spec}}
+    if fsdp:
+        recipe["lora"], recipe["distributed"] = "full", {"strategy": "fsdp"}
+        if kind == "ppo":  # full fine-tuning: AdamW's rounding amplification (above) grows with lr
+            spec |= {"lr": 1e-3, "critic_lr": 2e-3}
     return write_recipe(tmp / f"{name}.yaml", recipe)
 
 
@@ -64,10 +69,10 @@ def _metrics(stage: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
-def _one_and_two(tmp: Path, kind: str) -> tuple[Path, Path]:
-    one = _rlft("run", str(_recipe(tmp, f"{kind}-one", kind)))
+def _one_and_two(tmp: Path, kind: str, fsdp: bool = False) -> tuple[Path, Path]:
+    one = _rlft("run", str(_recipe(tmp, f"{kind}-one", kind, fsdp)))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _rlft("run", str(_recipe(tmp, f"{kind}-two", kind)), "--nproc", "2")
+    two = _rlft("run", str(_recipe(tmp, f"{kind}-two", kind, fsdp)), "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
     return _stage(tmp, f"{kind}-one"), _stage(tmp, f"{kind}-two")
 
@@ -121,6 +126,47 @@ def test_kill9_of_one_rank_mid_grpo_then_rerun_equals_uninterrupted(grpo: tuple[
     kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=1)
     assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1  # it resumed, not started over
     _, two = grpo
+    assert final_hashes(stage) == final_hashes(two)
+    assert _metrics(stage) == _metrics(two)
+
+
+# --------------------------------------------------------------------------- distributed.strategy: fsdp
+
+
+@pytest.fixture(scope="module")
+def fsdp_grpo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The GRPO recipe fully fine-tuned under fsdp: 1 process (the plain path) and 2 (sharded)."""
+    return _one_and_two(tmp_path_factory.mktemp("fsdp-grpo"), "grpo", fsdp=True)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_grpo_as_one(fsdp_grpo: tuple[Path, Path]) -> None:
+    """Each rank samples its share (decode steps differ), runs its rows' bucketed forwards and
+    the reference's no-grad forwards: the sharded run still equals the one-process run."""
+    one, two = fsdp_grpo
+    _assert_same_run(one, two, ["final/model/model.safetensors"])
+    assert not (two / "final" / "adapter").exists()
+    assert _metrics(one)[1]["optimizer_steps"] == 4 and "kl" in _metrics(one)[1]  # mu x mini-batches; the reference ran
+    assert any(r.get("dynamic/rounds", 1) > 1 for r in _metrics(one))
+    meta = json.loads(next(two.glob("step-*/manifest.json")).read_text())["meta"]
+    assert meta["strategy"] == "fsdp" and meta["world_size"] == 2  # the 2-process run was sharded
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_ppo_as_one(tmp_path: Path) -> None:
+    """PPO with a separate, fully fine-tuned critic (replicated) beside the sharded policy."""
+    one, two = _one_and_two(tmp_path, "ppo", fsdp=True)
+    _assert_same_run(one, two, ["final/model/model.safetensors", "final/critic/value_head.safetensors",
+                                "final/critic/model/model.safetensors"])
+
+
+@pytest.mark.slow
+def test_fsdp_kill9_mid_grpo_then_rerun_equals_uninterrupted(fsdp_grpo: tuple[Path, Path], tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "k", "grpo", fsdp=True)
+    stage = _stage(tmp_path, "k")
+    kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=1)
+    assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1
+    _, two = fsdp_grpo
     assert final_hashes(stage) == final_hashes(two)
     assert _metrics(stage) == _metrics(two)
 
