@@ -171,6 +171,69 @@ def test_fsdp_kill9_mid_grpo_then_rerun_equals_uninterrupted(fsdp_grpo: tuple[Pa
     assert _metrics(stage) == _metrics(two)
 
 
+_ACCUMULATE = """
+import sys
+import torch
+import torch.distributed as td
+from transformers import AutoModelForCausalLM
+from rlft import fsdp
+
+td.init_process_group("gloo")
+rank = td.get_rank()
+model = fsdp.shard(AutoModelForCausalLM.from_pretrained(sys.argv[1]).float().eval(), None)
+ids = torch.load(sys.argv[2], weights_only=True)
+with fsdp.gathered(model), torch.no_grad():  # unequal numbers of forwards: no collective inside
+    for _ in range(2 + 3 * rank):
+        model(input_ids=ids[:1])
+with fsdp.accumulated(model):  # rank 0: three backwards of different shapes; rank 1: none
+    for rows in ([[0], [1, 2], [3]] if rank == 0 else []):
+        (model(input_ids=ids[rows]).logits.logsumexp(-1).sum() / 100).backward()
+sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+grads = {n: fsdp.full(p.grad) for n, p in model.named_parameters()}  # every rank joins each gather
+if rank == 0:
+    torch.save({"grads": grads, "sharded": sharded}, sys.argv[3])
+td.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_accumulated_reduces_unequal_backwards_to_the_one_process_gradient(tmp_path: Path) -> None:
+    """Two ranks under `fsdp.gathered`/`fsdp.accumulated` with different numbers of forwards and
+    backwards (one rank none at all) end with the gradient one process computes, sharded."""
+    import socket
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlft.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "nano")
+    ids = torch.randint(3, 200, (4, 7), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "worker.py").write_text(_ACCUMULATE)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(model_dir), str(tmp_path / "ids.pt"),
+                               str(tmp_path / "out.pt")],
+                              env={**ENV, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert out["sharded"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    for rows in ([0], [1, 2], [3]):
+        (model(input_ids=ids[rows]).logits.logsumexp(-1).sum() / 100).backward()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    assert want.keys() == out["grads"].keys()
+    assert all(g is not None and float(g.abs().max()) > 0 for g in want.values())
+    worst = max(float((want[n] - out["grads"][n]).abs().max()) for n in want)
+    assert worst <= 1e-6, worst
+
+
 def test_explain_shows_the_rl_split_and_refuses_an_uneven_one(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "e", "grpo")
     shown = _rlft("explain", str(recipe), "--nproc", "2")
