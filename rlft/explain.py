@@ -107,6 +107,12 @@ def strategy_split(recipe: Any, spec: Any, world: int) -> str:
     """What `distributed.strategy` does with a training stage's weights on `world` ranks."""
     if spec.kind not in ("sft", "distill", "grpo", "ppo"):
         return ""
+    if recipe.distributed.strategy == "fsdp" and spec.kind in ("grpo", "ppo"):
+        whole = (["the reference"] if spec.loss.beta > 0 else []) + (["the critic"] if spec.kind == "ppo" else [])
+        critic = f"; {' and '.join(whole)} {'are' if len(whole) > 1 else 'is'} whole on every rank" if whole else ""
+        return (f"; strategy fsdp: each rank holds 1/{world} of the policy's weights and AdamW state between "
+                "rounds; the whole weights are gathered on every rank for sampling and the no-grad forwards, and "
+                "for each optimizer step (whole gradients accumulated, reduce-scattered once)" + critic)
     if recipe.distributed.strategy == "fsdp":
         return (f"; strategy fsdp: each rank holds 1/{world} of the weights, gradients and AdamW state "
                 "(weights all-gathered per decoder layer, gradients reduce-scattered)")

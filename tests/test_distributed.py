@@ -321,9 +321,19 @@ def test_the_strategy_key_is_checked_and_explained(tmp_path: Path) -> None:
     lora = refused("lora", "fsdp", lora={"r": 4})
     assert "stage 'sft' trains a LoRA adapter (the recipe's lora:)" in lora and "use strategy: ddp, or lora: full" in lora
     grpo = Path(__file__).resolve().parents[1] / "recipes" / "tiny-grpo.yaml"
-    out = _rlft("explain", str(grpo), "--set", "distributed.strategy=fsdp", "--set", "lora=full")
+    full = ("--set", "distributed.strategy=fsdp", "--set", "lora=full", "--set", "stages.rl.lora=full")
+    out = _rlft("explain", str(grpo), *full)
+    assert out.returncode == 0, out.stderr  # grpo (and ppo) are sharded with full fine-tuning
+    shown = _rlft("explain", str(grpo), *full, "--set", "stages.rl.loss.beta=0.1", "--nproc", "2")
+    assert ("strategy fsdp: each rank holds 1/2 of the policy's weights and AdamW state between rounds; the whole "
+            "weights are gathered on every rank for sampling") in shown.stdout
+    assert "reduce-scattered once); the reference is whole on every rank" in shown.stdout
+    out = _rlft("explain", str(grpo), *full, "--set", "stages.rl.sampling.engine=vllm")
     assert out.returncode == 2
-    assert "is not sharded yet; fsdp runs sft and distill (mode: sequence) stages" in " ".join(out.stderr.split())
+    assert ("stage 'rl' (grpo) samples with sampling.engine: vllm, which is not combined with fsdp yet"
+            in " ".join(out.stderr.split()))
+    out = _rlft("explain", str(grpo), *full[:4])
+    assert out.returncode == 2 and "stage 'rl' trains a LoRA adapter (its own lora:)" in " ".join(out.stderr.split())
 
 
 def test_fsdp_mixed_precision_follows_model_precision() -> None:

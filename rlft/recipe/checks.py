@@ -249,9 +249,9 @@ def quantize_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
 
 
 def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
-    """`distributed.strategy: fsdp` shards fully fine-tuned sft and distill (mode sequence) stages:
-    a training stage with a LoRA adapter, a grpo or ppo stage, or distillation in another mode is
-    refused (docs/distributed.md says why)."""
+    """`distributed.strategy: fsdp` shards fully fine-tuned sft, grpo, ppo and distill (mode
+    sequence) stages: a training stage with a LoRA adapter, distillation in another mode, or an
+    RL stage sampling with vLLM is refused (docs/distributed.md says why)."""
     spec = raw.get("distributed")
     if not isinstance(spec, dict) or spec.get("strategy") != "fsdp":
         return []
@@ -260,9 +260,10 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
         kind = stage.get("kind") if isinstance(stage, dict) else None
         if kind not in MODEL_KINDS or not isinstance(stage, dict):
             continue
-        if kind in ("grpo", "ppo"):
-            why = (f"stage '{name}' ({kind}) is not sharded yet; fsdp runs sft and distill (mode: sequence) "
-                   "stages: use strategy: ddp for this recipe")
+        sampling = stage.get("sampling")
+        if kind in ("grpo", "ppo") and isinstance(sampling, dict) and sampling.get("engine") == "vllm":
+            why = (f"stage '{name}' ({kind}) samples with sampling.engine: vllm, which is not combined with fsdp "
+                   "yet (the engine reads the policy's weights whole): use strategy: ddp, or engine: hf")
         elif kind == "distill" and stage.get("mode", "sequence") != "sequence":
             why = (f"stage '{name}' (distill, mode: {stage['mode']}) is not sharded yet; fsdp runs distill in mode: "
                    "sequence: use strategy: ddp for this recipe")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rlft import dist, rollout
+from rlft import dist, fsdp, rollout
 from rlft.core import advantages
 from rlft.data import encode
 from rlft.data.batch import PromptLoader
@@ -228,10 +228,12 @@ class RoundLog:
 
     def accuracy(self) -> float | None:
         """Held-out greedy accuracy; on several processes every rank evaluates its share of the
-        prompts and gets the whole figure (`evaluate.task_accuracy` gathers: all ranks call it)."""
+        prompts and gets the whole figure (`evaluate.task_accuracy` gathers: all ranks call it;
+        under fsdp with the weights `gathered`)."""
         from rlft import evaluate
 
-        return evaluate.task_accuracy(self.policy, self.tokenizer, self.held_out, self.max_new)
+        with fsdp.gathered(self.policy):
+            return evaluate.task_accuracy(self.policy, self.tokenizer, self.held_out, self.max_new)
 
     def log(self, step: int, stats: dict[str, Any], rows: list[Any], texts: list[str]) -> None:
         """Record 0-based round `step` (logged as step + 1), with the first samples of the round."""
