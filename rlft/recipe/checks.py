@@ -260,7 +260,11 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
         kind = stage.get("kind") if isinstance(stage, dict) else None
         if kind not in MODEL_KINDS or not isinstance(stage, dict):
             continue
-        if kind in ("grpo", "ppo"):
+        sampling = stage.get("sampling")
+        if kind in ("grpo", "ppo") and isinstance(sampling, dict) and sampling.get("engine") == "vllm":
+            why = (f"stage '{name}' ({kind}) samples with vLLM, and each rank's engine takes the whole policy from "
+                   "the rank: use strategy: ddp with sampling.engine: vllm")
+        elif kind in ("grpo", "ppo"):
             why = (f"stage '{name}' ({kind}) is not sharded yet; fsdp runs sft and distill (mode: sequence) "
                    "stages: use strategy: ddp for this recipe")
         elif kind == "distill" and stage.get("mode", "sequence") != "sequence":
