@@ -146,10 +146,7 @@ def split_problem(loaded: Any, stage: str, world: int) -> str | None:
 
 
 def _rl_split_problem(loaded: Any, stage: str, spec: Any, world: int) -> str | None:
-    """GRPO/PPO: each rank samples an equal share of whole prompt groups (built-in sampler only)."""
-    if spec.sampling.engine != "hf":
-        return (f"stage {stage} ({spec.kind}, sampling.engine {spec.sampling.engine}) runs in one process only so "
-                f"far; several processes sample with the built-in sampler (sampling.engine: hf)")
+    """GRPO/PPO: each rank samples an equal share of whole prompt groups (with vLLM, on its own engine)."""
     if spec.prompts_per_step % world == 0:
         return None
     key = f"stages.{stage}.prompts_per_step"

@@ -197,13 +197,18 @@ def test_without_micro_batch_size_each_rank_takes_an_equal_share(tmp_path: Path)
     assert "batch_size 16 does not split over 3 processes" in " ".join(refused.stderr.split())
 
 
-def test_nproc_refuses_stages_that_run_in_one_process_only(tmp_path: Path) -> None:
+def test_vllm_sampling_on_several_processes_needs_ddp(tmp_path: Path) -> None:
+    """Each rank's vLLM engine takes the whole policy: with fsdp the recipe is refused at its line."""
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-grpo.yaml"
     refused = _rlft("run", str(recipe), "--nproc", "2", "--set", f"output_dir={tmp_path}",
-                    "--set", "stages.rl.sampling.engine=vllm")
+                    "--set", "stages.rl.sampling.engine=vllm", "--set", "distributed.strategy=fsdp", "--set", "lora=full")
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert "(grpo, sampling.engine vllm) runs in one process only so far" in " ".join(refused.stderr.split())
+    message = " ".join(refused.stderr.split())
+    assert "distributed.strategy: fsdp: stage 'rl' (grpo) samples with vLLM" in message, message
+    assert "use strategy: ddp with sampling.engine: vllm" in message
     assert list(tmp_path.iterdir()) == []  # refused before torchrun started or anything was written
+    shown = _rlft("explain", str(recipe), "--nproc", "2", "--set", "stages.rl.sampling.engine=vllm")
+    assert shown.returncode == 0, shown.stderr[-3000:]  # with ddp each rank runs its own engine
 
 
 def _distill_recipe(tmp: Path, name: str, fsdp: bool = False) -> Path:
@@ -330,8 +335,8 @@ def test_the_strategy_key_is_checked_and_explained(tmp_path: Path) -> None:
     assert "reduce-scattered once); the reference is whole on every rank" in shown.stdout
     out = _rlft("explain", str(grpo), *full, "--set", "stages.rl.sampling.engine=vllm")
     assert out.returncode == 2
-    assert ("stage 'rl' (grpo) samples with sampling.engine: vllm, which is not combined with fsdp yet"
-            in " ".join(out.stderr.split()))
+    assert ("stage 'rl' (grpo) samples with vLLM, and each rank's engine takes the whole policy from the rank, "
+            "which fsdp keeps sharded" in " ".join(out.stderr.split()))
     out = _rlft("explain", str(grpo), *full[:4])
     assert out.returncode == 2 and "stage 'rl' trains a LoRA adapter (its own lora:)" in " ".join(out.stderr.split())
 

@@ -262,8 +262,8 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
             continue
         sampling = stage.get("sampling")
         if kind in ("grpo", "ppo") and isinstance(sampling, dict) and sampling.get("engine") == "vllm":
-            why = (f"stage '{name}' ({kind}) samples with sampling.engine: vllm, which is not combined with fsdp "
-                   "yet (the engine reads the policy's weights whole): use strategy: ddp, or engine: hf")
+            why = (f"stage '{name}' ({kind}) samples with vLLM, and each rank's engine takes the whole policy from "
+                   "the rank, which fsdp keeps sharded: use strategy: ddp with sampling.engine: vllm, or engine: hf")
         elif kind == "distill" and stage.get("mode", "sequence") != "sequence":
             why = (f"stage '{name}' (distill, mode: {stage['mode']}) is not sharded yet; fsdp runs distill in mode: "
                    "sequence: use strategy: ddp for this recipe")
