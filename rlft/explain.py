@@ -113,6 +113,11 @@ def strategy_split(recipe: Any, spec: Any, world: int) -> str:
         return (f"; strategy fsdp: each rank holds 1/{world} of the policy's weights and AdamW state between "
                 "rounds; the whole weights are gathered on every rank for sampling and the no-grad forwards, and "
                 "for each optimizer step (whole gradients accumulated, reduce-scattered once)" + critic)
+    if recipe.distributed.strategy == "fsdp" and spec.kind == "distill" and spec.mode != "sequence":
+        decode = "for the student's decoding and " if spec.mode == "on_policy" else ""
+        return (f"; strategy fsdp: each rank holds 1/{world} of the student's weights and AdamW state between steps; "
+                f"the whole weights are gathered on every rank {decode}for each optimizer step (whole gradients "
+                "accumulated, reduce-scattered once); the teacher is whole on every rank")
     if recipe.distributed.strategy == "fsdp":
         return (f"; strategy fsdp: each rank holds 1/{world} of the weights, gradients and AdamW state "
                 "(weights all-gathered per decoder layer, gradients reduce-scattered)")

@@ -249,9 +249,9 @@ def quantize_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
 
 
 def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
-    """`distributed.strategy: fsdp` shards fully fine-tuned sft, grpo, ppo and distill (mode
-    sequence) stages: a training stage with a LoRA adapter, distillation in another mode, or an
-    RL stage sampling with vLLM is refused (docs/distributed.md says why)."""
+    """`distributed.strategy: fsdp` shards fully fine-tuned sft, grpo, ppo and distill stages: a
+    training stage with a LoRA adapter, or an RL stage sampling with vLLM, is refused
+    (docs/distributed.md says why)."""
     spec = raw.get("distributed")
     if not isinstance(spec, dict) or spec.get("strategy") != "fsdp":
         return []
@@ -264,9 +264,6 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
         if kind in ("grpo", "ppo") and isinstance(sampling, dict) and sampling.get("engine") == "vllm":
             why = (f"stage '{name}' ({kind}) samples with vLLM, and each rank's engine takes the whole policy from "
                    "the rank, which fsdp keeps sharded: use strategy: ddp with sampling.engine: vllm, or engine: hf")
-        elif kind == "distill" and stage.get("mode", "sequence") != "sequence":
-            why = (f"stage '{name}' (distill, mode: {stage['mode']}) is not sharded yet; fsdp runs distill in mode: "
-                   "sequence: use strategy: ddp for this recipe")
         elif (stage["lora"] if "lora" in stage else raw.get("lora")) != "full":
             own = "its own lora:" if "lora" in stage else "the recipe's lora:" if "lora" in raw else "the default lora:"
             why = (f"stage '{name}' trains a LoRA adapter ({own}); fsdp shards fully fine-tuned weights, and with "

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from rlft import evaluate, rollout, training
+from rlft import evaluate, fsdp, rollout, training
 from rlft.ckpt.fsio import atomic_write_text
 from rlft.core import losses
 from rlft.data import encode
@@ -183,9 +183,10 @@ def distill_step(
     divergence = Divergence(spec.loss, spec.beta, spec.temperature)
     params = list(trainable_named_params(student).values())
     total = torch.zeros((), device=dev)
-    for mb in micro_batches:
-        per_token, mask = token_divergence(student, teacher, {k: v.to(dev) for k, v in mb.items()}, divergence)
-        training.backward_into(losses.aggregate(per_token, mask, "token", n_tokens), total, step)
+    with fsdp.accumulated(student):  # fsdp: any number of micro-batches per rank, one reduce-scatter
+        for mb in micro_batches:
+            per_token, mask = token_divergence(student, teacher, {k: v.to(dev) for k, v in mb.items()}, divergence)
+            training.backward_into(losses.aggregate(per_token, mask, "token", n_tokens), total, step)
     return training.finish_step(optimizer, params, total, guard, spec.max_grad_norm, step, n_tokens)
 
 

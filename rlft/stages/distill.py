@@ -105,7 +105,7 @@ def load_student(ctx: RunContext[DistillSpec]) -> tuple[Any, Any]:
                                            ctx.seed, key)
     if dist.is_main():
         dist.barrier()
-    if fsdp.active(ctx.recipe.distributed.strategy):  # lora: full, mode: sequence (the recipe checks say so)
+    if fsdp.active(ctx.recipe.distributed.strategy):  # lora: full (the recipe checks say so)
         student = fsdp.shard(student, ctx.spec.student)
     return student, tokenizer
 
@@ -138,7 +138,8 @@ def step_function(
         groups = range(0, len(prompts), mbs)
         mine = [i for g in dist.shard(len(groups)) for i in range(groups[g], min(groups[g] + mbs, len(prompts)))]
         gens = [rollout.seed_generator(seed, step, i) for i in mine]
-        batches, counts = distill.student_batch(student, tokenizer, [prompts[i] for i in mine], sampling, gens, mbs)
+        with fsdp.gathered(student):  # fsdp: each rank decodes its own share with the whole weights
+            batches, counts = distill.student_batch(student, tokenizer, [prompts[i] for i in mine], sampling, gens, mbs)
         stats = distill.completion_stats(dist.all_reduce_sum(counts))
         return distill.distill_step(student, teacher, optimizer, batches, guard, spec, step + 1) | stats
 
