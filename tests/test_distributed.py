@@ -25,6 +25,8 @@ import pytest
 from helpers import final_hashes, sft_recipe, step_losses, write_recipe
 from safetensors.torch import load_file
 
+from rlft.ckpt.manifest import manifest_bytes
+
 RLFT = Path(sys.executable).with_name("rlft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 WEIGHTS = ("final/adapter/adapter_model.safetensors", "final/model/model.safetensors")
@@ -334,8 +336,9 @@ def test_fsdp_checkpoint_is_one_shard_file_a_rank(fsdp_runs: Path) -> None:
 @pytest.mark.slow
 def test_fsdp_resume_after_a_kill_is_bitwise(fsdp_runs: Path, tmp_path: Path) -> None:
     """Killed after step 3; a flipped byte in a rank's shard file is caught by verification: with
-    both checkpoints hit nothing resumes (exit 3); with step 2's restored the rerun resumes from
-    step 2 and ends bitwise where the uninterrupted run ends."""
+    both checkpoints hit nothing resumes (exit 3); a checkpoint in the older gathered layout is
+    refused (exit 3); with step 2's file restored the rerun resumes from step 2 and ends bitwise
+    where the uninterrupted run ends."""
     recipe = _fsdp_recipe(tmp_path, "k")
     killed = _rlft("run", str(recipe), "--nproc", "2", env={"RLFT_FAULT": "kill_step:3"})
     assert killed.returncode != 0
@@ -354,6 +357,16 @@ def test_fsdp_resume_after_a_kill_is_bitwise(fsdp_runs: Path, tmp_path: Path) ->
     assert f"no checkpoint in {stage} verifies" in message
     assert f"step-00000003 failed verification: {shard}: sha256 does not match the manifest" in message
     (stage / "step-00000002" / shard).write_bytes(kept)
+    # the same checkpoint as an older rlft's fsdp checkpoint (its meta names no sharded layout)
+    manifest_file = stage / "step-00000002" / "manifest.json"
+    original = manifest_file.read_bytes()
+    manifest = json.loads(original)
+    manifest["meta"].pop("layout")
+    manifest_file.write_bytes(manifest_bytes(2, manifest["files"], manifest["meta"]))
+    old = _rlft("run", str(recipe), "--nproc", "2")
+    assert old.returncode == 3, old.stderr[-3000:]
+    assert "is an fsdp checkpoint in the older layout (whole tensors gathered to rank 0)" in " ".join(old.stderr.split())
+    manifest_file.write_bytes(original)
     rerun = _rlft("run", str(recipe), "--nproc", "2")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads((stage / "stage.done.json").read_text())["lineage"]["resumed_from_step"] == 2
