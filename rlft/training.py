@@ -168,7 +168,9 @@ def save_state(
 
     On several processes every rank calls it: each rank's RNG goes to rank 0 (group
     `rng.rank<r>` for r > 0), which alone writes the one checkpoint; the ranks meet at a barrier
-    after the commit. The weights, optimizer and `state` are rank 0's (the same on every rank).
+    after the commit. The weights, optimizer and `state` are rank 0's (the same on every rank),
+    except under fsdp, where each rank writes its own shards into the checkpoint first
+    (`_save_state_sharded`).
     """
     rng_tensors, rng_state = checkpoint.capture_rng()
     if dist.initialized():

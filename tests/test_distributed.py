@@ -394,6 +394,8 @@ def test_shard_files_are_safetensors_verified_before_they_are_parsed(tmp_path: P
     loaded = {k: torch.zeros_like(v) for k, v in saved.items()}
     sharded.load_shards(loaded, tmp_path, entry)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    with pytest.raises(CheckpointError, match="Missing key in checkpoint state_dict: extra"):
+        sharded.load_shards(loaded | {"extra": torch.zeros(2)}, tmp_path, entry)
     flipped = bytearray(data)
     flipped[-1] ^= 0x01
     (tmp_path / name).write_bytes(bytes(flipped))

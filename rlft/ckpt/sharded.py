@@ -41,13 +41,18 @@ def save_shards(tensors: Mapping[str, torch.Tensor], directory: Path) -> None:
     """Write this rank's shards of `tensors` (DTensors, or plain tensors every rank holds alike)
     into `directory`. A collective: every rank calls it with the same keys; each rank's file is
     written and fsynced before it returns on any rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict_saver import save
 
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{key!r} is a {type(value).__name__}: only tensors go into a sharded checkpoint file")
-    save(dict(tensors), storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+    try:
+        save(dict(tensors), storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+    except CheckpointException as err:
+        raise CheckpointError(f"shard files not saved in {directory}:\n  {_causes(err)}\nEarlier checkpoints "
+                              "are untouched; check the disk and resume") from err
 
 
 def load_shards(tensors: Mapping[str, torch.Tensor], directory: Path, files: Mapping[str, dict[str, Any]]) -> None:
@@ -63,9 +68,12 @@ def load_shards(tensors: Mapping[str, torch.Tensor], directory: Path, files: Map
     try:
         load(dict(tensors), storage_reader=VerifiedShardReader(directory, files))
     except CheckpointException as err:
-        causes = [f"rank {r}: {e[0] if isinstance(e, tuple) else e}" for r, e in sorted(err.failures.items())]
-        raise CheckpointError(f"checkpoint {directory}: its shard files could not be loaded:\n  "
-                              + "\n  ".join(causes)) from err
+        raise CheckpointError(f"checkpoint {directory}: its shard files could not be loaded:\n  {_causes(err)}") from err
+
+
+def _causes(err: Any) -> str:
+    """One line per failing rank of DCP's `CheckpointException` (rank -> exception, traceback)."""
+    return "\n  ".join(f"rank {r}: {e[0] if isinstance(e, tuple) else e}" for r, e in sorted(err.failures.items()))
 
 
 def _reader_base() -> Any:
