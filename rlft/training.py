@@ -211,11 +211,11 @@ def _save_state_sharded(
     (`rlft.ckpt.sharded`, one safetensors file a rank), all meet at a barrier, then rank 0 writes
     the RNG of every rank, the optimizer's remaining tensors (step counts) and `state.json`,
     hashes every file into the manifest and renames the dir into place."""
+    from torch.distributed.tensor import DTensor
+
     from rlft.ckpt import sharded
 
     tensors, skeleton = checkpoint.state_dict_to_tensors(fsdp.sharded_state(model, optimizer))
-    from torch.distributed.tensor import DTensor
-
     shards = {k: v for k, v in tensors.items() if isinstance(v, DTensor)}
     plain = {k: v.detach().cpu() for k, v in tensors.items() if k not in shards}
     bad = next((k for k, v in shards.items() if k.startswith("model.") and not torch.isfinite(fsdp.local(v)).all()),
