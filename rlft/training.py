@@ -402,6 +402,10 @@ def resume_stage(
     continue from (0 on a fresh start), the stage's own saved state and every tensor group
     (for stage-specific extras such as a critic).
     """
+    if fsdp.is_sharded(model):  # before any step: this torch must be able to write sharded checkpoints
+        from rlft.ckpt import sharded
+
+        sharded.require()
     restored = restore_state(ctx.stage_dir, model, optimizer, meta, ctx.force) if ctx.resume else None
     if restored is None:
         meta["forced_overrides"] = []

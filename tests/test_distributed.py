@@ -403,6 +403,22 @@ def test_shard_files_are_safetensors_verified_before_they_are_parsed(tmp_path: P
         sharded.load_shards({k: torch.zeros_like(v) for k, v in saved.items()}, tmp_path, entry)
 
 
+def test_fsdp_needs_a_torch_whose_dcp_writes_a_file_a_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed.checkpoint import hf_storage
+
+    from rlft.ckpt import sharded
+    from rlft.errors import CheckpointError
+
+    sharded.require()  # this torch can
+
+    class Older:  # torch < 2.8: no save_distributed
+        def __init__(self, path: str) -> None: ...
+
+    monkeypatch.setattr(hf_storage, "HuggingFaceStorageWriter", Older)
+    with pytest.raises(CheckpointError, match=r"fsdp checkpoints need .* \(torch 2.8 or newer\); this is torch"):
+        sharded.require()
+
+
 def test_the_strategy_key_is_checked_and_explained(tmp_path: Path) -> None:
     shown = _rlft("explain", str(_fsdp_recipe(tmp_path, "ok")), "--nproc", "2")
     assert shown.returncode == 0, shown.stderr
