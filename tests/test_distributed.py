@@ -335,16 +335,22 @@ def test_fsdp_checkpoint_is_one_shard_file_a_rank(fsdp_runs: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp_resume_after_a_kill_is_bitwise(fsdp_runs: Path, tmp_path: Path) -> None:
-    """Killed after step 3; a flipped byte in a rank's shard file is caught by verification: with
+    """Rank 0 killed inside the save of step 4, after every rank wrote its shard file and before
+    the manifest: step 4 stays invisible and steps 2 and 3 are the committed checkpoints (keep_last
+    2). A flipped byte in a rank's shard file is caught by verification: with
     both checkpoints hit nothing resumes (exit 3); a checkpoint in the older gathered layout is
     refused (exit 3); with step 2's file restored the rerun resumes from step 2 and ends bitwise
     where the uninterrupted run ends."""
     recipe = _fsdp_recipe(tmp_path, "k")
-    killed = _rlft("run", str(recipe), "--nproc", "2", env={"RLFT_FAULT": "kill_step:3"})
+    killed = _rlft("run", str(recipe), "--nproc", "2", env={"RLFT_FAULT": "before_manifest:4"})
     assert killed.returncode != 0
     stage = _stage(tmp_path, "k")
-    assert (stage / "step-00000003").exists() and not (stage / "final").exists()
+    assert sorted(p.name for p in stage.glob("step-*")) == ["step-00000002", "step-00000003"]
+    assert not (stage / "final").exists()
     shard = "shard-00002-model-00001-of-00001.safetensors"
+    (staging,) = stage.glob(".staging-step-00000004-*")  # the half-done save, never read
+    assert (staging / shard).exists() and (staging / shard.replace("00002", "00001", 1)).exists()
+    assert not (staging / "manifest.json").exists()
     kept = (stage / "step-00000002" / shard).read_bytes()
     for step in (2, 3):
         path = stage / f"step-{step:08d}" / shard
