@@ -9,11 +9,12 @@ gradient over ranks (gradients are summed, not averaged: every rank's loss is al
 by the global token count). The optimizer steps the local shards. In one process nothing is
 sharded and none of this runs.
 
-Checkpoints gather full tensors to rank 0 (torch.distributed.checkpoint's `get_*_state_dict`
-with `full_state_dict`), which commits them as the single-process path does, so commits stay
-atomic and rank-0-only and `final/` is an ordinary safetensors model; a resume gives every rank
-the full tensors and each keeps its shard (`set_*_state_dict`). That costs one full copy of the
-weights and optimizer state in rank 0's CPU memory at a save.
+Checkpoints are sharded: torch.distributed.checkpoint's `get_state_dict` (sharded form) gives
+each rank its DTensor shards of the weights and AdamW moments, and each rank writes only those
+to its own safetensors file in the step's staging dir (`rlft.ckpt.sharded`); rank 0 then hashes
+every file into the manifest and commits the dir (`rlft.training`). A resume reads each rank's
+shards back from its own file (`set_state_dict`). Only `final/` gathers the whole model to rank 0
+(`full_model_state`), so that it is an ordinary safetensors model.
 
 GRPO and PPO run a different number of forwards and backwards on each rank (sampling, rows,
 length buckets), which per-layer collectives cannot follow: their rounds run with the whole
@@ -229,45 +230,30 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
     return total
 
 
-def _options() -> Any:
+def _options(full_state_dict: bool = True) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=full_state_dict, cpu_offload=full_state_dict)
 
 
-def gather_state(
-    params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], Any]:
-    """The full trainable weights and optimizer state (`optimizer.state_dict()` with every shard
-    replaced by its whole tensor), in the layout a single process saves. Every rank must call it
-    (each tensor is all-gathered in turn); rank 0 writes them, the others drop them."""
-    weights = {n: full(p.detach()).cpu() for n, p in params.items()}
-    state = optimizer.state_dict()
-    state["state"] = {i: {k: full(v).cpu() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                      for i, s in state["state"].items()}
-    return weights, state
+def sharded_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's part of the model's and optimizer's state (every rank calls it):
+    ``{"model": ..., "optim": ...}`` from torch.distributed.checkpoint's `get_state_dict` in its
+    sharded form (weights and AdamW moments are DTensors holding this rank's shard; the optimizer
+    is keyed by parameter name; a fresh optimizer's state is created first, with a zero-lr step)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=_options(full_state_dict=False))
+    return {"model": weights, "optim": optim}
 
 
-def load_state(
-    params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor], optim: Any
-) -> None:
-    """Put full `weights` and optimizer state (as `gather_state` gave them; every rank holds them)
-    into this rank's shards, without communication: each rank keeps its own slice."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def set_sharded_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load what `sharded_state` gave (its tensors filled from a checkpoint) into `model` and
+    `optimizer` (`set_state_dict`); each rank sets its own shards."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    def mine(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if not isinstance(like, DTensor) or whole.dim() == 0:
-            return whole
-        return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
-
-    with torch.no_grad():
-        for name, p in params.items():
-            local(p).copy_(local(mine(weights[name], p)))
-    order = [p for group in optimizer.param_groups for p in group["params"]]
-    optim = dict(optim)
-    optim["state"] = {i: {k: mine(v, order[int(i)]) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                      for i, s in optim["state"].items()}
-    optimizer.load_state_dict(optim)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(full_state_dict=False))
 
 
 def full_model_state(model: Any) -> dict[str, torch.Tensor] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -169,7 +169,9 @@ def save_state(
 
     On several processes every rank calls it: each rank's RNG goes to rank 0 (group
     `rng.rank<r>` for r > 0), which alone writes the one checkpoint; the ranks meet at a barrier
-    after the commit. The weights, optimizer and `state` are rank 0's (the same on every rank).
+    after the commit. The weights, optimizer and `state` are rank 0's (the same on every rank),
+    except under fsdp, where each rank writes its own shards into the checkpoint first
+    (`_save_state_sharded`).
     """
     rng_tensors, rng_state = checkpoint.capture_rng()
     if dist.initialized():
@@ -184,16 +186,73 @@ def _save_state_ranks(
     rng: tuple[dict[str, torch.Tensor], dict[str, Any]],
 ) -> Path:
     ranks = dist.gather_objects(rng)
-    path = stage_dir / f"step-{step}"
-    full = None
-    if fsdp.is_sharded(model):  # every rank sends its shards; rank 0 gets the full tensors
-        full = fsdp.gather_state(trainable_named_params(model), optimizer)
+    if fsdp.is_sharded(model):
+        return _save_state_sharded(stage_dir, step, model, optimizer, state, meta, keep_last, extra_tensors, ranks)
+    path = stage_dir / checkpoint.step_dir_name(step)
     if dist.is_main():
         extra = dict(extra_tensors or {})
         extra |= {f"rng.rank{r}": tensors for r, (tensors, _) in enumerate(ranks) if r > 0}
         state = state | {"rank_rng": [s for _, s in ranks[1:]]}
-        meta = meta | {"world_size": dist.world_size()} | ({"strategy": "fsdp"} if full else {})
-        path = _save_state(stage_dir, step, model, optimizer, state, meta, keep_last, extra, rng, full)
+        meta = meta | {"world_size": dist.world_size()}
+        path = _save_state(stage_dir, step, model, optimizer, state, meta, keep_last, extra, rng)
+    dist.barrier()
+    return path
+
+
+SHARDED_LAYOUT = "dcp-safetensors"  # meta "layout" of an fsdp checkpoint: every rank's own shard file
+
+
+def _save_state_sharded(
+    stage_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    meta: dict[str, Any], keep_last: int, extra_tensors: dict[str, dict[str, torch.Tensor]] | None,
+    ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
+) -> Path:
+    """A sharded model's checkpoint, committed atomically as one: rank 0 takes the stage lock and
+    makes the staging dir, every rank writes its own shards of the weights and AdamW moments there
+    (`rlft.ckpt.sharded`, one safetensors file a rank), all meet at a barrier, then rank 0 writes
+    the RNG of every rank, the optimizer's remaining tensors (step counts) and `state.json`,
+    hashes every file into the manifest and renames the dir into place."""
+    from torch.distributed.tensor import DTensor
+
+    from rlft.ckpt import sharded
+
+    tensors, skeleton = checkpoint.state_dict_to_tensors(fsdp.sharded_state(model, optimizer))
+    shards = {k: v for k, v in tensors.items() if isinstance(v, DTensor)}
+    plain = {k: v.detach().cpu() for k, v in tensors.items() if k not in shards}
+    bad = next((k for k, v in shards.items() if k.startswith("model.") and not torch.isfinite(fsdp.local(v)).all()),
+               None)
+    if dist.any_rank(bad is not None):
+        raise TrainingError(f"refusing to checkpoint step {step}: a parameter is NaN/Inf ({bad or 'on another rank'})")
+    final = stage_dir / checkpoint.step_dir_name(step)
+    if not dist.is_main():
+        staging = dist.broadcast_object(None)
+        if staging is None:
+            raise CheckpointError(f"checkpoint for step {step} not saved: rank 0 could not start it (see its error)")
+        sharded.save_shards(_distinct(model, shards), Path(staging))
+        dist.barrier()  # every rank's file is written; rank 0 commits
+        dist.barrier()  # rank 0 committed
+        return final
+    started = False
+
+    def write_shards(staging: Path) -> None:
+        nonlocal started
+        started = True
+        dist.broadcast_object(str(staging))
+        sharded.save_shards(_distinct(model, shards), staging)
+        dist.barrier()
+
+    rng_tensors, rng_state = ranks[0]
+    groups = {"optimizer": plain, "rng": rng_tensors, **(extra_tensors or {})}
+    groups |= {f"rng.rank{r}": t for r, (t, _) in enumerate(ranks) if r > 0}
+    full_state = {"step": step, "optimizer": skeleton, "rng": rng_state,
+                  "stage": state | {"rank_rng": [s for _, s in ranks[1:]]}}
+    meta = meta | {"world_size": dist.world_size(), "strategy": "fsdp", "layout": SHARDED_LAYOUT}
+    try:
+        path = checkpoint.save_checkpoint(stage_dir, step, groups, full_state, meta, keep_last, staged=write_shards)
+    except BaseException:
+        if not started:
+            dist.broadcast_object(None)
+        raise
     dist.barrier()
     return path
 
@@ -201,15 +260,13 @@ def _save_state_ranks(
 def _save_state(
     stage_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
     meta: dict[str, Any], keep_last: int, extra_tensors: dict[str, dict[str, torch.Tensor]] | None,
-    rng: tuple[dict[str, torch.Tensor], dict[str, Any]], full: tuple[dict[str, torch.Tensor], Any] | None = None,
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]],
 ) -> Path:
-    """`full`: a sharded model's gathered weights and optimizer state (`fsdp.gather_state`)."""
-    params = full[0] if full else {n: p.detach() for n, p in trainable_named_params(model).items()}
+    params = {n: p.detach() for n, p in trainable_named_params(model).items()}
     for name, value in params.items():
         if not torch.isfinite(value).all():
             raise TrainingError(f"refusing to checkpoint step {step}: parameter {name} is NaN/Inf")
-    optim_tensors, optim_state = (checkpoint.state_dict_to_tensors(full[1]) if full
-                                  else checkpoint.optimizer_to_tensors(optimizer))
+    optim_tensors, optim_state = checkpoint.optimizer_to_tensors(optimizer)
     rng_tensors, rng_state = rng
     tensors = {"params": params, "optimizer": optim_tensors, "rng": rng_tensors, **(extra_tensors or {})}
     full_state = {"step": step, "optimizer": optim_state, "rng": rng_state, "stage": state}
@@ -226,10 +283,11 @@ def restore_state(
     CheckpointError (exit 3) when the stage has checkpoints but none verifies: starting over
     would silently discard the work they hold, so that takes an explicit --restart.
     """
-    ckpt = checkpoint.find_latest(stage_dir, strict=True)
+    strategy = "fsdp" if fsdp.is_sharded(model) else "ddp"
+    ckpt = _find_shared(stage_dir) if strategy == "fsdp" else checkpoint.find_latest(stage_dir, strict=True)
     if ckpt is None:
         return None
-    tensors, full_state, saved_meta = checkpoint.load_checkpoint(ckpt)
+    saved_meta = ckpt.meta
     saved_world, world = saved_meta.get("world_size", 1), dist.world_size()
     if saved_world != world:
         raise CheckpointError(
@@ -237,12 +295,20 @@ def restore_state(
             f"and data share are in it, so it resumes on {saved_world} only (rerun with --nproc {saved_world}, "
             "or pass --restart to start the stage over)"
         )
-    saved_strategy, strategy = saved_meta.get("strategy", "ddp"), "fsdp" if fsdp.is_sharded(model) else "ddp"
+    saved_strategy = saved_meta.get("strategy", "ddp")
     if saved_strategy != strategy:
         raise CheckpointError(
             f"{ckpt} was saved with distributed.strategy {saved_strategy} and this run uses {strategy}: its "
             f"optimizer state is laid out for {saved_strategy} (set strategy: {saved_strategy}, or pass --restart)"
         )
+    if strategy == "fsdp" and saved_meta.get("layout") != SHARDED_LAYOUT:
+        raise CheckpointError(
+            f"{ckpt} is an fsdp checkpoint in the older layout (whole tensors gathered to rank 0); this rlft "
+            "reads fsdp checkpoints in the sharded layout only (each rank's own shard file): pass --restart "
+            "to start the stage over"
+        )
+    shard_files = {n: e for n, e in ckpt.manifest["files"].items() if strategy == "fsdp" and _is_shard_file(n)}
+    tensors, full_state, _ = checkpoint.load_checkpoint(ckpt, skip=shard_files)
     saved_inputs = saved_meta.get("inputs", {})
     keys = sorted(set(saved_inputs) | set(meta["inputs"]))
     overrides = checkpoint.check_inputs(saved_inputs, meta["inputs"], keys, force)
@@ -252,14 +318,13 @@ def restore_state(
             saved_meta.get("num_threads"),
             meta.get("num_threads"),
         )
-    params = trainable_named_params(model)
-    missing = set(params) ^ set(tensors["params"])
-    if missing:
-        raise CheckpointError(f"{ckpt}: parameters differ from the model's: {sorted(missing)[:5]}")
     if strategy == "fsdp":
-        optim = checkpoint.state_dict_from_tensors(tensors["optimizer"], full_state["optimizer"])
-        fsdp.load_state(params, optimizer, tensors["params"], optim)
+        _load_sharded(ckpt, model, optimizer, shard_files, tensors["optimizer"], full_state["optimizer"])
     else:
+        params = trainable_named_params(model)
+        missing = set(params) ^ set(tensors["params"])
+        if missing:
+            raise CheckpointError(f"{ckpt}: parameters differ from the model's: {sorted(missing)[:5]}")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors["params"][name])
@@ -269,6 +334,63 @@ def restore_state(
     else:
         checkpoint.restore_rng(tensors["rng"], full_state["rng"])
     return full_state["step"], full_state["stage"], tensors, overrides
+
+
+def _distinct(model: Any, shards: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`shards` without the second name of a tied weight (the output layer tied to the embedding
+    appears under both names in the state dict; the model's `named_parameters` names it once)."""
+    names = {f"model.{n}" for n, _ in model.named_parameters()} | {f"model.{n}" for n, _ in model.named_buffers()}
+    return {k: v for k, v in shards.items() if not k.startswith("model.") or k in names}
+
+
+def _is_shard_file(name: str) -> bool:
+    from rlft.ckpt import sharded
+
+    return sharded.is_shard_file(name)
+
+
+def _find_shared(stage_dir: Path) -> checkpoint.Checkpoint | None:
+    """`find_latest(strict=True)` on rank 0, which hashes every file of the checkpoint it picks;
+    the other ranks take its pick (they verify the manifest, and each file as they read it), so
+    no rank but rank 0 reads the other ranks' shard files."""
+    if dist.is_main():
+        try:
+            found = checkpoint.find_latest(stage_dir, strict=True)
+        except CheckpointError as err:
+            dist.broadcast_object(("error", str(err)))
+            raise
+        dist.broadcast_object(("path", str(found.path)) if found else None)
+        return found
+    picked = dist.broadcast_object(None)
+    if picked is None:
+        return None
+    kind, text = picked
+    if kind == "error":
+        raise CheckpointError(text)
+    path = Path(text)
+    manifest = checkpoint.read_manifest(path)
+    return checkpoint.Checkpoint(path=path, step=manifest["step"], manifest=manifest)
+
+
+def _load_sharded(
+    ckpt: checkpoint.Checkpoint, model: Any, optimizer: torch.optim.Optimizer, shard_files: dict[str, Any],
+    plain: dict[str, torch.Tensor], skeleton: Any,
+) -> None:
+    """Fill this rank's shards of the weights and AdamW state from the checkpoint's shard files
+    (each rank reads what it holds), then the rest of the optimizer state from `plain` (step
+    counts) and `skeleton` (hyper-parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    from rlft.ckpt import sharded
+
+    template, _ = checkpoint.state_dict_to_tensors(fsdp.sharded_state(model, optimizer))
+    shards = {k: v for k, v in template.items() if isinstance(v, DTensor)}
+    if set(template) - set(shards) != set(plain):
+        diff = sorted((set(template) - set(shards)) ^ set(plain))[:5]
+        raise CheckpointError(f"{ckpt}: its optimizer state does not fit this model's parameters: {diff}")
+    # a key the files lack is refused there; a tied weight's second name shares the first's storage
+    sharded.load_shards(_distinct(model, shards), ckpt.path, shard_files)
+    fsdp.set_sharded_state(model, optimizer, checkpoint.state_dict_from_tensors(shards | plain, skeleton))
 
 
 def resume_stage(
@@ -281,6 +403,10 @@ def resume_stage(
     continue from (0 on a fresh start), the stage's own saved state and every tensor group
     (for stage-specific extras such as a critic).
     """
+    if fsdp.is_sharded(model):  # before any step: this torch must be able to write sharded checkpoints
+        from rlft.ckpt import sharded
+
+        sharded.require()
     restored = restore_state(ctx.stage_dir, model, optimizer, meta, ctx.force) if ctx.resume else None
     if restored is None:
         meta["forced_overrides"] = []

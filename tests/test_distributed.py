@@ -24,6 +24,8 @@ import pytest
 from helpers import final_hashes, sft_recipe, step_losses, write_recipe
 from safetensors.torch import load_file
 
+from rlft.ckpt.manifest import manifest_bytes
+
 RLFT = Path(sys.executable).with_name("rlft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 WEIGHTS = ("final/adapter/adapter_model.safetensors", "final/model/model.safetensors")
@@ -289,22 +291,126 @@ def test_fsdp_two_processes_train_as_one(fsdp_runs: Path) -> None:
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
     config = json.loads((two / "final/model/config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
-    # the checkpoint holds whole tensors, laid out as one process's
-    c1, c2 = (load_file(sorted(s.glob("step-*"))[-1] / "params.safetensors") for s in (one, two))
-    assert {k: v.shape for k, v in c1.items()} == {k: v.shape for k, v in c2.items()}
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_is_one_shard_file_a_rank(fsdp_runs: Path) -> None:
+    """Each rank wrote its own half of every weight and AdamW moment; no file holds a whole copy."""
+    one, two = (sorted(_stage(fsdp_runs, n).glob("step-*"))[-1] for n in ("one", "two"))
+    files = sorted(p.name for p in two.iterdir())
+    shards = ["shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    assert files == sorted(["manifest.json", "state.json", "optimizer.safetensors", "rng.safetensors",
+                            "rng.rank1.safetensors", *shards]), files
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert set(manifest["files"]) == set(files) - {"manifest.json"}  # every shard is hashed and committed
+    assert manifest["meta"]["layout"] == "dcp-safetensors" and manifest["meta"]["world_size"] == 2
+    # the whole state as one process saves it: weights by name, AdamW moments by parameter index
+    params, optim = load_file(one / "params.safetensors"), load_file(one / "optimizer.safetensors")
+    whole = {f"model.{n}": t for n, t in params.items()}
+    names = json.loads((two / "state.json").read_text())["optimizer"]["optim"]["param_groups"][0]["params"]
+    assert sorted(names) == sorted(params)  # the optimizer's parameter order, by name
+    whole |= {f"optim.state.{names[i]}.{m}": optim[f"state.{i}.{m}"] for i in range(len(names))
+              for m in ("exp_avg", "exp_avg_sq")}
+    a, b = (load_file(two / name) for name in shards)
+    assert set(a) == set(b) == set(whole)
+    total = sum(t.numel() for t in whole.values())
+    for part in (a, b):
+        assert 0.4 * total < sum(t.numel() for t in part.values()) < 0.6 * total
+    for key, t in whole.items():  # dim-0 shards: rank 0's rows then rank 1's make the whole tensor
+        assert a[key].shape[0] + b[key].shape[0] == t.shape[0] and a[key].shape[1:] == t.shape[1:], key
+        assert b[key].shape[0] < t.shape[0], key
 
 
 @pytest.mark.slow
 def test_fsdp_resume_after_a_kill_is_bitwise(fsdp_runs: Path, tmp_path: Path) -> None:
+    """Rank 0 killed inside the save of step 4, after every rank wrote its shard file and before
+    the manifest: step 4 stays invisible and steps 2 and 3 are the committed checkpoints (keep_last
+    2). A flipped byte in a rank's shard file is caught by verification: with
+    both checkpoints hit nothing resumes (exit 3); a checkpoint in the older gathered layout is
+    refused (exit 3); with step 2's file restored the rerun resumes from step 2 and ends bitwise
+    where the uninterrupted run ends."""
     recipe = _fsdp_recipe(tmp_path, "k")
-    killed = _rlft("run", str(recipe), "--nproc", "2", env={"RLFT_FAULT": "kill_step:3"})
+    killed = _rlft("run", str(recipe), "--nproc", "2", env={"RLFT_FAULT": "before_manifest:4"})
     assert killed.returncode != 0
     stage = _stage(tmp_path, "k")
-    assert (stage / "step-00000003").exists() and not (stage / "final").exists()
+    assert sorted(p.name for p in stage.glob("step-*")) == ["step-00000002", "step-00000003"]
+    assert not (stage / "final").exists()
+    shard = "shard-00002-model-00001-of-00001.safetensors"
+    (staging,) = stage.glob(".staging-step-00000004-*")  # the half-done save, never read
+    assert (staging / shard).exists() and (staging / shard.replace("00002", "00001", 1)).exists()
+    assert not (staging / "manifest.json").exists()
+    kept = (stage / "step-00000002" / shard).read_bytes()
+    for step in (2, 3):
+        path = stage / f"step-{step:08d}" / shard
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0x01  # a bit of a tensor, not of the header: only the hash can tell
+        path.write_bytes(bytes(data))
+    refused = _rlft("run", str(recipe), "--nproc", "2")
+    message = " ".join(refused.stderr.split())
+    assert refused.returncode == 3, refused.stderr[-3000:]
+    assert f"no checkpoint in {stage} verifies" in message
+    assert f"step-00000003 failed verification: {shard}: sha256 does not match the manifest" in message
+    (stage / "step-00000002" / shard).write_bytes(kept)
+    # the same checkpoint as an older rlft's fsdp checkpoint (its meta names no sharded layout)
+    manifest_file = stage / "step-00000002" / "manifest.json"
+    original = manifest_file.read_bytes()
+    manifest = json.loads(original)
+    manifest["meta"].pop("layout")
+    manifest_file.write_bytes(manifest_bytes(2, manifest["files"], manifest["meta"]))
+    old = _rlft("run", str(recipe), "--nproc", "2")
+    assert old.returncode == 3, old.stderr[-3000:]
+    assert "is an fsdp checkpoint in the older layout (whole tensors gathered to rank 0)" in " ".join(old.stderr.split())
+    manifest_file.write_bytes(original)
     rerun = _rlft("run", str(recipe), "--nproc", "2")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((stage / "stage.done.json").read_text())["lineage"]["resumed_from_step"] == 2
     assert final_hashes(stage) == final_hashes(_stage(fsdp_runs, "two"))
     assert step_losses(stage) == step_losses(_stage(fsdp_runs, "two"))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_shard_files_are_safetensors_verified_before_they_are_parsed(tmp_path: Path) -> None:
+    """The sharded format in one process: one safetensors file, no pickled `.metadata`; a load
+    round-trips bitwise, and a file whose bytes differ from the manifest's hash is refused."""
+    import hashlib
+
+    import torch
+
+    from rlft.ckpt import sharded
+    from rlft.errors import CheckpointError
+
+    saved = {"w": torch.randn(6, 4), "m.exp_avg": torch.randn(6)}
+    sharded.save_shards(saved, tmp_path)
+    name = "shard-00001-model-00001-of-00001.safetensors"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    data = (tmp_path / name).read_bytes()
+    entry = {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+    loaded = {k: torch.zeros_like(v) for k, v in saved.items()}
+    sharded.load_shards(loaded, tmp_path, entry)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    with pytest.raises(CheckpointError, match="Missing key in checkpoint state_dict: extra"):
+        sharded.load_shards(loaded | {"extra": torch.zeros(2)}, tmp_path, entry)
+    flipped = bytearray(data)
+    flipped[-1] ^= 0x01
+    (tmp_path / name).write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=f"{name}: sha256 does not match the manifest"):
+        sharded.load_shards({k: torch.zeros_like(v) for k, v in saved.items()}, tmp_path, entry)
+
+
+def test_fsdp_needs_a_torch_whose_dcp_writes_a_file_a_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed.checkpoint import hf_storage
+
+    from rlft.ckpt import sharded
+    from rlft.errors import CheckpointError
+
+    sharded.require()  # this torch can
+
+    class Older:  # torch < 2.8: no save_distributed
+        def __init__(self, path: str) -> None: ...
+
+    monkeypatch.setattr(hf_storage, "HuggingFaceStorageWriter", Older)
+    with pytest.raises(CheckpointError, match=r"fsdp checkpoints need .* \(torch 2.8 or newer\); this is torch"):
+        sharded.require()
 
 
 def test_the_strategy_key_is_checked_and_explained(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +98,7 @@ def save_checkpoint(
     state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int | None,
+    staged: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint so that it is either complete and verifiable or invisible.
 
@@ -108,6 +109,9 @@ def save_checkpoint(
         state: JSON state (None/bool/int/float/str/list/dict[str, Any] with str keys; round-trips exactly).
         meta: strict JSON recorded in the manifest (recipe hash, data hashes, versions, seed, ...).
         keep_last: committed checkpoints to keep (>= 1), the new one included; None keeps all.
+        staged: called with the new staging dir (under the stage lock, before any file of this
+            call is written) to put more files in it, e.g. every rank's shards (`rlft.ckpt.sharded`);
+            each file it leaves there is hashed into the manifest and committed with the rest.
 
     Returns:
         The committed directory.
@@ -128,7 +132,7 @@ def save_checkpoint(
         stage_dir.mkdir(parents=True, exist_ok=True)
         with _stage_lock(stage_dir, blocking=True):
             _remove_leftovers(stage_dir, deleting=True)
-            final = _write_and_commit(stage_dir, step, tensors, state, meta)
+            final = _write_and_commit(stage_dir, step, tensors, state, meta, staged)
             _write_latest(stage_dir, final.name, step)
             if keep_last is not None:
                 apply_retention(stage_dir, keep_last, step)
@@ -138,13 +142,17 @@ def save_checkpoint(
 
 
 def _write_and_commit(
-    stage_dir: Path, step: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict[str, Any], meta: dict[str, Any]
+    stage_dir: Path, step: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict[str, Any],
+    meta: dict[str, Any], staged: Callable[[Path], None] | None = None,
 ) -> Path:
     staging = stage_dir / f".staging-{step_dir_name(step)}-{uuid.uuid4().hex}"
     final = stage_dir / step_dir_name(step)
     os.mkdir(staging)
     try:
         files = {}
+        if staged is not None:
+            staged(staging)
+            files = {name: _hash_file(staging / name) for name in sorted(os.listdir(staging))}
         for group in sorted(tensors):
             name = f"{group}.safetensors"
             files[name] = _write_file(staging / name, _tensor_bytes(tensors[group], name), step)
@@ -159,6 +167,18 @@ def _write_and_commit(
         raise
     faults.fault_point("after_rename", step, final)
     return final
+
+
+def _hash_file(path: Path) -> dict[str, Any]:
+    """The manifest entry of a file another writer put in the staging dir (a regular file)."""
+    if not is_regular_file(path):
+        raise ValueError(f"{path}: not a regular file; only files can be committed in a checkpoint")
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "size": size}
 
 
 def _write_error(step: int, err: OSError, stage_dir: Path) -> CheckpointError:
@@ -368,7 +388,7 @@ def _read_hint(stage_dir: Path) -> str | None:
 
 
 def load_checkpoint(
-    ckpt: Checkpoint | Path, expect: Collection[str] = ()
+    ckpt: Checkpoint | Path, expect: Collection[str] = (), skip: Collection[str] = ()
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
     """Verify every file, then load the tensor groups (safetensors only), state and meta.
 
@@ -378,6 +398,8 @@ def load_checkpoint(
     Args:
         ckpt: a checkpoint from `find_latest`, or a ``step-*`` dir.
         expect: tensor groups the caller needs (e.g. ``("adapter", "optimizer", "rng")``).
+        skip: listed files neither read nor returned here: the caller reads them and verifies
+            each against the manifest itself (every rank's shards, `rlft.ckpt.sharded`).
 
     Returns:
         (tensor groups, state, meta).
@@ -387,7 +409,8 @@ def load_checkpoint(
     """
     path = ckpt.path if isinstance(ckpt, Checkpoint) else Path(ckpt)
     manifest = read_manifest(path)
-    blobs = {name: check_file(path, name, entry, keep=True) for name, entry in sorted(manifest["files"].items())}
+    blobs = {name: check_file(path, name, entry, keep=True) for name, entry in sorted(manifest["files"].items())
+             if name not in skip}
     for group in expect:
         if f"{group}.safetensors" not in blobs:
             raise CheckpointError(
