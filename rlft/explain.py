@@ -108,6 +108,11 @@ def strategy_split(recipe: Any, spec: Any, world: int) -> str:
     if spec.kind not in ("sft", "distill", "grpo", "ppo"):
         return ""
     if recipe.distributed.strategy == "fsdp":
+        own = getattr(spec, "lora", None)
+        if (own if own is not None else recipe.lora) != "full":
+            return (f"; strategy fsdp: each rank holds 1/{world} of the frozen base weights and of the LoRA adapter's "
+                    "weights, gradients and AdamW state (weights all-gathered per decoder layer, adapter gradients "
+                    "reduce-scattered)")
         return (f"; strategy fsdp: each rank holds 1/{world} of the weights, gradients and AdamW state "
                 "(weights all-gathered per decoder layer, gradients reduce-scattered)")
     return "; strategy ddp: each rank holds the whole model and optimizer state"

@@ -249,9 +249,9 @@ def quantize_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
 
 
 def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
-    """`distributed.strategy: fsdp` shards fully fine-tuned sft and distill (mode sequence) stages:
-    a training stage with a LoRA adapter, a grpo or ppo stage, or distillation in another mode is
-    refused (docs/distributed.md says why)."""
+    """`distributed.strategy: fsdp` shards sft and distill (mode sequence) stages, fully fine-tuned
+    or with a LoRA adapter (the frozen base is sharded too): a grpo or ppo stage, distillation in
+    another mode, or a quantized model is refused (docs/distributed.md says why)."""
     spec = raw.get("distributed")
     if not isinstance(spec, dict) or spec.get("strategy") != "fsdp":
         return []
@@ -266,15 +266,19 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
         elif kind == "distill" and stage.get("mode", "sequence") != "sequence":
             why = (f"stage '{name}' (distill, mode: {stage['mode']}) is not sharded yet; fsdp runs distill in mode: "
                    "sequence: use strategy: ddp for this recipe")
-        elif (stage["lora"] if "lora" in stage else raw.get("lora")) != "full":
-            own = "its own lora:" if "lora" in stage else "the recipe's lora:" if "lora" in raw else "the default lora:"
-            why = (f"stage '{name}' trains a LoRA adapter ({own}); fsdp shards fully fine-tuned weights, and with "
-                   "LoRA the trained weights and optimizer state are small and replicate cheaply: use strategy: ddp, "
-                   "or lora: full")
+        elif (quantize := _quantize_of(stage, raw)) not in ("none", None):
+            why = (f"stage '{name}' loads its model with quantize: {quantize}; FSDP2 does not shard bitsandbytes' "
+                   "quantized weights: use strategy: ddp, or quantize: none")
         else:
             continue
         problems.append(loc.at(("distributed", "strategy"), f"fsdp: {why}"))
     return problems
+
+
+def _quantize_of(stage: dict[str, Any], raw: dict[str, Any]) -> Any:
+    """`quantize` of the model a training stage loads: its own student's, else the recipe's model's."""
+    model = stage.get("student") if isinstance(stage.get("student"), dict) else raw.get("model")
+    return model.get("quantize", "none") if isinstance(model, dict) else "none"
 
 
 def _reward_entries(raw: dict[str, Any]) -> Iterator[tuple[Path_, Any]]:

@@ -553,8 +553,8 @@ class DistributedSpec(Strict):
         default="ddp", description="ddp: every rank holds the whole model and optimizer, gradients are summed over "
         "ranks once per step (the default: right for LoRA, whose trained weights are small). fsdp: FSDP2 fully_shard "
         "per decoder layer, each rank holds 1/N of the weights, gradients and AdamW state (full fine-tuning of "
-        "models too large to replicate); needs lora: full in every sft and distill stage (distill mode: sequence), "
-        "and no grpo or ppo stage yet (docs/distributed.md)."
+        "models too large to replicate; with LoRA the frozen base is sharded too); runs sft and distill (mode: "
+        "sequence) stages, not grpo or ppo yet, nor quantized models (docs/distributed.md)."
     )
 
 
