@@ -197,22 +197,27 @@ def unsharded_lora(model: Any, state: dict[str, torch.Tensor]) -> Any:
     `merge_and_unload`: the adapter and merged model come out as one process writes them.
 
     The copy is built on the meta device (no weights allocated) and takes `state`'s tensors
-    as they are; the buffers a state dict leaves out (rotary frequencies) are the model's own.
+    as they are; the buffers a state dict leaves out (rotary frequencies) are the model's own, and
+    weights tied in the model (one parameter under several names) are tied in the copy.
     """
     import copy
 
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
     base = model.get_base_model()
     with torch.device("meta"):
-        plain = get_peft_model(AutoModelForCausalLM.from_config(base.config),
-                               copy.deepcopy(model.peft_config[model.active_adapter]))
+        plain = get_peft_model(type(base)(base.config), copy.deepcopy(model.peft_config[model.active_adapter]))
     plain.load_state_dict(state, strict=False, assign=True)
     for name, buffer in model.named_buffers():
         owner, _, attr = name.rpartition(".")
         plain.get_submodule(owner)._buffers[attr] = buffer
-    plain.get_base_model().tie_weights()
+    tied: dict[int, list[str]] = {}  # a tied weight (output layer = embeddings) is one parameter under two names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    for first, *others in tied.values():
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(owner), attr, plain.get_parameter(first))
     plain.get_base_model().generation_config = base.generation_config
     left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
     if left:

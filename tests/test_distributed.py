@@ -399,9 +399,11 @@ def test_fsdp_shard_wraps_each_decoder_layer_then_the_root(monkeypatch: pytest.M
 # --------------------------------------------------------------------------- fsdp with a LoRA adapter
 
 
-def _tiny_lora_model() -> Any:
-    """A 2-layer Qwen2 with tied embeddings and a LoRA adapter on every linear layer, its lora_B
-    drawn nonzero (a fresh adapter's is zero: merging would change nothing); the same on every rank."""
+def _tiny_lora_model(modules_to_save: list[str] | None) -> Any:
+    """A 2-layer Qwen2 with tied embeddings and a LoRA adapter on every linear layer (and, with
+    `modules_to_save`, a trained copy of the tied output layer, kept tied as rlft asks peft), its
+    lora_B drawn nonzero (a fresh adapter's is zero: merging would change nothing) and the trained
+    copy moved off the original; the same on every rank."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -409,26 +411,25 @@ def _tiny_lora_model() -> Any:
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    model = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM",
+                      modules_to_save=modules_to_save, ensure_weight_tying=bool(modules_to_save))
+    model = get_peft_model(Qwen2ForCausalLM(config), lora)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_()
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
     return model
 
 
-def _lora_shard_worker(rank: int, port: int, out: str) -> None:
-    """One rank of a gloo pair: shard the tiny LoRA model, run a forward/backward, report what
-    this rank holds; rank 0 also rebuilds the whole model for the final export."""
+def _lora_shard_check(rank: int, modules_to_save: list[str] | None) -> dict[str, Any]:
+    """Shard the tiny LoRA model over the gloo pair, run a forward/backward, report what this
+    rank holds; rank 0 also rebuilds the whole model for the final export."""
     import torch
-    import torch.distributed as tdist
 
     from rlft import fsdp
     from rlft.recipe.schema import ModelSpec
 
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    model = _tiny_lora_model()
+    model = _tiny_lora_model(modules_to_save)
     ids = torch.arange(16).view(2, 8) % 32
     whole = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -454,24 +455,38 @@ def _lora_shard_worker(rank: int, port: int, out: str) -> None:
     if rank == 0:
         assert state is not None
         plain = fsdp.unsharded_lora(model, state)
-        mine = plain.state_dict()
+        mine, inner = plain.state_dict(), plain.get_base_model()
         report["state_keys_equal"] = mine.keys() == whole.keys()
         report["state_equal"] = all(torch.equal(mine[k], whole[k]) for k in whole)
-        merged, expected = plain.merge_and_unload().state_dict(), _tiny_lora_model().merge_and_unload().state_dict()
-        report["merged_keys_equal"] = merged.keys() == expected.keys()
-        report["merged_equal"] = all(torch.equal(merged[k], expected[k]) for k in expected)
-        report["merged_changed"] = not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+        report["tied"] = inner.lm_head.weight is inner.model.embed_tokens.weight
+        merged = plain.merge_and_unload()
+        expected = _tiny_lora_model(modules_to_save).merge_and_unload().state_dict()
+        report["merged_keys_equal"] = merged.state_dict().keys() == expected.keys()
+        report["merged_equal"] = all(torch.equal(merged.state_dict()[k], expected[k]) for k in expected)
+        report["merged_tied"] = merged.lm_head.weight is merged.model.embed_tokens.weight
+        report["merged_changed"] = not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
                                                    whole["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
-    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    return report
+
+
+def _lora_shard_worker(rank: int, port: int, out: str) -> None:
+    """One rank of a gloo pair: `_lora_shard_check` without and with a trained output layer."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    reports = {"adapter": _lora_shard_check(rank, None), "lm_head": _lora_shard_check(rank, ["lm_head"])}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(reports))
     tdist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_fsdp_shards_the_frozen_base_of_a_lora_model(tmp_path: Path) -> None:
     """Two gloo ranks in spawned processes: each holds half of a layer's frozen base weight and of
-    its adapter; only the adapter gets gradients; the forward with and without the adapter (the
-    reference policy) is the unsharded model's; the whole model rebuilt on rank 0 holds exactly
-    the original weights, and peft's merge of it equals the merge of the unsharded model."""
+    its adapter; only the trained weights get gradients; the forward with and without the adapter
+    (the reference policy) is the unsharded model's; the whole model rebuilt on rank 0 holds
+    exactly the original weights, tied as they were, and peft's merge of it equals the merge of
+    the unsharded model. Once with an adapter only, once with a trained copy of the tied output
+    layer (lora.modules_to_save)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -480,17 +495,21 @@ def test_fsdp_shards_the_frozen_base_of_a_lora_model(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_lora_shard_worker, args=(port, str(tmp_path)), nprocs=2)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for report in reports:
-        assert report["layers"] == ["FSDPQwen2DecoderLayer"] * 2  # each layer its own FSDP group
-        assert report["base"] == [8 * 16, 16 * 16, False]  # half of q_proj's 16 x 16 frozen weight
-        assert report["lora_A"] == [2 * 16, 4 * 16]
-        assert report["with_grad"] == report["trainable"] and len(report["trainable"]) == 2 * 7 * 2
-        assert all("lora_A" in n or "lora_B" in n for n in report["with_grad"])
-        assert report["lora_logits"] <= 1e-6 and report["reference_logits"] <= 1e-6
-    first = reports[0]
-    assert first["state_keys_equal"] and first["state_equal"]
-    assert first["merged_keys_equal"] and first["merged_equal"] and first["merged_changed"]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for reports in ranks:
+        for variant, report in reports.items():
+            assert report["layers"] == ["FSDPQwen2DecoderLayer"] * 2  # each layer its own FSDP group
+            assert report["base"] == [8 * 16, 16 * 16, False]  # half of q_proj's 16 x 16 frozen weight
+            assert report["lora_A"] == [2 * 16, 4 * 16]
+            adapter = [n for n in report["trainable"] if ".lora_A." in n or ".lora_B." in n]
+            assert report["with_grad"] == report["trainable"] and len(adapter) == 2 * 7 * 2
+            copies = [n for n in report["trainable"] if n not in adapter]
+            assert len(copies) == (0 if variant == "adapter" else 1) and all("modules_to_save" in n for n in copies)
+            assert report["lora_logits"] <= 1e-6 and report["reference_logits"] <= 1e-6
+    for variant, first in ranks[0].items():
+        assert first["state_keys_equal"] and first["state_equal"] and first["tied"], variant
+        assert first["merged_keys_equal"] and first["merged_equal"] and first["merged_changed"], variant
+        assert first["merged_tied"], variant
 
 
 def _fsdp_lora_recipe(tmp: Path, name: str) -> Path:
