@@ -421,17 +421,24 @@ def _tiny_lora_model(modules_to_save: list[str] | None) -> Any:
     return model
 
 
-def _lora_shard_check(rank: int, modules_to_save: list[str] | None) -> dict[str, Any]:
-    """Shard the tiny LoRA model over the gloo pair, run a forward/backward, report what this
-    rank holds; rank 0 also rebuilds the whole model for the final export."""
+def _lora_shard_check(rank: int, modules_to_save: list[str] | None, checkpointing: bool = False) -> dict[str, Any]:
+    """Shard the tiny LoRA model over the gloo pair, run a forward/backward of this rank's half of
+    a batch, report what this rank holds and how far the summed gradients are from the unsharded
+    model's on the whole batch; rank 0 also rebuilds the whole model for the final export."""
     import torch
 
     from rlft import fsdp
+    from rlft.models import enable_checkpointing
     from rlft.recipe.schema import ModelSpec
 
     model = _tiny_lora_model(modules_to_save)
-    ids = torch.arange(16).view(2, 8) % 32
+    if checkpointing:
+        enable_checkpointing(model.get_base_model())
+    ids = torch.arange(32).view(4, 8) % 32
     whole = {k: v.clone() for k, v in model.state_dict().items()}
+    model(input_ids=ids).logits.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
     with torch.no_grad():
         plain_logits = model(input_ids=ids).logits
         with model.disable_adapter():
@@ -444,8 +451,11 @@ def _lora_shard_check(rank: int, modules_to_save: list[str] | None) -> dict[str,
         "base": [fsdp.local(q.base_layer.weight).numel(), q.base_layer.weight.numel(), q.base_layer.weight.requires_grad],
         "lora_A": [fsdp.local(q.lora_A["default"].weight).numel(), q.lora_A["default"].weight.numel()],
     }
-    model(input_ids=ids).logits.square().mean().backward()
+    model(input_ids=ids[2 * rank : 2 * rank + 2]).logits.square().sum().backward()  # gradients summed over ranks
     report["with_grad"] = sorted(n for n, p in model.named_parameters() if p.grad is not None)
+    report["checkpointed"] = [bool(getattr(m, "gradient_checkpointing", False)) for m in layers]
+    report["grad_error"] = max(float((fsdp.full(p.grad) - want[n]).abs().max() / want[n].abs().max())
+                               for n, p in model.named_parameters() if p.grad is not None)
     report["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     with torch.no_grad():
         report["lora_logits"] = float((model(input_ids=ids).logits - plain_logits).abs().max())
@@ -470,11 +480,13 @@ def _lora_shard_check(rank: int, modules_to_save: list[str] | None) -> dict[str,
 
 
 def _lora_shard_worker(rank: int, port: int, out: str) -> None:
-    """One rank of a gloo pair: `_lora_shard_check` without and with a trained output layer."""
+    """One rank of a gloo pair: `_lora_shard_check` of an adapter, of an adapter and a trained
+    output layer, and of an adapter with activation checkpointing."""
     import torch.distributed as tdist
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    reports = {"adapter": _lora_shard_check(rank, None), "lm_head": _lora_shard_check(rank, ["lm_head"])}
+    reports = {"adapter": _lora_shard_check(rank, None), "lm_head": _lora_shard_check(rank, ["lm_head"]),
+               "checkpointing": _lora_shard_check(rank, None, checkpointing=True)}
     Path(out, f"rank{rank}.json").write_text(json.dumps(reports))
     tdist.destroy_process_group()
 
@@ -482,11 +494,12 @@ def _lora_shard_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_fsdp_shards_the_frozen_base_of_a_lora_model(tmp_path: Path) -> None:
     """Two gloo ranks in spawned processes: each holds half of a layer's frozen base weight and of
-    its adapter; only the trained weights get gradients; the forward with and without the adapter
-    (the reference policy) is the unsharded model's; the whole model rebuilt on rank 0 holds
-    exactly the original weights, tied as they were, and peft's merge of it equals the merge of
-    the unsharded model. Once with an adapter only, once with a trained copy of the tied output
-    layer (lora.modules_to_save)."""
+    its adapter; only the trained weights get gradients, and their sum over the ranks' halves of a
+    batch is the unsharded model's gradient on the whole batch; the forward with and without the
+    adapter (the reference policy) is the unsharded model's; the whole model rebuilt on rank 0
+    holds exactly the original weights, tied as they were, and peft's merge of it equals the merge
+    of the unsharded model. With an adapter only, with a trained copy of the tied output layer
+    (lora.modules_to_save), and with activation checkpointing."""
     import socket
 
     import torch.multiprocessing as mp
@@ -504,8 +517,10 @@ def test_fsdp_shards_the_frozen_base_of_a_lora_model(tmp_path: Path) -> None:
             adapter = [n for n in report["trainable"] if ".lora_A." in n or ".lora_B." in n]
             assert report["with_grad"] == report["trainable"] and len(adapter) == 2 * 7 * 2
             copies = [n for n in report["trainable"] if n not in adapter]
-            assert len(copies) == (0 if variant == "adapter" else 1) and all("modules_to_save" in n for n in copies)
+            assert len(copies) == (variant == "lm_head") and all("modules_to_save" in n for n in copies)
             assert report["lora_logits"] <= 1e-6 and report["reference_logits"] <= 1e-6
+            assert report["grad_error"] <= 1e-5, (variant, report["grad_error"])
+            assert report["checkpointed"] == [variant == "checkpointing"] * 2
     for variant, first in ranks[0].items():
         assert first["state_keys_equal"] and first["state_equal"] and first["tied"], variant
         assert first["merged_keys_equal"] and first["merged_equal"] and first["merged_changed"], variant
