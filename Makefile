@@ -9,11 +9,17 @@ ifeq ($(CI),true)
 PYTEST_MARKS ?=
 # the randomized reliability tests run N=20 trials in CI (5 locally)
 export RLFT_RELIABILITY_N ?= 20
-# the kill -9 of one torchrun rank: 6 trials in CI (both ranks, after step 1 or 2, random delays), 1 locally
-export RLFT_KILL_TRIALS ?= 6
+# the kill -9 of one torchrun rank: 20 trials in CI (both ranks, after step 1 or 2, random delays), 1 locally
+export RLFT_KILL_TRIALS ?= 20
+# the slowest tests, to keep the whole run within its budget
+PYTEST_ARGS ?= --durations=25
 else
 PYTEST_MARKS ?= -m "not slow"
 endif
+# the tests run in parallel (pytest-xdist), one worker per core up to 4 (most tests use one thread);
+# a test file stays on one worker, so its module-scoped runs are made once. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
+PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: setup demo test test-all lint docs bench clean
 
@@ -34,10 +40,10 @@ demo: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/rlft run recipes/tiny-r1.yaml
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_MARKS) $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_MARKS) $(PYTEST_ARGS)
 
 test-all: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check rlft tests benchmarks

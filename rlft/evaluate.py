@@ -36,17 +36,22 @@ def heldout_loss(model: Any, examples: list[Any], micro_batch_size: int, pad_id:
     return total / max(count, 1.0)
 
 
+def _own_all(model: Any) -> bool:
+    """Under fsdp every forward is a collective all ranks must join (and greedy generation of one
+    chunk runs as many forwards on each rank), so each rank computes all chunks itself, unless the
+    model is `fsdp.gathered` (whole weights on every rank, forwards without collectives)."""
+    return fsdp.is_sharded(model) and not fsdp.is_gathered(model)
+
+
 def _share(model: Any, n: int) -> range:
-    """This rank's chunks of n. Under fsdp every forward is a collective all ranks must join (and
-    greedy generation of one chunk runs as many forwards on each rank), so each rank computes all
-    n and nothing is gathered."""
-    return range(n) if fsdp.is_sharded(model) else dist.shard(n)
+    """This rank's chunks of n (all n when `_own_all`)."""
+    return range(n) if _own_all(model) else dist.shard(n)
 
 
 def _whole(model: Any, mine: list[Any]) -> list[Any]:
-    """The per-chunk results of all n chunks: this rank's own under fsdp (it computed all of
+    """The per-chunk results of all n chunks: this rank's own when `_own_all` (it computed all of
     them, `_share`), else every rank's gathered in chunk order."""
-    return mine if fsdp.is_sharded(model) else in_order(mine)
+    return mine if _own_all(model) else in_order(mine)
 
 
 def in_order(mine: list[Any]) -> list[Any]:

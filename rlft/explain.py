@@ -107,6 +107,12 @@ def strategy_split(recipe: Any, spec: Any, world: int) -> str:
     """What `distributed.strategy` does with a training stage's weights on `world` ranks."""
     if spec.kind not in ("sft", "distill", "grpo", "ppo"):
         return ""
+    if recipe.distributed.strategy == "fsdp" and spec.kind in ("grpo", "ppo"):
+        whole = (["the reference"] if spec.loss.beta > 0 else []) + (["the critic"] if spec.kind == "ppo" else [])
+        critic = f"; {' and '.join(whole)} {'are' if len(whole) > 1 else 'is'} whole on every rank" if whole else ""
+        return (f"; strategy fsdp: each rank holds 1/{world} of the policy's weights and AdamW state between "
+                "rounds; the whole weights are gathered on every rank for sampling and the no-grad forwards, and "
+                "for each optimizer step (whole gradients accumulated, reduce-scattered once)" + critic)
     if recipe.distributed.strategy == "fsdp":
         own = getattr(spec, "lora", None)
         if (own if own is not None else recipe.lora) != "full":
@@ -145,10 +151,7 @@ def split_problem(loaded: Any, stage: str, world: int) -> str | None:
 
 
 def _rl_split_problem(loaded: Any, stage: str, spec: Any, world: int) -> str | None:
-    """GRPO/PPO: each rank samples an equal share of whole prompt groups (built-in sampler only)."""
-    if spec.sampling.engine != "hf":
-        return (f"stage {stage} ({spec.kind}, sampling.engine {spec.sampling.engine}) runs in one process only so "
-                f"far; several processes sample with the built-in sampler (sampling.engine: hf)")
+    """GRPO/PPO: each rank samples an equal share of whole prompt groups (with vLLM, on its own engine)."""
     if spec.prompts_per_step % world == 0:
         return None
     key = f"stages.{stage}.prompts_per_step"

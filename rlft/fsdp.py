@@ -15,6 +15,11 @@ atomic and rank-0-only and `final/` is an ordinary safetensors model; a resume g
 the full tensors and each keeps its shard (`set_*_state_dict`). That costs one full copy of the
 weights and optimizer state in rank 0's CPU memory at a save.
 
+GRPO and PPO run a different number of forwards and backwards on each rank (sampling, rows,
+length buckets), which per-layer collectives cannot follow: their rounds run with the whole
+weights on every rank (`gathered`) and each optimizer step accumulates whole gradients without
+communication, then reduce-scatters them once (`accumulated`); docs/distributed.md.
+
 On CUDA, `model.precision` bf16_master (the default there) becomes a `MixedPrecisionPolicy`:
 float32 sharded weights (the master copy the optimizer steps), bfloat16 weights for the forward
 and backward, gradients reduced in float32. The CUDA path follows torch's documented API and is
@@ -23,7 +28,9 @@ not run by the project's CPU tests.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -115,6 +122,93 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, full_tensor()) if callable(full_tensor) else t
 
 
+def _modules(model: Any) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+_GATHERED: set[int] = set()  # id() of the models inside `gathered`
+
+
+def is_gathered(model: Any) -> bool:
+    """True inside `gathered(model)`: its forwards are no collectives, so ranks may split work."""
+    return id(model) in _GATHERED
+
+
+@contextlib.contextmanager
+def gathered(model: Any) -> Iterator[None]:
+    """Every weight of a sharded `model` whole on every rank while inside, so that its forwards
+    (and backwards) issue no collective and each rank may run any number of them: an RL round's
+    sampling, whose decode steps differ per rank, and its no-grad forwards split by rows.
+
+    On entry every rank all-gathers each sharded group once (`unshard`) and turns resharding after
+    forward and backward off; on exit the groups are resharded (the gathered copies freed) and
+    resharding is back on. The cost is memory: the full weights on every rank while inside, as a
+    rollout engine holds them. Not nestable: `accumulated` reshards when its step is done. A no-op
+    for a model that is not sharded.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    if id(model) in _GATHERED:
+        raise RuntimeError("fsdp.gathered is not nestable")
+    modules = _modules(model)
+    model._get_fsdp_state()._lazy_init()  # pyright: ignore[reportPrivateUsage]  (an unshard before any forward needs it)
+    for m in modules:  # the same order on every rank: one all-gather per group
+        m.unshard()
+    model.set_reshard_after_forward(False)
+    model.set_reshard_after_backward(False)
+    _GATHERED.add(id(model))
+    try:
+        yield
+    finally:
+        _GATHERED.discard(id(model))
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_backward(True)
+        for m in modules:
+            m.reshard()
+
+
+@contextlib.contextmanager
+def accumulated(model: Any) -> Iterator[None]:
+    """One optimizer step's forwards and backwards on a sharded `model`, any number on each rank
+    (an RL mini-batch: each rank's rows, length buckets and shared prompts differ).
+
+    Inside, the model is `gathered` and gradient sync is off: each backward adds to the whole
+    (unsharded) gradients on its rank, with no collective. On a normal exit every rank runs one
+    backward with sync on, of a zero-weighted one-token forward: its gradients add exactly zero,
+    and each group's post-backward reduce-scatters the accumulated gradients (summed over ranks,
+    `shard`) into the sharded gradients the optimizer steps, including parameters no backward of
+    this rank reached (`reduce_scatter_unused_params`), then reshards. A no-op for a model that is
+    not sharded.
+    """
+    if not is_sharded(model):
+        yield
+        return
+    with gathered(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        model.set_reshard_after_backward(True)
+        model.set_reduce_scatter_unused_params(True)
+        try:
+            dev = next(model.parameters()).device
+            out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=dev), use_cache=False)
+            (out.logits.float().sum() * 0.0).backward()
+        finally:
+            model.set_reduce_scatter_unused_params(False)
+
+
+def replicated(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The parameters of `params` that are not DTensor shards (whole on every rank: a critic, a
+    value head beside a sharded policy)."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return [p for p in params if tensor is None or not isinstance(p, tensor.DTensor)]
+
+
 def grads_finite(params: list[torch.nn.Parameter]) -> bool:
     """True when every rank's gradient shards are finite (the same answer on every rank)."""
     grads = [local(p.grad) for p in params if p.grad is not None]
@@ -126,11 +220,17 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
     """Clip sharded gradients to the global L2 norm `max_norm`, as `torch.nn.utils.clip_grad_norm_`
     does for whole tensors, and return the global norm (the same on every rank).
 
-    The norm is the square root of the all-reduced sum of every rank's squared shard entries.
+    The norm is the square root of the all-reduced sum of every rank's squared shard entries,
+    plus the squares of replicated parameters' gradients (the same on every rank, counted once).
     """
     grads = [local(p.grad) for p in params if p.grad is not None]
-    squares = torch.stack([g.float().square().sum() for g in grads]).sum() if grads else torch.zeros(())
-    total = dist.all_reduce_sum(squares).sqrt()
+    whole = {id(p) for p in replicated(params)}
+
+    def squares(gs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([g.float().square().sum() for g in gs]).sum() if gs else torch.zeros(())
+
+    shards = squares([local(p.grad) for p in params if p.grad is not None and id(p) not in whole])
+    total = (dist.all_reduce_sum(shards) + squares([p.grad for p in params if p.grad is not None and id(p) in whole])).sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef.to(g.dtype))

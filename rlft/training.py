@@ -142,11 +142,12 @@ def finish_step(
 
     On several processes the gradients and `total` are first summed over ranks (each rank's
     share is already divided by the global normaliser), so every rank takes the same step; a
-    sharded model's backward has already reduce-scattered its gradients (rlft/fsdp.py).
+    sharded model's backward has already reduce-scattered its gradients (rlft/fsdp.py), so only
+    the replicated parameters' gradients are summed here (all of them without fsdp; beside a
+    sharded policy, PPO's critic).
     """
     if dist.initialized():
-        if not fsdp.sharded(params):
-            dist.all_reduce_grads(params)
+        dist.all_reduce_grads(fsdp.replicated(params))
         total = dist.all_reduce_sum(total)
     grad_norm = apply_step(optimizer, params, total, guard, max_grad_norm, step)
     if grad_norm is None:

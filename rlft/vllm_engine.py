@@ -15,6 +15,13 @@ One round, as the RL stages drive it:
 3. `sleep()`: with `vllm.sleep: true` the engine offloads its weights and frees its KV cache while
    the trainer runs; `sync` wakes it first.
 
+On several processes (torchrun, strategy ddp) every rank runs its own engine on its own GPU
+(`distributed_executor_backend="external_launcher"`, tensor parallel size 1; every rank builds
+its engine at the same point of the stage), holds the full policy, pushes it to its engine and
+samples its share of the round's prompts (rlft/rl/shard.py), one `generate` call a round; the seed of prompt b comes from prompt b's own generator,
+so a prompt gets the same seed on any number of ranks. A rank > 0 keeps its adapters in its
+scratch directory.
+
 vLLM samples with its own kernels and precision, so its log-probs differ from the trainer's: the
 learner reports the difference (`mismatch/kl`, `mismatch/ratio_max`) and `loss.tis_cap` corrects
 for it (ALGORITHMS.md §10).
@@ -45,6 +52,7 @@ class EngineSettings:
     dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    external_launcher: bool = False  # True under torchrun with several processes: one engine per rank
 
 
 def make_llm(settings: EngineSettings) -> Any:
@@ -64,6 +72,8 @@ def make_llm(settings: EngineSettings) -> Any:
     }
     if settings.max_model_len is not None:
         kwargs["max_model_len"] = settings.max_model_len
+    if settings.external_launcher:  # one engine per torchrun rank, on that rank's GPU
+        kwargs["distributed_executor_backend"] = "external_launcher"
     if settings.lora_rank is not None:
         kwargs |= {"enable_lora": True, "max_lora_rank": settings.lora_rank, "max_loras": 1}
     return LLM(**kwargs)
@@ -134,9 +144,12 @@ class VLLMEngine:
         apply_model(load)
 
     def generate(self, tokenizer: Any, prompt_ids: list[list[int]], sampling: SamplingParams, group_size: int,
-                 generator: torch.Generator, device: torch.device) -> Rollouts:
-        """G completions for each prompt as `rollout.Rollouts` (rows b*G + g), log-probs recorded."""
-        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator).tolist()
+                 generators: list[torch.Generator], device: torch.device) -> Rollouts:
+        """G completions for each prompt as `rollout.Rollouts` (rows b*G + g), log-probs recorded;
+        prompt b's request seed is drawn from `generators[b]`."""
+        if len(generators) != len(prompt_ids):
+            raise ValueError(f"{len(generators)} generators for {len(prompt_ids)} prompts")
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=g)) for g in generators]
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
         params = [self.sampling_factory(sampling, group_size, s) for s in seeds]
         outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)

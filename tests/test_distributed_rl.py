@@ -27,7 +27,8 @@ RLFT = Path(sys.executable).with_name("rlft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def _recipe(tmp: Path, name: str, kind: str) -> Path:
+def _recipe(tmp: Path, name: str, kind: str, fsdp: bool = False) -> Path:
+    """`fsdp`: the policy (and a separate critic's trunk) fully fine-tuned under distributed.strategy: fsdp."""
     spec: dict[str, Any] = {
         "kind": kind,
         "data": {"source": "tiny:arith", "num_examples": 64, "eval_size": 4, "max_length": 128},
@@ -48,6 +49,10 @@ def _recipe(tmp: Path, name: str, kind: str) -> Path:
                  "kl_horizon": 8}
     recipe = {"run_name": "t", "output_dir": str(tmp / name), "seed": 0, "model": {"name": "tiny:nano"},
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear"}, "stages": {"rl": spec}}
+    if fsdp:
+        recipe["lora"], recipe["distributed"] = "full", {"strategy": "fsdp"}
+        if kind == "ppo":  # full fine-tuning: AdamW's rounding amplification (above) grows with lr
+            spec |= {"lr": 1e-3, "critic_lr": 2e-3}
     return write_recipe(tmp / f"{name}.yaml", recipe)
 
 
@@ -64,10 +69,10 @@ def _metrics(stage: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
-def _one_and_two(tmp: Path, kind: str) -> tuple[Path, Path]:
-    one = _rlft("run", str(_recipe(tmp, f"{kind}-one", kind)))
+def _one_and_two(tmp: Path, kind: str, fsdp: bool = False) -> tuple[Path, Path]:
+    one = _rlft("run", str(_recipe(tmp, f"{kind}-one", kind, fsdp)))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _rlft("run", str(_recipe(tmp, f"{kind}-two", kind)), "--nproc", "2")
+    two = _rlft("run", str(_recipe(tmp, f"{kind}-two", kind, fsdp)), "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
     return _stage(tmp, f"{kind}-one"), _stage(tmp, f"{kind}-two")
 
@@ -123,6 +128,110 @@ def test_kill9_of_one_rank_mid_grpo_then_rerun_equals_uninterrupted(grpo: tuple[
     _, two = grpo
     assert final_hashes(stage) == final_hashes(two)
     assert _metrics(stage) == _metrics(two)
+
+
+# --------------------------------------------------------------------------- distributed.strategy: fsdp
+
+
+@pytest.fixture(scope="module")
+def fsdp_grpo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The GRPO recipe fully fine-tuned under fsdp: 1 process (the plain path) and 2 (sharded)."""
+    return _one_and_two(tmp_path_factory.mktemp("fsdp-grpo"), "grpo", fsdp=True)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_grpo_as_one(fsdp_grpo: tuple[Path, Path]) -> None:
+    """Each rank samples its share (decode steps differ), runs its rows' bucketed forwards and
+    the reference's no-grad forwards: the sharded run still equals the one-process run."""
+    one, two = fsdp_grpo
+    _assert_same_run(one, two, ["final/model/model.safetensors"])
+    assert not (two / "final" / "adapter").exists()
+    assert _metrics(one)[1]["optimizer_steps"] == 4 and "kl" in _metrics(one)[1]  # mu x mini-batches; the reference ran
+    assert any(r.get("dynamic/rounds", 1) > 1 for r in _metrics(one))
+    meta = json.loads(next(two.glob("step-*/manifest.json")).read_text())["meta"]
+    assert meta["strategy"] == "fsdp" and meta["world_size"] == 2  # the 2-process run was sharded
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_ppo_as_one(tmp_path: Path) -> None:
+    """PPO with a separate, fully fine-tuned critic (replicated) beside the sharded policy."""
+    one, two = _one_and_two(tmp_path, "ppo", fsdp=True)
+    _assert_same_run(one, two, ["final/model/model.safetensors", "final/critic/value_head.safetensors",
+                                "final/critic/model/model.safetensors"])
+
+
+@pytest.mark.slow
+def test_fsdp_kill9_mid_grpo_then_rerun_equals_uninterrupted(fsdp_grpo: tuple[Path, Path], tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "k", "grpo", fsdp=True)
+    stage = _stage(tmp_path, "k")
+    kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=1)
+    assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1
+    _, two = fsdp_grpo
+    assert final_hashes(stage) == final_hashes(two)
+    assert _metrics(stage) == _metrics(two)
+
+
+_ACCUMULATE = """
+import sys
+import torch
+import torch.distributed as td
+from transformers import AutoModelForCausalLM
+from rlft import fsdp
+
+td.init_process_group("gloo")
+rank = td.get_rank()
+model = fsdp.shard(AutoModelForCausalLM.from_pretrained(sys.argv[1]).float().eval(), None)
+ids = torch.load(sys.argv[2], weights_only=True)
+with fsdp.gathered(model), torch.no_grad():  # unequal numbers of forwards: no collective inside
+    for _ in range(2 + 3 * rank):
+        model(input_ids=ids[:1])
+with fsdp.accumulated(model):  # rank 0: three backwards of different shapes; rank 1: none
+    for rows in ([[0], [1, 2], [3]] if rank == 0 else []):
+        (model(input_ids=ids[rows]).logits.logsumexp(-1).sum() / 100).backward()
+sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+grads = {n: fsdp.full(p.grad) for n, p in model.named_parameters()}  # every rank joins each gather
+if rank == 0:
+    torch.save({"grads": grads, "sharded": sharded}, sys.argv[3])
+td.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_accumulated_reduces_unequal_backwards_to_the_one_process_gradient(tmp_path: Path) -> None:
+    """Two ranks under `fsdp.gathered`/`fsdp.accumulated` with different numbers of forwards and
+    backwards (one rank none at all) end with the gradient one process computes, sharded."""
+    import socket
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlft.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "nano")
+    ids = torch.randint(3, 200, (4, 7), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "worker.py").write_text(_ACCUMULATE)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(model_dir), str(tmp_path / "ids.pt"),
+                               str(tmp_path / "out.pt")],
+                              env={**ENV, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert out["sharded"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    for rows in ([0], [1, 2], [3]):
+        (model(input_ids=ids[rows]).logits.logsumexp(-1).sum() / 100).backward()
+    want = {n: p.grad for n, p in model.named_parameters()}
+    assert want.keys() == out["grads"].keys()
+    assert all(g is not None and float(g.abs().max()) > 0 for g in want.values())
+    worst = max(float((want[n] - out["grads"][n]).abs().max()) for n in want)
+    assert worst <= 1e-6, worst
 
 
 def test_explain_shows_the_rl_split_and_refuses_an_uneven_one(tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ ALLOWED: dict[str, set[str]] = {
     "run": {"errors", "ckpt", "recipe", "rundir"},
     "stage_io": {"errors", "ckpt", "data", "dist", "fsdp", "metrics", "models", "run"},
     "vllm_engine": {"errors", "rollout"},
-    "rl": {"errors", "ckpt", "core", "data", "dist", "evaluate", "metrics", "models", "recipe", "rewards", "rollout",
+    "rl": {"errors", "ckpt", "core", "data", "dist", "evaluate", "fsdp", "metrics", "models", "recipe", "rewards", "rollout",
            "stage_io", "training", "vllm_engine"},
     "prompt_report": {"errors", "data", "models", "recipe", "rewards", "run", "tiny"},
     "explain": {"errors", "data", "prompt_report", "recipe"},

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlft import rollout, vllm_engine
+from rlft.rl import shard
 from rlft.vllm_engine import EngineSettings, VLLMEngine
 from tests.helpers import metrics, write_recipe
 from tests.test_stage_grpo import grpo_recipe
@@ -33,9 +34,11 @@ class FakeLLM:
         self.model = AutoModelForCausalLM.from_pretrained(settings.model).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
         self.calls: list[tuple[Any, ...]] = []
+        self.seen: list[tuple[list[list[int]], list[int]]] = []  # (prompts, seeds) of each generate call
 
     def generate(self, prompts: list[dict], params: list[dict], lora_request: Any = None, use_tqdm: bool = True):
         self.calls.append(("generate", None if lora_request is None else lora_request.lora_int_id))
+        self.seen.append(([p["prompt_token_ids"] for p in prompts], [p["seed"] for p in params]))
         model = self.model
         if lora_request is not None and not self.ignore_lora:
             from peft import PeftModel
@@ -183,8 +186,8 @@ def test_outputs_become_rollouts_with_stops_truncation_and_logprobs(tmp_path: Pa
     ])
     engine = VLLMEngine(EngineSettings("m", lora_rank=None), tmp_path, llm=llm, sampling_factory=fake_sampling,
                         lora_factory=fake_lora)
-    r = engine.generate(tok, [[1, 2, 3], [4]], rollout.SamplingParams(max_new_tokens=4), 2, torch.Generator().manual_seed(0),
-                        torch.device("cpu"))
+    gens = [torch.Generator().manual_seed(b) for b in range(2)]
+    r = engine.generate(tok, [[1, 2, 3], [4]], rollout.SamplingParams(max_new_tokens=4), 2, gens, torch.device("cpu"))
     assert r.prompt_ids.tolist() == [[1, 2, 3], [1, 2, 3], [0, 0, 4], [0, 0, 4]]
     assert r.prompt_mask.tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1], [0, 0, 1]]
     assert r.completion_ids.tolist() == [[5, 6, 9, 0], [7, 7, 7, 7], [8, 0, 0, 0], [0, 0, 0, 0]]
@@ -195,7 +198,7 @@ def test_outputs_become_rollouts_with_stops_truncation_and_logprobs(tmp_path: Pa
     assert float(r.sample_logp[0, 3]) == 0.0 and float(r.sample_logp[3].abs().sum()) == 0.0
 
 
-def test_per_prompt_seeds_come_from_the_round_generator(tmp_path: Path):
+def test_per_prompt_seeds_come_from_each_prompts_generator(tmp_path: Path):
     seen: list[list[int]] = []
     llm = SimpleNamespace(generate=lambda prompts, params, **k: seen.append([p["seed"] for p in params]) or [
         SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1], logprobs=[{1: -1.0}], text="a", finish_reason="stop")])
@@ -204,8 +207,8 @@ def test_per_prompt_seeds_come_from_the_round_generator(tmp_path: Path):
                         lora_factory=fake_lora)
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=1)
     for seed in (0, 0, 1):
-        engine.generate(tok, [[1], [2], [3]], rollout.SamplingParams(max_new_tokens=2), 1,
-                        rollout.seed_generator(seed, 5), torch.device("cpu"))
+        gens = shard.prompt_generators(rollout.seed_generator(seed, 5), 3, 1, 2)
+        engine.generate(tok, [[1], [2], [3]], rollout.SamplingParams(max_new_tokens=2), 1, gens, torch.device("cpu"))
     assert seen[0] == seen[1] != seen[2] and len(set(seen[0])) == 3
 
 
@@ -230,3 +233,84 @@ def test_grpo_on_real_vllm(tmp_path: Path):  # pragma: no cover - GPU only
     assert main(["run", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
     rows = [r for r in metrics(next((tmp_path / "out").glob("*/rl"))) if "mismatch/kl" in r]
     assert len(rows) == 3 and all(abs(r["mismatch/kl"]) < 1e-2 for r in rows)
+
+
+def _rank_with_fake_engine(rank: int, port: int, recipe: str, log: str) -> None:
+    """One torchrun-like rank (RANK, WORLD_SIZE=2, gloo on 127.0.0.1) running `rlft run RECIPE`
+    with the fake engine; every generate call appends (rank, prompts, seeds) to `log`."""
+    import json
+    import os
+
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    torch.set_num_threads(1)
+
+    class LoggingFake(FakeLLM):
+        def generate(self, prompts: list[dict], params: list[dict], lora_request: Any = None, use_tqdm: bool = True):
+            with open(log, "a") as f:
+                f.write(json.dumps([rank, [p["prompt_token_ids"] for p in prompts], [p["seed"] for p in params],
+                                    self.settings.external_launcher]) + "\n")
+            return super().generate(prompts, params, lora_request, use_tqdm)
+
+    vllm_engine.make_llm = LoggingFake
+    vllm_engine._vllm_sampling = fake_sampling
+    vllm_engine._lora_request = fake_lora
+    from rlft.cli import main
+
+    os._exit(main(["run", recipe]))  # a rank > 0 leaves with os._exit after the final barrier anyway
+
+
+def _vllm_recipe(tmp: Path) -> Path:
+    """`_run`'s recipe with LoRA dropout 0 (dropout masks are each rank's own draws)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    recipe = grpo_recipe(tmp / "out", steps=3)
+    recipe["lora"]["dropout"] = 0.0
+    recipe["stages"]["rl"]["sampling"] = {**recipe["stages"]["rl"]["sampling"], "engine": "vllm",
+                                          "stop": list("0123456789aeiou")}
+    return write_recipe(tmp / "r.yaml", recipe)
+
+
+def test_two_ranks_each_sample_their_share_with_their_own_engine(tmp_path: Path, fake_vllm):
+    """On 2 processes each rank builds its own engine (external launcher) and samples half of the
+    round's prompts with the seeds one process gives them; the run equals one process's run."""
+    import json
+    import multiprocessing
+    import socket
+
+    from rlft.cli import main
+
+    assert main(["run", str(_vllm_recipe(tmp_path / "one"))]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "two.log"
+    ctx = multiprocessing.get_context("spawn")
+    recipe = str(_vllm_recipe(tmp_path / "two"))
+    ranks = [ctx.Process(target=_rank_with_fake_engine, args=(r, port, recipe, str(log))) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=300)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    by_rank = [[c for c in calls if c[0] == r] for r in (0, 1)]
+    assert [len(c) for c in by_rank] == [3, 3] and all(c[3] for c in calls)  # external launcher on both
+    seen = fake_vllm.made[0].seen  # one process: all prompts of a round in one call
+    assert len(seen) == 3
+    for step, (prompts, seeds) in enumerate(seen):
+        zero, one = by_rank[0][step], by_rank[1][step]
+        assert len(zero[1]) == len(one[1]) == len(prompts) // 2
+        assert zero[1] + one[1] == prompts and zero[2] + one[2] == seeds
+    def rows(tmp: Path) -> list[dict[str, Any]]:
+        return [r for r in metrics(next((tmp / "out").glob("*/rl"))) if "mismatch/kl" in r]
+
+    rows_one, rows_two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [1, 2, 3]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in ("reward/mean", "completion/len_mean", "mismatch/kl"):
+            assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
+    adapter = "final/adapter/adapter_model.safetensors"
+    a = load_file(next((tmp_path / "one" / "out").glob("*/rl")) / adapter)
+    b = load_file(next((tmp_path / "two" / "out").glob("*/rl")) / adapter)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert any(float(b[k].abs().max()) > 0 for k in b if "lora_B" in k)  # it trained (lora_B starts at 0)

@@ -250,8 +250,9 @@ def quantize_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
 
 def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
     """`distributed.strategy: fsdp` shards sft and distill (mode sequence) stages, fully fine-tuned
-    or with a LoRA adapter (the frozen base is sharded too): a grpo or ppo stage, distillation in
-    another mode, or a quantized model is refused (docs/distributed.md says why)."""
+    or with a LoRA adapter (the frozen base is sharded too), and fully fine-tuned grpo and ppo
+    stages: a grpo or ppo stage with a LoRA adapter, distillation in another mode, an RL stage
+    sampling with vLLM, or a quantized model is refused (docs/distributed.md says why)."""
     spec = raw.get("distributed")
     if not isinstance(spec, dict) or spec.get("strategy") != "fsdp":
         return []
@@ -260,12 +261,17 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
         kind = stage.get("kind") if isinstance(stage, dict) else None
         if kind not in MODEL_KINDS or not isinstance(stage, dict):
             continue
-        if kind in ("grpo", "ppo"):
-            why = (f"stage '{name}' ({kind}) is not sharded yet; fsdp runs sft and distill (mode: sequence) "
-                   "stages: use strategy: ddp for this recipe")
+        sampling = stage.get("sampling")
+        if kind in ("grpo", "ppo") and isinstance(sampling, dict) and sampling.get("engine") == "vllm":
+            why = (f"stage '{name}' ({kind}) samples with vLLM, and each rank's engine takes the whole policy from "
+                   "the rank, which fsdp keeps sharded: use strategy: ddp with sampling.engine: vllm, or engine: hf")
         elif kind == "distill" and stage.get("mode", "sequence") != "sequence":
             why = (f"stage '{name}' (distill, mode: {stage['mode']}) is not sharded yet; fsdp runs distill in mode: "
                    "sequence: use strategy: ddp for this recipe")
+        elif kind in ("grpo", "ppo") and (stage["lora"] if "lora" in stage else raw.get("lora")) != "full":
+            own = "its own lora:" if "lora" in stage else "the recipe's lora:" if "lora" in raw else "the default lora:"
+            why = (f"stage '{name}' trains a LoRA adapter ({own}); fsdp runs {kind} with lora: full only so far "
+                   "(sft and distill stages shard LoRA models too): use strategy: ddp, or lora: full")
         elif (quantize := _quantize_of(stage, raw)) not in ("none", None):
             why = (f"stage '{name}' loads its model with quantize: {quantize}; FSDP2 does not shard bitsandbytes' "
                    "quantized weights: use strategy: ddp, or quantize: none")

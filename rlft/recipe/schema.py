@@ -553,8 +553,10 @@ class DistributedSpec(Strict):
         default="ddp", description="ddp: every rank holds the whole model and optimizer, gradients are summed over "
         "ranks once per step (the default: right for LoRA, whose trained weights are small). fsdp: FSDP2 fully_shard "
         "per decoder layer, each rank holds 1/N of the weights, gradients and AdamW state (full fine-tuning of "
-        "models too large to replicate; with LoRA the frozen base is sharded too); runs sft and distill (mode: "
-        "sequence) stages, not grpo or ppo yet, nor quantized models (docs/distributed.md)."
+        "models too large to replicate; with LoRA in sft and distill the frozen base is sharded too); runs sft, "
+        "distill (mode: sequence), and grpo and ppo with lora: full (they gather the whole policy on every rank for "
+        "each round and optimizer step, and sample with the built-in engine); no quantized models "
+        "(docs/distributed.md)."
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlft import dist, rollout
+from rlft import dist, fsdp, rollout
 from rlft.ckpt.faults import fault_point
 from rlft.core import losses
 from rlft.models import trainable_named_params
@@ -115,7 +115,7 @@ def update(
         return rollout.loss_by_bucket(policy, micro.tensors(), temperature, share, with_entropy=True)
 
     params = list(trainable_named_params(policy).values())
-    opt = Optimization(optimizer, params, guard, lr_for, spec.max_grad_norm)
+    opt = Optimization(optimizer, params, guard, lr_for, spec.max_grad_norm, sharded=policy)
     return optimize(exp, loss_fn, opt, spec, opt_step, spec.num_iterations)
 
 
@@ -128,7 +128,8 @@ MAX_SUFFIX = "_max"  # statistics reduced by max over micro-batches and steps (n
 class Optimization:
     """What an optimizer step needs besides the batch: the optimizer, every parameter it updates
     (NaN-checked and norm-clipped together), the guard, the LR of 1-based step s, the clip norm,
-    and per param group a factor on that LR (empty: every group at lr_for(s))."""
+    per param group a factor on that LR (empty: every group at lr_for(s)), and the policy when it
+    may be sharded (`fsdp.accumulated` runs each step's forwards and backwards)."""
 
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
@@ -136,6 +137,7 @@ class Optimization:
     lr_for: Callable[[int], float]
     max_grad_norm: float | None
     lr_scales: tuple[float, ...] = ()
+    sharded: Any = None
 
 
 def optimize(
@@ -152,6 +154,7 @@ def optimize(
     Stats: "tokens" (counted tokens) divides the others, except "loss/*" keys, which are already
     shares and are summed, and "*_max" keys, reduced by max.
     After each pass, `keep_going(that pass's stats)` False ends the round (PPO's KL early stop).
+    Under fsdp each step's forwards and backwards run in `fsdp.accumulated(opt.sharded)`.
     On several processes `batch` is the whole round on every rank; each rank takes a contiguous
     share of every mini-batch's rows (the normaliser stays the whole mini-batch's), and the step's
     gradients, loss and statistics are summed over ranks (`rlft/rl/shard.py`).
@@ -187,14 +190,16 @@ def _accumulate_and_step(
     size = mini.mask.shape[0]
     sums: dict[str, Tensor] = {}
     total = torch.zeros((), device=mini.mask.device)
-    for s in range(0, size, micro_batch_size):
-        micro = mini.rows(torch.arange(s, min(s + micro_batch_size, size), device=mini.mask.device))
-        shares = loss_fn(micro, normalizer)
-        for loss, stats in shares if isinstance(shares, Iterator) else [shares]:  # each backpropagated before the next
-            backward_into(loss, total, opt_step)
-            for k, v in stats.items():
-                sums[k] = torch.maximum(sums[k], v) if k.endswith(MAX_SUFFIX) and k in sums else sums.get(k, 0.0) + v
-        fault_point("micro_batch", opt_step)  # tests: die with gradients half accumulated
+    # fsdp: each rank runs as many forwards/backwards as its rows take, the gradients reduced at the end
+    with fsdp.accumulated(opt.sharded):
+        for s in range(0, size, micro_batch_size):
+            micro = mini.rows(torch.arange(s, min(s + micro_batch_size, size), device=mini.mask.device))
+            shares = loss_fn(micro, normalizer)
+            for loss, stats in shares if isinstance(shares, Iterator) else [shares]:  # each backpropagated before the next
+                backward_into(loss, total, opt_step)
+                for k, v in stats.items():
+                    sums[k] = torch.maximum(sums[k], v) if k.endswith(MAX_SUFFIX) and k in sums else sums.get(k, 0.0) + v
+            fault_point("micro_batch", opt_step)  # tests: die with gradients half accumulated
     return _optimizer_step(opt.optimizer, opt.params, total, sums, opt.guard, opt.max_grad_norm, opt_step)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rlft import dist, rollout
+from rlft import dist, fsdp, rollout
 from rlft.core import advantages
 from rlft.data import encode
 from rlft.data.batch import PromptLoader
@@ -107,7 +107,10 @@ def sample_round(
             if engine is None:
                 out = rollout.generate(policy, tokenizer, prompts, sampling, G, generator)
             else:
-                out = engine.generate(tokenizer, prompts, sampling, G, generator, next(policy.parameters()).device)
+                # one seed per prompt, drawn from the prompt's own generator: the same on any number of ranks
+                gens = generator if isinstance(generator, list) else shard.prompt_generators(
+                    generator, len(part), G, sampling.max_new_tokens)
+                out = engine.generate(tokenizer, prompts, sampling, G, gens, next(policy.parameters()).device)
             timer.lap("generation")
             columns = {k: [b.columns.get(k) for b in part for _ in range(G)] for k in part[0].columns}
             columns["completion_tokens"] = out.completion_mask.sum(-1).tolist()
@@ -170,9 +173,10 @@ def sampling_engine(ctx: RunContext[GRPOSpec] | RunContext[PPOSpec]) -> VLLMEngi
     settings = EngineSettings(
         model=ctx.parent().model_source, lora_rank=None if lora == "full" else lora.r,
         gpu_memory_utilization=spec.vllm.gpu_memory_utilization, sleep=spec.vllm.sleep, dtype=spec.vllm.dtype,
-        max_model_len=spec.vllm.max_model_len, seed=ctx.seed,
+        max_model_len=spec.vllm.max_model_len, seed=ctx.seed, external_launcher=dist.world_size() > 1,
     )
-    return VLLMEngine(settings, ctx.stage_dir / "vllm")
+    # each rank runs its own engine on its own GPU; ranks > 0 keep their adapters in their scratch dir
+    return VLLMEngine(settings, dist.scratch_dir(ctx.run_dir) / ctx.stage / "vllm")
 
 
 def make_reference(policy: Any, ctx: RunContext[GRPOSpec] | RunContext[PPOSpec]) -> Any:
@@ -228,10 +232,12 @@ class RoundLog:
 
     def accuracy(self) -> float | None:
         """Held-out greedy accuracy; on several processes every rank evaluates its share of the
-        prompts and gets the whole figure (`evaluate.task_accuracy` gathers: all ranks call it)."""
+        prompts and gets the whole figure (`evaluate.task_accuracy` gathers: all ranks call it;
+        under fsdp with the weights `gathered`)."""
         from rlft import evaluate
 
-        return evaluate.task_accuracy(self.policy, self.tokenizer, self.held_out, self.max_new)
+        with fsdp.gathered(self.policy):
+            return evaluate.task_accuracy(self.policy, self.tokenizer, self.held_out, self.max_new)
 
     def log(self, step: int, stats: dict[str, Any], rows: list[Any], texts: list[str]) -> None:
         """Record 0-based round `step` (logged as step + 1), with the first samples of the round."""

@@ -12,8 +12,9 @@ ranks' shares become the one round a single process would have had.
   share of the rows and the results are gathered (`by_rows`).
 - Updates: each mini-batch is the one-process mini-batch; each rank takes a contiguous share of
   its rows, the aggregation normaliser is that of the whole mini-batch, gradients and the loss
-  are summed over ranks (`training.finish_step`), and the step's summed statistics too
-  (`reduce_stats`: sums, and max for `*_max`).
+  are summed over ranks (`training.finish_step`; a sharded policy's gradients by the one
+  reduce-scatter of `fsdp.accumulated`), and the step's summed statistics too (`reduce_stats`:
+  sums, and max for `*_max`).
 
 In one process every function here is the identity (or does what the caller did before).
 """

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlft import rollout, training
+from rlft import fsdp, rollout, training
 from rlft.core import advantages
 from rlft.metrics import StepTimer
 from rlft.models import dropout_free_mode, load_policy
@@ -38,6 +38,8 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     spec = ctx.spec
     policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     dropout_free_mode(policy)  # departure 1: no dropout in RL
+    if fsdp.active(ctx.recipe.distributed.strategy):  # lora: full (the recipe checks say so)
+        policy = fsdp.shard(policy, ctx.model_spec())
     reference = make_reference(policy, ctx)
     loader, eval_rows, prints = rounds.prompt_data(ctx, tokenizer)
     score = rounds.reward_scorer(ctx)
@@ -56,8 +58,9 @@ def run(ctx: RunContext[GRPOSpec]) -> Artifact:
     engine = rounds.sampling_engine(ctx)  # None: the built-in sampler
     for step in loop:
         timer = StepTimer()
-        exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed, step,
-                                           timer, engine)
+        with fsdp.gathered(policy):  # fsdp: each rank samples and scores its share with the whole weights
+            exp, stats, texts, batch = collect(policy, reference, tokenizer, loader, score, spec, sampling, ctx.seed,
+                                               step, timer, engine)
         updates = learner.update(policy, optimizer, exp, spec, guard, opt_step, sampling.temperature, lr_fn(spec))
         opt_step += len(updates)
         timer.lap("policy")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rlft import dist, rollout, training
+from rlft import dist, fsdp, rollout, training
 from rlft.ckpt.fsio import commit_dir
 from rlft.core import advantages, losses
 from rlft.metrics import StepTimer
@@ -107,8 +107,9 @@ def run(ctx: RunContext[PPOSpec]) -> Artifact:
     engine = rounds.sampling_engine(ctx)  # None: the built-in sampler
     for step in loop:
         timer = StepTimer()
-        r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer, engine)
-        batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
+        with fsdp.gathered(policy):  # fsdp: each rank samples, scores and evaluates its share with the whole weights
+            r = rounds.sample_round(policy, tokenizer, loader, score, spec, sampling, ctx.seed, step, timer, engine)
+            batch = build_batch(policy, value, reference, r.out, r.rewards, spec, sampling.temperature, kl_ctl.beta)
         timer.lap("experience")  # old_logp, V_old, ref_logp, GAE
         stats: dict[str, Any] = r.stats | batch_stats(batch) | {"kl/beta": kl_ctl.beta}
         updates = update(policy, value, batch, spec, opt, opt_step, sampling.temperature, kl_ctl.beta)
@@ -131,6 +132,8 @@ def load_models(ctx: RunContext[PPOSpec]) -> tuple[Any, Any, critic.Critic]:
     source = critic.resolve_reward_model(spec.reward_model, ctx.data_base_dir(), key) if spec.reward_model else None
     policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
     dropout_free_mode(policy)  # no dropout in RL (gradient checkpointing stays on)
+    if fsdp.active(ctx.recipe.distributed.strategy):  # lora: full (the recipe checks say so); the critic is replicated
+        policy = fsdp.shard(policy, ctx.model_spec())
     dev = next(policy.parameters()).device
     rm = critic.load_reward_model(source, ctx.model_spec(), dev, key) if source else None
     value = critic.build_critic(spec.critic, policy, ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed, rm)
@@ -144,7 +147,8 @@ def make_optimization(policy: Any, value: critic.Critic, spec: PPOSpec) -> learn
     params = [p for group in optimizer.param_groups for p in group["params"]]
     guard = training.NanGuard(spec.nan_policy, spec.max_bad_steps)
     scales = (1.0, (spec.critic_lr or spec.lr) / spec.lr)
-    return learner.Optimization(optimizer, params, guard, learner.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm, scales)
+    return learner.Optimization(optimizer, params, guard, learner.lr_fn(spec, spec.ppo_epochs), spec.max_grad_norm, scales,
+                                policy)
 
 
 @torch.no_grad()
