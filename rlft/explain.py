@@ -119,6 +119,11 @@ def strategy_split(recipe: Any, spec: Any, world: int) -> str:
                 f"the whole weights are gathered on every rank {decode}for each optimizer step (whole gradients "
                 "accumulated, reduce-scattered once); the teacher is whole on every rank")
     if recipe.distributed.strategy == "fsdp":
+        own = getattr(spec, "lora", None)
+        if (own if own is not None else recipe.lora) != "full":
+            return (f"; strategy fsdp: each rank holds 1/{world} of the frozen base weights and of the LoRA adapter's "
+                    "weights, gradients and AdamW state (weights all-gathered per decoder layer, adapter gradients "
+                    "reduce-scattered)")
         return (f"; strategy fsdp: each rank holds 1/{world} of the weights, gradients and AdamW state "
                 "(weights all-gathered per decoder layer, gradients reduce-scattered)")
     return "; strategy ddp: each rank holds the whole model and optimizer state"

@@ -1,6 +1,6 @@
-"""FSDP2 (`distributed.strategy: fsdp`): a fully fine-tuned model sharded across ranks with
-torch.distributed.fsdp `fully_shard`, one group per decoder layer and one for the rest (embeddings,
-final norm, output layer).
+"""FSDP2 (`distributed.strategy: fsdp`): a fully fine-tuned model, or a LoRA model with its frozen
+base, sharded across ranks with torch.distributed.fsdp `fully_shard`, one group per decoder layer
+and one for the rest (embeddings, final norm, output layer).
 
 Each rank keeps 1/N of every weight, gradient and AdamW moment as a DTensor shard. A forward
 all-gathers one layer's weights at a time and frees them after use; the backward gathers them
@@ -68,15 +68,23 @@ def mixed_precision(model_spec: Any, dev: torch.device) -> Any:
 def shard(model: Any, model_spec: Any) -> Any:
     """Shard `model` in place with `fully_shard` (every decoder layer, then the root) and return it.
 
-    The weights become float32 first (bf16_master's bfloat16 weights are cast: the sharded float32
-    weights are the optimizer's master copy, and the policy casts them to bfloat16 for compute).
+    The trained weights become float32 first (bf16_master's bfloat16 weights are cast: the sharded
+    float32 weights are the optimizer's master copy, and the policy casts them to bfloat16 for
+    compute). A LoRA model (peft) is sharded the same way, frozen base and adapter together: each
+    decoder layer's group holds its frozen weights and its lora_A/lora_B; only the adapter has
+    gradients, so only they are reduce-scattered. The frozen base keeps its dtype.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     dev = next(model.parameters()).device
     policy = mixed_precision(model_spec, dev)
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model.to(torch.float32)
+    if all(p.requires_grad for p in model.parameters()):
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            model.to(torch.float32)
+    else:  # a LoRA model: the trained adapter gets float32 masters, the frozen base keeps its dtype (and memory)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     kwargs = {"mp_policy": policy} if policy is not None else {}
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
@@ -230,10 +238,16 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
     return total
 
 
-def _options(full_state_dict: bool = True) -> Any:
+def _options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=full_state_dict, cpu_offload=full_state_dict)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _sharded_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=False, cpu_offload=False, ignore_frozen_params=True)
 
 
 def sharded_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -243,7 +257,8 @@ def sharded_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any
     is keyed by parameter name; a fresh optimizer's state is created first, with a zero-lr step)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    weights, optim = get_state_dict(model, optimizer, options=_options(full_state_dict=False))
+    # a LoRA model's frozen base is not trained state: it is reloaded from its source on resume
+    weights, optim = get_state_dict(model, optimizer, options=_sharded_options())
     return {"model": weights, "optim": optim}
 
 
@@ -253,7 +268,7 @@ def set_sharded_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options(full_state_dict=False))
+                   options=_sharded_options())
 
 
 def full_model_state(model: Any) -> dict[str, torch.Tensor] | None:
@@ -267,3 +282,37 @@ def full_model_state(model: Any) -> dict[str, torch.Tensor] | None:
     # a tied output layer appears under both names; keep the names a plain model's save keeps
     keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     return {k: cast(torch.Tensor, v) for k, v in state.items() if k in keep}
+
+
+def unsharded_lora(model: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A plain (unsharded) copy of the sharded LoRA model `model`, holding `state` (its full
+    weights, `full_model_state` on rank 0), for peft's own `save_pretrained` and
+    `merge_and_unload`: the adapter and merged model come out as one process writes them.
+
+    The copy is built on the meta device (no weights allocated) and takes `state`'s tensors
+    as they are; the buffers a state dict leaves out (rotary frequencies) are the model's own, and
+    weights tied in the model (one parameter under several names) are tied in the copy.
+    """
+    import copy
+
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    with torch.device("meta"):
+        plain = get_peft_model(type(base)(base.config), copy.deepcopy(model.peft_config[model.active_adapter]))
+    plain.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in model.named_buffers():
+        owner, _, attr = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[attr] = buffer
+    tied: dict[int, list[str]] = {}  # a tied weight (output layer = embeddings) is one parameter under two names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    for first, *others in tied.values():
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(owner), attr, plain.get_parameter(first))
+    plain.get_base_model().generation_config = base.generation_config
+    left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"the gathered state of the sharded model misses {left[:5]}")
+    return plain

@@ -125,7 +125,7 @@ class StageOutput:
 
 def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> Any:
     """Write `<stage>/final/` (merged model, adapter, metrics.json) atomically; return the Artifact."""
-    from rlft.models import save_model
+    from rlft.models import is_lora, save_model
     from rlft.run import Artifact
 
     final = ctx.stage_dir / "final"
@@ -133,6 +133,8 @@ def finish_model(ctx: Any, model: Any, tokenizer: Any, output: StageOutput) -> A
     if not dist.is_main():  # rank 0 writes the one output; the others wait for it
         dist.barrier()
         return Artifact(ctx.stage, ctx.spec.kind, model=str(final / "model"), metrics=output.summary)
+    if state is not None and is_lora(model):  # a sharded LoRA model: rebuilt whole on rank 0,
+        model, state = fsdp.unsharded_lora(model, state), None  # peft saves and merges it as in one process
     staging = new_staging(ctx.stage_dir)
     with writing(f"stage {ctx.stage}'s final model", final), removed_on_error(staging):
         save_model(model, tokenizer, staging, state)

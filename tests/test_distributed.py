@@ -213,30 +213,35 @@ def test_vllm_sampling_on_several_processes_needs_ddp(tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr[-3000:]  # with ddp each rank runs its own engine
 
 
-def _distill_recipe(tmp: Path, name: str, fsdp: bool = False) -> Path:
+def _distill_recipe(tmp: Path, name: str, strategy: str = "ddp") -> Path:
     """SFT, then sequence-level distillation into a fully fine-tuned tiny student (a tiny:student
     that rank 0 builds, teacher completions that the ranks share, rank 0 writes and every rank
-    reads); `fsdp`: both stages fully fine-tuned under distributed.strategy: fsdp."""
+    reads); `fsdp`: both stages fully fine-tuned under distributed.strategy: fsdp; `fsdp-lora`:
+    both with the recipe's LoRA adapter under fsdp."""
     recipe = sft_recipe(tmp / name, batch_size=8, micro_batch_size=4, max_steps=2)
     recipe["lora"]["dropout"] = 0.0
-    if fsdp:
-        recipe["lora"], recipe["distributed"] = "full", {"strategy": "fsdp"}
+    if strategy == "fsdp":
+        recipe["lora"] = "full"
         recipe["stages"]["sft"]["lr"] = 1e-3
+    if strategy != "ddp":
+        recipe["distributed"] = {"strategy": "fsdp"}
     recipe["stages"]["distill"] = {
         "kind": "distill", "teacher": "sft", "student": {"name": "tiny:student"}, "lora": "full",
         "mode": "sequence", "data": {"source": "tiny:arith", "num_examples": 24, "eval_size": 4, "max_length": 96},
         "sampling": {"temperature": 1.0, "max_new_tokens": 8}, "max_steps": 3, "batch_size": 8,
         "micro_batch_size": 2, "eval_samples": 4, "eval_max_new_tokens": 4, "save_every": 1,
     }
+    if strategy == "fsdp-lora":
+        del recipe["stages"]["distill"]["lora"]
     return write_recipe(tmp / f"{name}.yaml", recipe)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_processes_distill_as_one(tmp_path: Path, fsdp: bool) -> None:
-    one = _rlft("run", str(_distill_recipe(tmp_path, "one", fsdp)))
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-lora"])
+def test_two_processes_distill_as_one(tmp_path: Path, strategy: str) -> None:
+    one = _rlft("run", str(_distill_recipe(tmp_path, "one", strategy)))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _rlft("run", str(_distill_recipe(tmp_path, "two", fsdp)), "--nproc", "2")
+    two = _rlft("run", str(_distill_recipe(tmp_path, "two", strategy)), "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = tmp_path / "one" / "t" / "distill", tmp_path / "two" / "t" / "distill"
     assert (a / "final").exists() and (b / "final").exists()
@@ -248,9 +253,10 @@ def test_two_processes_distill_as_one(tmp_path: Path, fsdp: bool) -> None:
     la, lb = step_losses(a), step_losses(b)
     assert [s for s, _ in la] == [s for s, _ in lb] == [1, 2, 3]
     assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(la, lb, strict=True)), (la, lb)
-    wa, wb = load_file(a / "final/model/model.safetensors"), load_file(b / "final/model/model.safetensors")
-    assert wa.keys() == wb.keys()
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+    for name in WEIGHTS if strategy == "fsdp-lora" else WEIGHTS[1:]:
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert wa.keys() == wb.keys()
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
 
 
 # --------------------------------------------------------------------------- distributed.strategy: fsdp
@@ -429,8 +435,13 @@ def test_the_strategy_key_is_checked_and_explained(tmp_path: Path) -> None:
         return message
 
     assert "distributed.strategy: must be one of ddp, fsdp; got 'fdsp' (did you mean 'fsdp'?)" in refused("typo", "fdsp")
-    lora = refused("lora", "fsdp", lora={"r": 4})
-    assert "stage 'sft' trains a LoRA adapter (the recipe's lora:)" in lora and "use strategy: ddp, or lora: full" in lora
+    lora = _rlft("explain", str(_fsdp_recipe(tmp_path, "lora", lora={"r": 4})), "--nproc", "2")
+    assert lora.returncode == 0, lora.stderr
+    assert ("strategy fsdp: each rank holds 1/2 of the frozen base weights and of the LoRA adapter's weights, "
+            "gradients and AdamW state") in " ".join(lora.stdout.split())
+    quantized = refused("quantized", "fsdp", lora={"r": 4}, model={"name": "tiny:nano", "quantize": "4bit"})
+    assert "stage 'sft' loads its model with quantize: 4bit; FSDP2 does not shard bitsandbytes'" in quantized
+    assert "use strategy: ddp, or quantize: none" in quantized
     grpo = Path(__file__).resolve().parents[1] / "recipes" / "tiny-grpo.yaml"
     full = ("--set", "distributed.strategy=fsdp", "--set", "lora=full", "--set", "stages.rl.lora=full")
     out = _rlft("explain", str(grpo), *full)
@@ -444,7 +455,8 @@ def test_the_strategy_key_is_checked_and_explained(tmp_path: Path) -> None:
     assert ("stage 'rl' (grpo) samples with vLLM, and each rank's engine takes the whole policy from the rank, "
             "which fsdp keeps sharded" in " ".join(out.stderr.split()))
     out = _rlft("explain", str(grpo), *full[:4])
-    assert out.returncode == 2 and "stage 'rl' trains a LoRA adapter (its own lora:)" in " ".join(out.stderr.split())
+    message = " ".join(out.stderr.split())
+    assert out.returncode == 2 and "stage 'rl' trains a LoRA adapter (its own lora:); fsdp runs grpo with lora: full" in message
 
 
 def test_fsdp_mixed_precision_follows_model_precision() -> None:
@@ -487,3 +499,184 @@ def test_fsdp_shard_wraps_each_decoder_layer_then_the_root(monkeypatch: pytest.M
     assert all(kw["mp_policy"] is policy for _, kw in calls)
     assert calls[-1][1]["reshard_after_forward"] is True
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+# --------------------------------------------------------------------------- fsdp with a LoRA adapter
+
+
+def _tiny_lora_model(modules_to_save: list[str] | None) -> Any:
+    """A 2-layer Qwen2 with tied embeddings and a LoRA adapter on every linear layer (and, with
+    `modules_to_save`, a trained copy of the tied output layer, kept tied as rlft asks peft), its
+    lora_B drawn nonzero (a fresh adapter's is zero: merging would change nothing) and the trained
+    copy moved off the original; the same on every rank."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM",
+                      modules_to_save=modules_to_save, ensure_weight_tying=bool(modules_to_save))
+    model = get_peft_model(Qwen2ForCausalLM(config), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    return model
+
+
+def _lora_shard_check(rank: int, modules_to_save: list[str] | None, checkpointing: bool = False) -> dict[str, Any]:
+    """Shard the tiny LoRA model over the gloo pair, run a forward/backward of this rank's half of
+    a batch, report what this rank holds and how far the summed gradients are from the unsharded
+    model's on the whole batch; rank 0 also rebuilds the whole model for the final export."""
+    import torch
+
+    from rlft import fsdp
+    from rlft.models import enable_checkpointing
+    from rlft.recipe.schema import ModelSpec
+
+    model = _tiny_lora_model(modules_to_save)
+    if checkpointing:
+        enable_checkpointing(model.get_base_model())
+    ids = torch.arange(32).view(4, 8) % 32
+    whole = {k: v.clone() for k, v in model.state_dict().items()}
+    model(input_ids=ids).logits.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        plain_logits = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain_base_logits = model(input_ids=ids).logits
+    layers = fsdp.decoder_layers(model)  # found through the peft wrapper
+    fsdp.shard(model, ModelSpec(name="m"))
+    q = layers[0].self_attn.q_proj
+    report: dict[str, Any] = {
+        "layers": [type(m).__name__ for m in layers],
+        "base": [fsdp.local(q.base_layer.weight).numel(), q.base_layer.weight.numel(), q.base_layer.weight.requires_grad],
+        "lora_A": [fsdp.local(q.lora_A["default"].weight).numel(), q.lora_A["default"].weight.numel()],
+    }
+    model(input_ids=ids[2 * rank : 2 * rank + 2]).logits.square().sum().backward()  # gradients summed over ranks
+    report["with_grad"] = sorted(n for n, p in model.named_parameters() if p.grad is not None)
+    report["checkpointed"] = [bool(getattr(m, "gradient_checkpointing", False)) for m in layers]
+    report["grad_error"] = max(float((fsdp.full(p.grad) - want[n]).abs().max() / want[n].abs().max())
+                               for n, p in model.named_parameters() if p.grad is not None)
+    report["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        report["lora_logits"] = float((model(input_ids=ids).logits - plain_logits).abs().max())
+        with model.disable_adapter():
+            report["reference_logits"] = float((model(input_ids=ids).logits - plain_base_logits).abs().max())
+    state = fsdp.full_model_state(model)
+    if rank == 0:
+        assert state is not None
+        plain = fsdp.unsharded_lora(model, state)
+        mine, inner = plain.state_dict(), plain.get_base_model()
+        report["state_keys_equal"] = mine.keys() == whole.keys()
+        report["state_equal"] = all(torch.equal(mine[k], whole[k]) for k in whole)
+        report["tied"] = inner.lm_head.weight is inner.model.embed_tokens.weight
+        merged = plain.merge_and_unload()
+        expected = _tiny_lora_model(modules_to_save).merge_and_unload().state_dict()
+        report["merged_keys_equal"] = merged.state_dict().keys() == expected.keys()
+        report["merged_equal"] = all(torch.equal(merged.state_dict()[k], expected[k]) for k in expected)
+        report["merged_tied"] = merged.lm_head.weight is merged.model.embed_tokens.weight
+        report["merged_changed"] = not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
+                                                   whole["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    return report
+
+
+def _lora_shard_worker(rank: int, port: int, out: str) -> None:
+    """One rank of a gloo pair: `_lora_shard_check` of an adapter, of an adapter and a trained
+    output layer, and of an adapter with activation checkpointing."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    reports = {"adapter": _lora_shard_check(rank, None), "lm_head": _lora_shard_check(rank, ["lm_head"]),
+               "checkpointing": _lora_shard_check(rank, None, checkpointing=True)}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(reports))
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_frozen_base_of_a_lora_model(tmp_path: Path) -> None:
+    """Two gloo ranks in spawned processes: each holds half of a layer's frozen base weight and of
+    its adapter; only the trained weights get gradients, and their sum over the ranks' halves of a
+    batch is the unsharded model's gradient on the whole batch; the forward with and without the
+    adapter (the reference policy) is the unsharded model's; the whole model rebuilt on rank 0
+    holds exactly the original weights, tied as they were, and peft's merge of it equals the merge
+    of the unsharded model. With an adapter only, with a trained copy of the tied output layer
+    (lora.modules_to_save), and with activation checkpointing."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_lora_shard_worker, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for reports in ranks:
+        for variant, report in reports.items():
+            assert report["layers"] == ["FSDPQwen2DecoderLayer"] * 2  # each layer its own FSDP group
+            assert report["base"] == [8 * 16, 16 * 16, False]  # half of q_proj's 16 x 16 frozen weight
+            assert report["lora_A"] == [2 * 16, 4 * 16]
+            adapter = [n for n in report["trainable"] if ".lora_A." in n or ".lora_B." in n]
+            assert report["with_grad"] == report["trainable"] and len(adapter) == 2 * 7 * 2
+            copies = [n for n in report["trainable"] if n not in adapter]
+            assert len(copies) == (variant == "lm_head") and all("modules_to_save" in n for n in copies)
+            assert report["lora_logits"] <= 1e-6 and report["reference_logits"] <= 1e-6
+            assert report["grad_error"] <= 1e-5, (variant, report["grad_error"])
+            assert report["checkpointed"] == [variant == "checkpointing"] * 2
+    for variant, first in ranks[0].items():
+        assert first["state_keys_equal"] and first["state_equal"] and first["tied"], variant
+        assert first["merged_keys_equal"] and first["merged_equal"] and first["merged_changed"], variant
+        assert first["merged_tied"], variant
+
+
+def _fsdp_lora_recipe(tmp: Path, name: str) -> Path:
+    """`_fsdp_recipe`'s stage (step 4: rank 1 runs the pass that adds zero) with a LoRA adapter
+    (dropout 0) instead of lora: full, at the LoRA learning rate."""
+    stage = {"batch_size": 12, "micro_batch_size": 2, "max_steps": 5,
+             "data": {"source": "tiny:arith", "num_examples": 46, "eval_size": 8, "max_length": 128}}
+    recipe = sft_recipe(tmp / name, **stage)
+    recipe["lora"]["dropout"] = 0.0
+    recipe["distributed"] = {"strategy": "fsdp"}
+    return write_recipe(tmp / f"{name}.yaml", recipe)
+
+
+@pytest.fixture(scope="module")
+def fsdp_lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LoRA recipe under fsdp run by 1 process and by 2 (frozen base and adapter sharded)."""
+    tmp = tmp_path_factory.mktemp("fsdp_lora")
+    _one_and_two(tmp, _fsdp_lora_recipe)
+    return tmp
+
+
+@pytest.mark.slow
+def test_fsdp_lora_two_processes_train_as_one(fsdp_lora_runs: Path) -> None:
+    one, two = _stage(fsdp_lora_runs, "one"), _stage(fsdp_lora_runs, "two")
+    steps_one, steps_two = ([(r["step"], r["loss"], r["grad_norm"]) for r in helpers.metrics(s) if "loss" in r]
+                            for s in (one, two))
+    assert [s for s, _, _ in steps_two] == [s for s, _, _ in steps_one] == [1, 2, 3, 4, 5]
+    for (_, la, ga), (_, lb, gb) in zip(steps_one, steps_two, strict=True):
+        assert abs(la - lb) <= 1e-5 and abs(ga - gb) <= 1e-5, (steps_one, steps_two)
+    assert steps_two[0][1] != steps_two[-1][1]  # it trained
+    for name in WEIGHTS:  # the adapter, and the merged model later stages load
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys()
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst <= 1e-5, (name, worst)
+    adapter = load_file(two / WEIGHTS[0])
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # lora_B starts at zero
+    # the checkpoint holds the whole adapter under one process's names, and nothing of the base
+    c1, c2 = (load_file(sorted(s.glob("step-*"))[-1] / "params.safetensors") for s in (one, two))
+    assert {k: v.shape for k, v in c1.items()} == {k: v.shape for k, v in c2.items()}
+    assert c2 and all(".lora_A." in k or ".lora_B." in k for k in c2)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_resume_after_a_kill_is_bitwise(fsdp_lora_runs: Path, tmp_path: Path) -> None:
+    recipe = _fsdp_lora_recipe(tmp_path, "k")
+    stage = _stage(tmp_path, "k")
+    kill_one_rank_then_rerun(recipe, stage, after_step=2, rank=1)
+    assert final_hashes(stage) == final_hashes(_stage(fsdp_lora_runs, "two"))
+    assert step_losses(stage) == step_losses(_stage(fsdp_lora_runs, "two"))

@@ -249,8 +249,9 @@ def quantize_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
 
 
 def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
-    """`distributed.strategy: fsdp` shards fully fine-tuned sft, grpo, ppo and distill stages: a
-    training stage with a LoRA adapter, or an RL stage sampling with vLLM, is refused
+    """`distributed.strategy: fsdp` shards sft and distill stages, fully fine-tuned or with a LoRA
+    adapter (the frozen base is sharded too), and fully fine-tuned grpo and ppo stages: a grpo or
+    ppo stage with a LoRA adapter, an RL stage sampling with vLLM, or a quantized model is refused
     (docs/distributed.md says why)."""
     spec = raw.get("distributed")
     if not isinstance(spec, dict) or spec.get("strategy") != "fsdp":
@@ -264,15 +265,23 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
         if kind in ("grpo", "ppo") and isinstance(sampling, dict) and sampling.get("engine") == "vllm":
             why = (f"stage '{name}' ({kind}) samples with vLLM, and each rank's engine takes the whole policy from "
                    "the rank, which fsdp keeps sharded: use strategy: ddp with sampling.engine: vllm, or engine: hf")
-        elif (stage["lora"] if "lora" in stage else raw.get("lora")) != "full":
+        elif kind in ("grpo", "ppo") and (stage["lora"] if "lora" in stage else raw.get("lora")) != "full":
             own = "its own lora:" if "lora" in stage else "the recipe's lora:" if "lora" in raw else "the default lora:"
-            why = (f"stage '{name}' trains a LoRA adapter ({own}); fsdp shards fully fine-tuned weights, and with "
-                   "LoRA the trained weights and optimizer state are small and replicate cheaply: use strategy: ddp, "
-                   "or lora: full")
+            why = (f"stage '{name}' trains a LoRA adapter ({own}); fsdp runs {kind} with lora: full only so far "
+                   "(sft and distill stages shard LoRA models too): use strategy: ddp, or lora: full")
+        elif (quantize := _quantize_of(stage, raw)) not in ("none", None):
+            why = (f"stage '{name}' loads its model with quantize: {quantize}; FSDP2 does not shard bitsandbytes' "
+                   "quantized weights: use strategy: ddp, or quantize: none")
         else:
             continue
         problems.append(loc.at(("distributed", "strategy"), f"fsdp: {why}"))
     return problems
+
+
+def _quantize_of(stage: dict[str, Any], raw: dict[str, Any]) -> Any:
+    """`quantize` of the model a training stage loads: its own student's, else the recipe's model's."""
+    model = stage.get("student") if isinstance(stage.get("student"), dict) else raw.get("model")
+    return model.get("quantize", "none") if isinstance(model, dict) else "none"
 
 
 def _reward_entries(raw: dict[str, Any]) -> Iterator[tuple[Path_, Any]]:

@@ -105,7 +105,7 @@ def load_student(ctx: RunContext[DistillSpec]) -> tuple[Any, Any]:
                                            ctx.seed, key)
     if dist.is_main():
         dist.barrier()
-    if fsdp.active(ctx.recipe.distributed.strategy):  # lora: full (the recipe checks say so)
+    if fsdp.active(ctx.recipe.distributed.strategy):  # full or LoRA (the recipe checks say so)
         student = fsdp.shard(student, ctx.spec.student)
     return student, tokenizer
 

@@ -38,7 +38,7 @@ def run(ctx: RunContext[SFTSpec]) -> Artifact:
             dist.barrier()
     else:
         policy, tokenizer = load_policy(ctx.parent().model_source, ctx.model_spec(), ctx.lora(), ctx.seed)
-    if fsdp.active(ctx.recipe.distributed.strategy):  # lora: full (the recipe checks say so)
+    if fsdp.active(ctx.recipe.distributed.strategy):  # the frozen base of a LoRA model is sharded too
         policy = fsdp.shard(policy, spec.student or ctx.model_spec())
     train_ex, eval_ex, eval_prompts, fingerprints = prepare_sft_data(ctx, spec.data, tokenizer)
     # no micro_batch_size: one micro-batch per rank (the whole batch in one process)
