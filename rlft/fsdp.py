@@ -244,10 +244,10 @@ def _options() -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _sharded_options() -> Any:
+def _sharded_options(strict: bool = True) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=False, cpu_offload=False, ignore_frozen_params=True)
+    return StateDictOptions(full_state_dict=False, cpu_offload=False, ignore_frozen_params=True, strict=strict)
 
 
 def sharded_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -268,7 +268,8 @@ def set_sharded_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_sharded_options())
+                   options=_sharded_options(strict=False))  # the frozen base is not in it; every key
+    # `sharded_state` names is (the caller filled each from the shard files, refusing a missing one)
 
 
 def full_model_state(model: Any) -> dict[str, torch.Tensor] | None:
