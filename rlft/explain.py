@@ -108,7 +108,9 @@ def strategy_split(recipe: Any, spec: Any, world: int) -> str:
     if spec.kind not in ("sft", "distill", "grpo", "ppo"):
         return ""
     if recipe.distributed.strategy == "fsdp" and spec.kind in ("grpo", "ppo"):
-        whole = (["the reference"] if spec.loss.beta > 0 else []) + (["the critic"] if spec.kind == "ppo" else [])
+        own = getattr(spec, "lora", None)
+        full = (own if own is not None else recipe.lora) == "full"  # with LoRA the reference is the adapter-off policy
+        whole = (["the reference"] if spec.loss.beta > 0 and full else []) + (["the critic"] if spec.kind == "ppo" else [])
         critic = f"; {' and '.join(whole)} {'are' if len(whole) > 1 else 'is'} whole on every rank" if whole else ""
         return (f"; strategy fsdp: each rank holds 1/{world} of the policy's weights and AdamW state between "
                 "rounds; the whole weights are gathered on every rank for sampling and the no-grad forwards, and "

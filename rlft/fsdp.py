@@ -250,6 +250,21 @@ def _sharded_options(strict: bool = True) -> Any:
     return StateDictOptions(full_state_dict=False, cpu_offload=False, ignore_frozen_params=True, strict=strict)
 
 
+def state_module(model: Any, optimizer: torch.optim.Optimizer) -> Any:
+    """The module whose state dict names every parameter `optimizer` steps: `model` itself, or,
+    when the optimizer also steps parameters outside it (PPO's critic, replicated beside the
+    sharded policy), a holder with `model` as `policy` and those parameters, in the optimizer's
+    order, as `replicated.<i>` (the same Parameter objects: nothing is copied)."""
+    own = {id(p) for p in model.parameters()}
+    extra = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in own]
+    if not extra:
+        return model
+    holder = torch.nn.Module()
+    holder.add_module("policy", model)
+    holder.add_module("replicated", torch.nn.ParameterList(extra))
+    return holder
+
+
 def sharded_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """This rank's part of the model's and optimizer's state (every rank calls it):
     ``{"model": ..., "optim": ...}`` from torch.distributed.checkpoint's `get_state_dict` in its
@@ -258,7 +273,7 @@ def sharded_state(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     # a LoRA model's frozen base is not trained state: it is reloaded from its source on resume
-    weights, optim = get_state_dict(model, optimizer, options=_sharded_options())
+    weights, optim = get_state_dict(state_module(model, optimizer), optimizer, options=_sharded_options())
     return {"model": weights, "optim": optim}
 
 
@@ -267,7 +282,7 @@ def set_sharded_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[
     `optimizer` (`set_state_dict`); each rank sets its own shards."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+    set_state_dict(state_module(model, optimizer), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_sharded_options(strict=False))  # the frozen base is not in it; every key
     # `sharded_state` names is (the caller filled each from the shard files, refusing a missing one)
 

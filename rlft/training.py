@@ -228,7 +228,7 @@ def _save_state_sharded(
         staging = dist.broadcast_object(None)
         if staging is None:
             raise CheckpointError(f"checkpoint for step {step} not saved: rank 0 could not start it (see its error)")
-        sharded.save_shards(_distinct(model, shards), Path(staging))
+        sharded.save_shards(_distinct(fsdp.state_module(model, optimizer), shards), Path(staging))
         dist.barrier()  # every rank's file is written; rank 0 commits
         dist.barrier()  # rank 0 committed
         return final
@@ -238,7 +238,7 @@ def _save_state_sharded(
         nonlocal started
         started = True
         dist.broadcast_object(str(staging))
-        sharded.save_shards(_distinct(model, shards), staging)
+        sharded.save_shards(_distinct(fsdp.state_module(model, optimizer), shards), staging)
         dist.barrier()
 
     rng_tensors, rng_state = ranks[0]
@@ -389,7 +389,7 @@ def _load_sharded(
         diff = sorted((set(template) - set(shards)) ^ set(plain))[:5]
         raise CheckpointError(f"{ckpt}: its optimizer state does not fit this model's parameters: {diff}")
     # a key the files lack is refused there; a tied weight's second name shares the first's storage
-    sharded.load_shards(_distinct(model, shards), ckpt.path, shard_files)
+    sharded.load_shards(_distinct(fsdp.state_module(model, optimizer), shards), ckpt.path, shard_files)
     fsdp.set_sharded_state(model, optimizer, checkpoint.state_dict_from_tensors(shards | plain, skeleton))
 
 

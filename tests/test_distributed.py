@@ -455,8 +455,7 @@ def test_the_strategy_key_is_checked_and_explained(tmp_path: Path) -> None:
     assert ("stage 'rl' (grpo) samples with vLLM, and each rank's engine takes the whole policy from the rank, "
             "which fsdp keeps sharded" in " ".join(out.stderr.split()))
     out = _rlft("explain", str(grpo), *full[:4])
-    message = " ".join(out.stderr.split())
-    assert out.returncode == 2 and "stage 'rl' trains a LoRA adapter (its own lora:); fsdp runs grpo with lora: full" in message
+    assert out.returncode == 0, out.stderr[-3000:]  # grpo with its own LoRA adapter shards too
 
 
 def test_fsdp_mixed_precision_follows_model_precision() -> None:

@@ -27,7 +27,7 @@ RLFT = Path(sys.executable).with_name("rlft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
-def _recipe(tmp: Path, name: str, kind: str, fsdp: bool = False) -> Path:
+def _recipe(tmp: Path, name: str, kind: str, fsdp: bool = False, lora: bool = False) -> Path:
     """`fsdp`: the policy (and a separate critic's trunk) fully fine-tuned under distributed.strategy: fsdp."""
     spec: dict[str, Any] = {
         "kind": kind,
@@ -49,7 +49,9 @@ def _recipe(tmp: Path, name: str, kind: str, fsdp: bool = False) -> Path:
                  "kl_horizon": 8}
     recipe = {"run_name": "t", "output_dir": str(tmp / name), "seed": 0, "model": {"name": "tiny:nano"},
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear"}, "stages": {"rl": spec}}
-    if fsdp:
+    if fsdp and lora:  # a LoRA adapter on the sharded frozen base
+        recipe["distributed"] = {"strategy": "fsdp"}
+    elif fsdp:
         recipe["lora"], recipe["distributed"] = "full", {"strategy": "fsdp"}
         if kind == "ppo":  # full fine-tuning: AdamW's rounding amplification (above) grows with lr
             spec |= {"lr": 1e-3, "critic_lr": 2e-3}
@@ -69,10 +71,10 @@ def _metrics(stage: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
-def _one_and_two(tmp: Path, kind: str, fsdp: bool = False) -> tuple[Path, Path]:
-    one = _rlft("run", str(_recipe(tmp, f"{kind}-one", kind, fsdp)))
+def _one_and_two(tmp: Path, kind: str, fsdp: bool = False, lora: bool = False) -> tuple[Path, Path]:
+    one = _rlft("run", str(_recipe(tmp, f"{kind}-one", kind, fsdp, lora)))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _rlft("run", str(_recipe(tmp, f"{kind}-two", kind, fsdp)), "--nproc", "2")
+    two = _rlft("run", str(_recipe(tmp, f"{kind}-two", kind, fsdp, lora)), "--nproc", "2")
     assert two.returncode == 0, two.stderr[-3000:]
     return _stage(tmp, f"{kind}-one"), _stage(tmp, f"{kind}-two")
 
@@ -152,10 +154,16 @@ def test_fsdp_two_processes_grpo_as_one(fsdp_grpo: tuple[Path, Path]) -> None:
     assert meta["strategy"] == "fsdp" and meta["world_size"] == 2  # the 2-process run was sharded
 
 
+@pytest.fixture(scope="module")
+def fsdp_ppo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The PPO recipe (a separate critic) fully fine-tuned under fsdp: 1 process and 2."""
+    return _one_and_two(tmp_path_factory.mktemp("fsdp-ppo"), "ppo", fsdp=True)
+
+
 @pytest.mark.slow
-def test_fsdp_two_processes_ppo_as_one(tmp_path: Path) -> None:
+def test_fsdp_two_processes_ppo_as_one(fsdp_ppo: tuple[Path, Path]) -> None:
     """PPO with a separate, fully fine-tuned critic (replicated) beside the sharded policy."""
-    one, two = _one_and_two(tmp_path, "ppo", fsdp=True)
+    one, two = fsdp_ppo
     _assert_same_run(one, two, ["final/model/model.safetensors", "final/critic/value_head.safetensors",
                                 "final/critic/model/model.safetensors"])
 
@@ -260,3 +268,28 @@ def test_prompt_generators_continue_the_rounds_one_stream() -> None:
     assert torch.equal(torch.cat([torch.rand((4, 16), generator=g) for g in gens]), full)
     rank_one = prompt_generators(seed_generator(0, 3, 1), 5, 4, 16)[3:]  # a rank's share alone
     assert torch.equal(torch.cat([torch.rand((4, 16), generator=g) for g in rank_one]), full[12:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_fsdp_lora_two_processes_rl_as_one(tmp_path: Path, kind: str) -> None:
+    """A LoRA adapter on the sharded frozen base: the round's sampling, the reference (adapter
+    disabled) and the step run on the gathered model; the 2-process run equals one process's."""
+    one, two = _one_and_two(tmp_path, kind, fsdp=True, lora=True)
+    weights = ["final/adapter/adapter_model.safetensors", "final/model/model.safetensors"]
+    _assert_same_run(one, two, weights + (["final/critic/value_head.safetensors"] if kind == "ppo" else []))
+    meta = json.loads(next(two.glob("step-*/manifest.json")).read_text())["meta"]
+    assert meta["strategy"] == "fsdp" and meta["world_size"] == 2  # the 2-process run was sharded
+
+
+@pytest.mark.slow
+def test_fsdp_kill9_mid_ppo_then_rerun_equals_uninterrupted(fsdp_ppo: tuple[Path, Path], tmp_path: Path) -> None:
+    """The sharded checkpoint holds the policy's shards and, beside them, the replicated critic's
+    weights and AdamW state (one optimizer steps both): a resume after a kill is bitwise."""
+    recipe = _recipe(tmp_path, "k", "ppo", fsdp=True)
+    stage = _stage(tmp_path, "k")
+    kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=0)
+    assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1
+    _, two = fsdp_ppo
+    assert final_hashes(stage) == final_hashes(two)
+    assert _metrics(stage) == _metrics(two)

@@ -249,10 +249,9 @@ def quantize_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
 
 
 def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
-    """`distributed.strategy: fsdp` shards sft and distill stages, fully fine-tuned or with a LoRA
-    adapter (the frozen base is sharded too), and fully fine-tuned grpo and ppo stages: a grpo or
-    ppo stage with a LoRA adapter, an RL stage sampling with vLLM, or a quantized model is refused
-    (docs/distributed.md says why)."""
+    """`distributed.strategy: fsdp` shards every training stage, fully fine-tuned or with a LoRA
+    adapter (the frozen base is sharded too): an RL stage sampling with vLLM, or a quantized
+    model, is refused (docs/distributed.md says why)."""
     spec = raw.get("distributed")
     if not isinstance(spec, dict) or spec.get("strategy") != "fsdp":
         return []
@@ -265,10 +264,6 @@ def strategy_problems(raw: dict[str, Any], loc: Locator) -> list[Problem]:
         if kind in ("grpo", "ppo") and isinstance(sampling, dict) and sampling.get("engine") == "vllm":
             why = (f"stage '{name}' ({kind}) samples with vLLM, and each rank's engine takes the whole policy from "
                    "the rank, which fsdp keeps sharded: use strategy: ddp with sampling.engine: vllm, or engine: hf")
-        elif kind in ("grpo", "ppo") and (stage["lora"] if "lora" in stage else raw.get("lora")) != "full":
-            own = "its own lora:" if "lora" in stage else "the recipe's lora:" if "lora" in raw else "the default lora:"
-            why = (f"stage '{name}' trains a LoRA adapter ({own}); fsdp runs {kind} with lora: full only so far "
-                   "(sft and distill stages shard LoRA models too): use strategy: ddp, or lora: full")
         elif (quantize := _quantize_of(stage, raw)) not in ("none", None):
             why = (f"stage '{name}' loads its model with quantize: {quantize}; FSDP2 does not shard bitsandbytes' "
                    "quantized weights: use strategy: ddp, or quantize: none")

@@ -553,10 +553,9 @@ class DistributedSpec(Strict):
         default="ddp", description="ddp: every rank holds the whole model and optimizer, gradients are summed over "
         "ranks once per step (the default: right for LoRA, whose trained weights are small). fsdp: FSDP2 fully_shard "
         "per decoder layer, each rank holds 1/N of the weights, gradients and AdamW state (full fine-tuning of "
-        "models too large to replicate; with LoRA in sft and distill the frozen base is sharded too); runs sft, "
-        "distill, and grpo and ppo with lora: full (grpo, ppo and distill on_policy gather the whole policy on every "
-        "rank for sampling and each optimizer step; grpo and ppo sample with the built-in engine); no quantized "
-        "models (docs/distributed.md)."
+        "models too large to replicate; with LoRA the frozen base is sharded too); grpo, ppo and distill on_policy "
+        "gather the whole policy on every rank for sampling and each optimizer step, grpo and ppo sample with the "
+        "built-in engine; no quantized models (docs/distributed.md)."
     )
 
 
