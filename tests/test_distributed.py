@@ -274,24 +274,33 @@ def _fsdp_recipe(tmp: Path, name: str, **changes: Any) -> Path:
     return write_recipe(tmp / f"{name}.yaml", recipe | changes)
 
 
+def _one_and_two_dir(factory: pytest.TempPathFactory, name: str, recipe: Any) -> Path:
+    """A fresh directory in which `recipe` ran as "one" (1 process) and "two" (2)."""
+    tmp = factory.mktemp(name)
+    _one_and_two(tmp, recipe)
+    return tmp
+
+
+def _assert_same_steps(one: Path, two: Path) -> None:
+    """Steps 1-5 of the two stage dirs: losses and gradient norms within 1e-5, and it trained."""
+    steps_one, steps_two = ([(r["step"], r["loss"], r["grad_norm"]) for r in helpers.metrics(s) if "loss" in r]
+                            for s in (one, two))
+    assert [s for s, _, _ in steps_two] == [s for s, _, _ in steps_one] == [1, 2, 3, 4, 5]
+    for (_, la, ga), (_, lb, gb) in zip(steps_one, steps_two, strict=True):
+        assert abs(la - lb) <= 1e-5 and abs(ga - gb) <= 1e-5, (steps_one, steps_two)
+    assert steps_two[0][1] != steps_two[-1][1]  # it trained
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fsdp recipe run by 1 process (nothing to shard: the plain path) and by 2 (sharded)."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    _one_and_two(tmp, _fsdp_recipe)
-    return tmp
+    return _one_and_two_dir(tmp_path_factory, "fsdp", _fsdp_recipe)
 
 
 @pytest.mark.slow
 def test_fsdp_two_processes_train_as_one(fsdp_runs: Path) -> None:
     one, two = _stage(fsdp_runs, "one"), _stage(fsdp_runs, "two")
-    rows_one, rows_two = helpers.metrics(one), helpers.metrics(two)
-    steps = [(r["step"], r["loss"], r["grad_norm"]) for r in rows_two if "loss" in r]
-    assert [s for s, _, _ in steps] == [1, 2, 3, 4, 5]
-    for a, b in zip([(r["loss"], r["grad_norm"]) for r in rows_one if "loss" in r], [(x, g) for _, x, g in steps],
-                    strict=True):
-        assert abs(a[0] - b[0]) <= 1e-5 and abs(a[1] - b[1]) <= 1e-5, (rows_one, rows_two)
-    assert steps[0][1] != steps[-1][1]  # it trained
+    _assert_same_steps(one, two)
     a, b = load_file(one / "final/model/model.safetensors"), load_file(two / "final/model/model.safetensors")
     assert a.keys() == b.keys()  # an ordinary model: the tied output layer saved once, as one process saves it
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
@@ -645,20 +654,13 @@ def _fsdp_lora_recipe(tmp: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def fsdp_lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The LoRA recipe under fsdp run by 1 process and by 2 (frozen base and adapter sharded)."""
-    tmp = tmp_path_factory.mktemp("fsdp_lora")
-    _one_and_two(tmp, _fsdp_lora_recipe)
-    return tmp
+    return _one_and_two_dir(tmp_path_factory, "fsdp_lora", _fsdp_lora_recipe)
 
 
 @pytest.mark.slow
 def test_fsdp_lora_two_processes_train_as_one(fsdp_lora_runs: Path) -> None:
     one, two = _stage(fsdp_lora_runs, "one"), _stage(fsdp_lora_runs, "two")
-    steps_one, steps_two = ([(r["step"], r["loss"], r["grad_norm"]) for r in helpers.metrics(s) if "loss" in r]
-                            for s in (one, two))
-    assert [s for s, _, _ in steps_two] == [s for s, _, _ in steps_one] == [1, 2, 3, 4, 5]
-    for (_, la, ga), (_, lb, gb) in zip(steps_one, steps_two, strict=True):
-        assert abs(la - lb) <= 1e-5 and abs(ga - gb) <= 1e-5, (steps_one, steps_two)
-    assert steps_two[0][1] != steps_two[-1][1]  # it trained
+    _assert_same_steps(one, two)
     for name in WEIGHTS:  # the adapter, and the merged model later stages load
         a, b = load_file(one / name), load_file(two / name)
         assert a.keys() == b.keys()

@@ -99,6 +99,17 @@ def _assert_same_run(one: Path, two: Path, weights: list[str]) -> None:
         assert worst <= 1e-5, (name, worst)
 
 
+def _killed_then_rerun_equals(uninterrupted: Path, tmp_path: Path, kind: str, rank: int, fsdp: bool = False) -> None:
+    """Kill one rank of `kind`'s 2-process run after step 1's checkpoint, rerun: it resumed (not
+    started over) and ends bitwise where the `uninterrupted` 2-process run ends."""
+    recipe = _recipe(tmp_path, "k", kind, fsdp=fsdp)
+    stage = _stage(tmp_path, "k")
+    kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=rank)
+    assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1  # it resumed, not started over
+    assert final_hashes(stage) == final_hashes(uninterrupted)
+    assert _metrics(stage) == _metrics(uninterrupted)
+
+
 @pytest.fixture(scope="module")
 def grpo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _one_and_two(tmp_path_factory.mktemp("grpo"), "grpo")
@@ -123,13 +134,7 @@ def test_two_processes_ppo_as_one(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kill9_of_one_rank_mid_grpo_then_rerun_equals_uninterrupted(grpo: tuple[Path, Path], tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, "k", "grpo")
-    stage = _stage(tmp_path, "k")
-    kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=1)
-    assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1  # it resumed, not started over
-    _, two = grpo
-    assert final_hashes(stage) == final_hashes(two)
-    assert _metrics(stage) == _metrics(two)
+    _killed_then_rerun_equals(grpo[1], tmp_path, "grpo", rank=1)
 
 
 # --------------------------------------------------------------------------- distributed.strategy: fsdp
@@ -170,13 +175,7 @@ def test_fsdp_two_processes_ppo_as_one(fsdp_ppo: tuple[Path, Path]) -> None:
 
 @pytest.mark.slow
 def test_fsdp_kill9_mid_grpo_then_rerun_equals_uninterrupted(fsdp_grpo: tuple[Path, Path], tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, "k", "grpo", fsdp=True)
-    stage = _stage(tmp_path, "k")
-    kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=1)
-    assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1
-    _, two = fsdp_grpo
-    assert final_hashes(stage) == final_hashes(two)
-    assert _metrics(stage) == _metrics(two)
+    _killed_then_rerun_equals(fsdp_grpo[1], tmp_path, "grpo", rank=1, fsdp=True)
 
 
 _ACCUMULATE = """
@@ -286,10 +285,4 @@ def test_fsdp_lora_two_processes_rl_as_one(tmp_path: Path, kind: str) -> None:
 def test_fsdp_kill9_mid_ppo_then_rerun_equals_uninterrupted(fsdp_ppo: tuple[Path, Path], tmp_path: Path) -> None:
     """The sharded checkpoint holds the policy's shards and, beside them, the replicated critic's
     weights and AdamW state (one optimizer steps both): a resume after a kill is bitwise."""
-    recipe = _recipe(tmp_path, "k", "ppo", fsdp=True)
-    stage = _stage(tmp_path, "k")
-    kill_one_rank_then_rerun(recipe, stage, after_step=1, rank=0)
-    assert done_marker(stage)["lineage"]["resumed_from_step"] >= 1
-    _, two = fsdp_ppo
-    assert final_hashes(stage) == final_hashes(two)
-    assert _metrics(stage) == _metrics(two)
+    _killed_then_rerun_equals(fsdp_ppo[1], tmp_path, "ppo", rank=0, fsdp=True)
