@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.distributed
     .venv/bin/python -m benchmarks.distributed --steps 10 --layers 10
     .venv/bin/python -m benchmarks.distributed --stage grpo --steps 3
+    .venv/bin/python -m benchmarks.distributed --full --fsdp       # adds a 2-process fsdp row
 
 A tiny qwen2 of ~30M parameters (hidden 512, 10 layers; LoRA r=8 on all linear layers, or
 `--full`), `tiny:arith` rows, the same global batch for both rows. Each configuration runs the
@@ -12,6 +13,8 @@ both runs), and tokens/s counts the target tokens of those steps (`tokens` in me
 GRPO (`--stage grpo`): 8 prompts x G=4 per step (each process samples 4 prompts' groups), 16
 new tokens at most, 2 mini-batches; a step is a generation round, tokens are its sampled
 completion tokens (`completion/len_mean` x 32).
+`--fsdp` adds a row of 2 processes under `distributed.strategy: fsdp` (on CPU gloo the
+all-gathers cost time that ddp does not spend; what fsdp buys is memory, docs/distributed.md).
 Prints a Markdown table. Not a timed test: the figures depend on the machine and its load.
 """
 
@@ -44,10 +47,11 @@ def grpo_stage(steps: int) -> dict:
     }
 
 
-def recipe(out: Path, steps: int, layers: int, full: bool, stage: str = "sft") -> dict:
+def recipe(out: Path, steps: int, layers: int, full: bool, stage: str = "sft", strategy: str = "ddp") -> dict:
     if stage == "grpo":
-        return recipe(out, steps, layers, full) | {"stages": {"grpo": grpo_stage(steps)}}
+        return recipe(out, steps, layers, full, "sft", strategy) | {"stages": {"grpo": grpo_stage(steps)}}
     return {
+        "distributed": {"strategy": strategy},
         "run_name": "bench", "output_dir": str(out), "seed": 0,
         "model": {"name": "tiny:small", "dtype": "float32",
                   "tiny": {"hidden_size": 512, "num_layers": layers, "num_heads": 8, "num_kv_heads": 4,
@@ -62,11 +66,11 @@ def recipe(out: Path, steps: int, layers: int, full: bool, stage: str = "sft") -
 
 
 def timed_run(tmp: Path, name: str, steps: int, nproc: int, threads: int, layers: int, full: bool,
-              stage: str = "sft") -> tuple[float, int]:
+              stage: str = "sft", strategy: str = "ddp") -> tuple[float, int]:
     """Wall seconds of `rlft run` and the target (SFT) or sampled (GRPO) tokens of its steps."""
     out = tmp / name
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe(out, steps, layers, full, stage)))
+    path.write_text(yaml.safe_dump(recipe(out, steps, layers, full, stage, strategy)))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     args = [str(RLFT), "run", str(path)] + (["--nproc", str(nproc)] if nproc > 1 else [])
     t0 = time.perf_counter()
@@ -86,17 +90,21 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--stage", choices=("sft", "grpo"), default="sft")
+    parser.add_argument("--fsdp", action="store_true", help="add a row of 2 processes under strategy fsdp")
     args = parser.parse_args()
     rows = []
+    configs = [(1, 2, "ddp"), (2, 1, "ddp")] + ([(2, 1, "fsdp")] if args.fsdp else [])
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for nproc, threads in ((1, 2), (2, 1)):
-            short_wall, short_tokens = timed_run(tmp, f"p{nproc}-short", 2, nproc, threads, args.layers, args.full,
-                                                 args.stage)
-            long_wall, long_tokens = timed_run(tmp, f"p{nproc}-long", args.steps + 2, nproc, threads, args.layers,
-                                               args.full, args.stage)
+        for nproc, threads, strategy in configs:
+            name = f"p{nproc}-{strategy}"
+            short_wall, short_tokens = timed_run(tmp, f"{name}-short", 2, nproc, threads, args.layers, args.full,
+                                                 args.stage, strategy)
+            long_wall, long_tokens = timed_run(tmp, f"{name}-long", args.steps + 2, nproc, threads, args.layers,
+                                               args.full, args.stage, strategy)
             per_step = (long_wall - short_wall) / args.steps
-            rows.append((f"{nproc} process(es) x {threads} thread(s)", per_step,
+            label = f"{nproc} process(es) x {threads} thread(s)" + (", fsdp" if strategy == "fsdp" else "")
+            rows.append((label, per_step,
                          (long_tokens - short_tokens) / (long_wall - short_wall), short_wall, long_wall))
     mode = "full fine-tuning" if args.full else "LoRA r=8"
     model = f"~30M-parameter tiny qwen2 ({args.layers} layers, hidden 512), {mode}"
