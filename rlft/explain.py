@@ -80,8 +80,6 @@ def batch_arithmetic(spec: Any) -> str:
 
 # --------------------------------------------------------------------------- several processes
 
-DISTRIBUTED_KINDS = ("sft", "distill", "grpo", "ppo", "sample", "eval")
-
 
 def rank_split(spec: Any, world: int) -> str:
     """What each of `world` ranks takes of one optimizer step (sizes in the recipe are global)."""
@@ -137,9 +135,6 @@ def split_problem(loaded: Any, stage: str, world: int) -> str | None:
     if world <= 1:
         return None
     spec = loaded.recipe.stages[stage]
-    if spec.kind not in DISTRIBUTED_KINDS:
-        return (f"stage {stage} ({spec.kind}) runs in one process only so far; several processes run "
-                f"{', '.join(DISTRIBUTED_KINDS)} stages (run it with `rlft stage {stage}` without --nproc)")
     if spec.kind in ("sample", "eval"):  # any number of generation batches splits (some ranks may idle)
         return None
     if spec.kind in ("grpo", "ppo"):
